@@ -1,0 +1,136 @@
+"""The policy interface every VLA backend implements (DESIGN §5–6).
+
+A policy sees an :class:`Observation` and produces one action chunk per query. Backends whose
+language model decodes RFSQ layers one block per pass (the embedded VLA, the 7B timing twin)
+implement :class:`LayerwisePolicy`, which the RSD engine in ``evaluator/`` drives:
+
+    state = policy.prefix([obs])                # one pass over image + text, KV cache, hidden [B, D]
+    logits = policy.decode_block(state, None)   # block 0: W learned queries -> logits of layer 0
+    logits = policy.decode_block(state, codes0) # block l: embeddings of layer l-1 -> logits of layer l
+    logits = policy.verify(state, drafted)      # blocks [Q, D_0..D_{k-1}] in ONE pass -> k+1 layers
+    policy.truncate(state, num_blocks)          # keep the KV cache of the accepted blocks only
+
+Blocks are W = T positions wide (one position per action step; each position reads out its H
+tokens through G-way heads). Attention is full inside a block and causal across blocks.
+
+Backends that emit a continuous chunk in one pass (OpenVLA-OFT) implement :class:`ChunkPolicy`
+only: they are data sources for draft training, not targets for speculative decoding.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from common.shapes import RFSQShape
+
+
+@dataclass
+class Observation:
+    """One observation exactly as a policy sees it (images already upright).
+
+    agentview: [h, w, 3] uint8 third-person camera
+    wrist:     [h, w, 3] uint8 eye-in-hand camera
+    proprio:   [8] float32   eef pos (3), eef axis-angle (3), gripper qpos (2)
+    instruction: natural-language task description
+    """
+
+    agentview: np.ndarray
+    wrist: np.ndarray
+    proprio: np.ndarray
+    instruction: str
+
+
+@dataclass
+class PolicyOutput:
+    """What one policy query yields, for streaming and evaluation.
+
+    hidden:  [D] float32   last-layer hidden state at the last prompt token
+    codes:   [T, H, L] uint8 RFSQ codes of the chunk (None for backends without a codec)
+    actions: [T, A] float32 action chunk in the env's action space ([-1, 1], gripper -1 open / +1 close)
+    """
+
+    hidden: np.ndarray
+    codes: np.ndarray | None
+    actions: np.ndarray
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class ChunkPolicy(abc.ABC):
+    """Any backend: one observation in, hidden state + codes + action chunk out."""
+
+    #: stable identifier of the backbone, written to archives (e.g. "embedded-vla@<sha>")
+    backbone_id: str
+    #: size D of the hidden state
+    hidden_dim: int
+    shape: RFSQShape
+
+    @abc.abstractmethod
+    def act(self, observations: list[Observation]) -> list[PolicyOutput]:
+        """Query the policy on a batch of observations (batch of one is the common case)."""
+
+
+@dataclass
+class PrefixState:
+    """Decoding state after the prefix pass; owned and mutated by the backend.
+
+    hidden: [B, D] last-layer hidden state at the last prompt token (draft input)
+    cache:  backend-specific KV cache
+    prefix_len: number of cached prefix positions
+    num_blocks: number of decoded blocks currently in the cache
+    """
+
+    hidden: torch.Tensor
+    cache: Any
+    prefix_len: int
+    num_blocks: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class LayerwisePolicy(ChunkPolicy):
+    """A backend whose language model decodes RFSQ layers block by block (DESIGN §6)."""
+
+    @abc.abstractmethod
+    def prefix(self, observations: list[Observation]) -> PrefixState:
+        """Run the prefix pass (images + text) once; return the KV cache and the hidden state."""
+
+    @abc.abstractmethod
+    def decode_block(self, state: PrefixState, prev_codes: torch.Tensor | None) -> torch.Tensor:
+        """Feed one block and return logits of the next layer.
+
+        prev_codes: None for block 0 (learned queries), else [B, T, H] long codes of layer l-1.
+        returns:    [B, T, H, G] logits of layer l = state.num_blocks (before the call).
+        Appends the block to the cache and increments ``state.num_blocks``.
+        """
+
+    @abc.abstractmethod
+    def verify(self, state: PrefixState, drafted: torch.Tensor) -> torch.Tensor:
+        """Feed blocks [Q, D_0, …, D_{k-1}] in one pass (requires ``state.num_blocks == 0``).
+
+        drafted: [B, k, T, H] long drafted codes of layers 0..k-1.
+        returns: [B, k+1, T, H, G] logits of layers 0..k (M_0..M_k).
+        Appends all k+1 blocks to the cache (``state.num_blocks = k+1``); call :meth:`truncate`
+        to drop the blocks past the accepted prefix.
+        """
+
+    @abc.abstractmethod
+    def truncate(self, state: PrefixState, num_blocks: int) -> None:
+        """Keep only the first ``num_blocks`` decoded blocks in the cache."""
+
+    @abc.abstractmethod
+    def codes_to_actions(self, codes: torch.Tensor) -> torch.Tensor:
+        """[B, T, H, L] long codes -> [B, T, A] float actions in the env's action space."""
+
+    def decode_sequential(self, state: PrefixState) -> torch.Tensor:
+        """Baseline: L block passes after the prefix. Returns [B, T, H, L] long codes."""
+        codes: list[torch.Tensor] = []
+        prev = None
+        for _ in range(self.shape.num_layers):
+            logits = self.decode_block(state, prev)  # [B, T, H, G]
+            prev = logits.argmax(-1)
+            codes.append(prev)
+        return torch.stack(codes, dim=-1)
