@@ -1,0 +1,204 @@
+"""Fit the RFSQ action codec on action chunks from demonstration HDF5 files.
+
+    python -m trainer.train_codec --demos data/demos/libero_spatial_expert.hdf5 --out-dir assets/codec
+
+Reads ``data/demo_*/actions`` ([N, A] per episode, robomimic/LIBERO layout), cuts a chunk of T
+actions at every step, holds out whole episodes for validation, trains with quantize dropout and
+reports the reconstruction error per number of decoded layers k = 1..L and the per-layer code
+entropy on the held-out chunks. Writes the codec (safetensors + JSON with config, data provenance
+and metrics) and a plot of the training curve and of the error per k.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.cli import config_to_dict, parse_config
+from common.codec import RFSQCodec, action_chunks, reconstruction_report, save_codec
+from common.logs import setup_logging
+from common.shapes import RFSQShape
+
+log = logging.getLogger("trainer.train_codec")
+
+
+@dataclass
+class CodecTrainConfig:
+    """Fit the RFSQ action codec on demonstration action chunks."""
+
+    demos: list[Path] = field(default_factory=list, metadata={"help": "demonstration HDF5 file(s)"})
+    out_dir: Path = field(default=Path("assets/codec"), metadata={"help": "where to write the codec"})
+    steps: int = field(default=4000, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=512, metadata={"help": "chunks per step"})
+    lr: float = field(default=2e-3, metadata={"help": "AdamW learning rate (cosine decay)"})
+    mlp_hidden: int = field(default=64, metadata={"help": "encoder/decoder MLP width"})
+    quantize_dropout: float = field(
+        default=0.5, metadata={"help": "probability of decoding from a random layer prefix"}
+    )
+    val_every: int = field(default=10, metadata={"help": "every N-th episode is held out for validation"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    threads: int = field(default=2, metadata={"help": "torch CPU threads"})
+
+    def __post_init__(self) -> None:
+        if not self.demos:
+            raise ValueError("--demos needs at least one HDF5 file")
+        for p in self.demos:
+            if not Path(p).is_file():
+                raise ValueError(f"demos file not found: {p}")
+        if self.steps <= 0 or self.batch_size <= 0:
+            raise ValueError(f"steps and batch_size must be positive, got {self.steps}, {self.batch_size}")
+        if self.val_every < 2:
+            raise ValueError(f"val_every must be >= 2, got {self.val_every}")
+
+
+def load_episode_actions(paths: list[Path]) -> tuple[list[np.ndarray], str]:
+    """All episodes' actions [N, A] from the files, in file/demo order, plus a hash of the data."""
+    import h5py
+
+    episodes: list[np.ndarray] = []
+    digest = hashlib.sha256()
+    for path in paths:
+        with h5py.File(path, "r") as f:
+            if "data" not in f:
+                raise ValueError(f"{path}: no 'data' group (expected the robomimic/LIBERO layout)")
+            names = sorted(
+                f["data"].keys(), key=lambda n: int(n.split("_")[-1]) if n.split("_")[-1].isdigit() else n
+            )
+            for name in names:
+                grp = f["data"][name]
+                if "actions" not in grp:
+                    raise ValueError(f"{path}: data/{name} has no 'actions' dataset")
+                a = np.asarray(grp["actions"], dtype=np.float32)
+                if a.ndim != 2 or not np.isfinite(a).all():
+                    raise ValueError(
+                        f"{path}: data/{name}/actions must be finite [N, A], got shape {a.shape}"
+                    )
+                episodes.append(a)
+                digest.update(a.tobytes())
+    if not episodes:
+        raise ValueError(f"no episodes found in {[str(p) for p in paths]}")
+    return episodes, digest.hexdigest()
+
+
+def train(cfg: CodecTrainConfig) -> dict:
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    shape = RFSQShape()
+    episodes, data_hash = load_episode_actions(cfg.demos)
+    if episodes[0].shape[1] != shape.action_dim:
+        raise ValueError(f"actions have {episodes[0].shape[1]} dims, the codec expects {shape.action_dim}")
+    val_ids = [i for i in range(len(episodes)) if i % cfg.val_every == cfg.val_every - 1]
+    if not val_ids:
+        val_ids = [len(episodes) - 1]
+    train_ids = [i for i in range(len(episodes)) if i not in set(val_ids)] or val_ids
+    train_chunks = torch.from_numpy(
+        np.concatenate([action_chunks(episodes[i], shape.chunk_len) for i in train_ids])
+    )
+    val_chunks = torch.from_numpy(
+        np.concatenate([action_chunks(episodes[i], shape.chunk_len) for i in val_ids])
+    )
+    log.info(
+        "episodes: %d train / %d validation; chunks: %d train / %d validation",
+        len(train_ids),
+        len(val_ids),
+        len(train_chunks),
+        len(val_chunks),
+    )
+
+    codec = RFSQCodec(shape=shape, mlp_hidden=cfg.mlp_hidden, quantize_dropout=cfg.quantize_dropout)
+    codec.set_normalization(train_chunks[:, 0])
+    opt = torch.optim.AdamW(codec.parameters(), lr=cfg.lr, weight_decay=1e-5)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps))
+    )
+    from tqdm import tqdm
+
+    curve: list[tuple[int, float]] = []
+    t0 = time.time()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    codec.train()
+    bar = tqdm(range(cfg.steps), desc="codec", unit="step", dynamic_ncols=True)
+    for step in bar:
+        idx = torch.randint(0, len(train_chunks), (cfg.batch_size,), generator=gen)
+        loss = codec.loss(train_chunks[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 50 == 0 or step == cfg.steps - 1:
+            curve.append((step, float(loss)))
+            bar.set_postfix(loss=f"{float(loss):.2e}")
+    codec.eval()
+    report = reconstruction_report(codec, val_chunks)
+    report_train = reconstruction_report(codec, train_chunks[: min(len(train_chunks), 20000)])
+    metrics = {
+        "validation": report,
+        "train_subset": {k: report_train[k] for k in ("mse_norm", "layer_entropy_bits")},
+        "train_seconds": round(time.time() - t0, 1),
+        "final_train_loss": curve[-1][1],
+    }
+    extra = {
+        "trained_on": {
+            "files": [str(p) for p in cfg.demos],
+            "data_sha256": data_hash,
+            "episodes_train": len(train_ids),
+            "episodes_validation": len(val_ids),
+            "chunks_train": len(train_chunks),
+        },
+        "train_config": config_to_dict(cfg),
+        "metrics": metrics,
+    }
+    out = save_codec(codec, cfg.out_dir, extra=extra)
+    _plot(curve, report, out / "codec_training.png")
+    log.info(
+        "validation MSE (normalized) per k=1..%d: %s",
+        shape.num_layers,
+        ["%.2e" % v for v in report["mse_norm"]],
+    )
+    log.info(
+        "per-layer code entropy (bits, max %.2f): %s",
+        report["max_entropy_bits"],
+        ["%.2f" % v for v in report["layer_entropy_bits"]],
+    )
+    log.info("codec written to %s (sha256 %s)", out, codec.sha256[:16])
+    return {"out_dir": str(out), "sha256": codec.sha256, **metrics}
+
+
+def _plot(curve: list[tuple[int, float]], report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    steps, losses = zip(*curve)
+    axes[0].semilogy(steps, losses)
+    axes[0].set(title="training loss (MSE, normalized)", xlabel="step")
+    ks = list(range(1, len(report["mse_norm"]) + 1))
+    axes[1].semilogy(ks, report["mse_norm"], "o-")
+    axes[1].set(title="held-out reconstruction MSE vs layers decoded", xlabel="k (layers decoded)")
+    axes[2].bar(ks, report["layer_entropy_bits"])
+    axes[2].axhline(report["max_entropy_bits"], color="gray", ls="--", lw=1)
+    axes[2].set(title="code entropy per layer (bits)", xlabel="layer (1-based)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    setup_logging("train-codec")
+    cfg = parse_config(CodecTrainConfig, argv)
+    result = train(cfg)
+    print(json.dumps({k: result[k] for k in ("out_dir", "sha256")}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
