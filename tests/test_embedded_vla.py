@@ -1,0 +1,183 @@
+"""Embedded VLA: KV-cache decoding equals uncached decoding; verify equals sequential decoding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from common.codec import RFSQCodec
+from common.policy import Observation
+from common.vla import load_policy
+from common.vla.embedded import (
+    EmbeddedVLA,
+    EmbeddedVLAConfig,
+    EmbeddedVLAPolicy,
+    block_attention_mask,
+    downsample_images,
+    load_embedded_vla,
+    save_embedded_vla,
+)
+from common.vla.tokenizer import InstructionTokenizer
+
+INSTRUCTIONS = [
+    "pick up the black bowl between the plate and the ramekin and place it on the plate",
+    "pick up the black bowl on the wooden cabinet and place it on the plate",
+]
+
+
+def small_config(**kw) -> EmbeddedVLAConfig:
+    words = sorted({w for t in INSTRUCTIONS for w in t.split()} - {"ramekin"})  # one word falls back to bytes
+    base = dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, words=words
+    )
+    base.update(kw)
+    return EmbeddedVLAConfig(**base)
+
+
+def make_policy(seed: int = 0, **kw) -> EmbeddedVLAPolicy:
+    torch.manual_seed(seed)
+    model = EmbeddedVLA(small_config(**kw))
+    # BatchNorm running stats of a fresh model are trivial; give them non-trivial values
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    return EmbeddedVLAPolicy(model.double(), RFSQCodec().double())
+
+
+def make_obs(n: int, seed: int = 0) -> list[Observation]:
+    rng = np.random.default_rng(seed)
+    return [
+        Observation(
+            agentview=rng.integers(0, 256, (128, 128, 3), dtype=np.uint8),
+            wrist=rng.integers(0, 256, (128, 128, 3), dtype=np.uint8),
+            proprio=rng.normal(size=8).astype(np.float32),
+            instruction=INSTRUCTIONS[i % len(INSTRUCTIONS)],
+        )
+        for i in range(n)
+    ]
+
+
+def _inputs(policy: EmbeddedVLAPolicy, obs: list[Observation]) -> dict[str, torch.Tensor]:
+    x = policy.encode_observations(obs)
+    x["images"] = x["images"].double()
+    x["proprio"] = x["proprio"].double()
+    return x
+
+
+def test_tokenizer_round_trip_and_fallback() -> None:
+    tok = InstructionTokenizer.build(INSTRUCTIONS[:1])
+    ids = tok.encode("pick up the bowl next to the cookie box")
+    assert tok.decode(ids) == "pick up the bowl next to the cookie box"
+    assert len(tok.encode(INSTRUCTIONS[0])) == 1 + len(INSTRUCTIONS[0].split())
+    ids, mask = tok.batch_encode(["the plate", INSTRUCTIONS[0]], max_len=8)
+    assert len(ids[0]) == len(ids[1]) == 8 and mask[0][:5] == [False] * 5 and all(mask[1])
+
+
+def test_block_mask_structure() -> None:
+    valid = torch.tensor([[False, True, True]])
+    m = block_attention_mask(valid, num_blocks=2, block_width=2, num_query=7, dtype=torch.float32)[0, 0] == 0
+    assert not m[:, 0].any()  # the pad key is never seen
+    assert m[:3, 1:3].all() and not m[:3, 3:].any()  # prefix: bidirectional, blind to blocks
+    assert m[3:5, 1:5].all() and not m[3:5, 5:].any()  # block 0: prefix + itself
+    assert m[5:7, 1:7].all()  # block 1: prefix + block 0 + itself
+
+
+def test_kv_cache_decoding_equals_uncached_forward() -> None:
+    policy = make_policy()
+    obs = make_obs(2)
+    x = _inputs(policy, obs)
+    with torch.no_grad():
+        state = policy.model.prefix_pass(**x)
+        codes = policy.decode_sequential(state)  # [B, T, H, L] with the KV cache
+        full = policy.model.forward_train(**x, codes=codes)  # one uncached pass, teacher-forced
+    ref = full["logits"].argmax(-1).permute(0, 2, 3, 1)  # [B, T, H, L]
+    assert torch.equal(ref, codes)
+    # logits block by block, with cache, match the uncached pass
+    state = policy.prefix(obs)
+    torch.testing.assert_close(state.hidden, full["hidden"])
+    prev = None
+    for layer in range(policy.shape.num_layers):
+        logits = policy.decode_block(state, prev)
+        torch.testing.assert_close(logits, full["logits"][:, layer])
+        prev = codes[..., layer]
+
+
+def test_verify_of_own_outputs_equals_sequential() -> None:
+    policy = make_policy(seed=1)
+    obs = make_obs(2, seed=1)
+    seq_state = policy.prefix(obs)
+    seq_codes = policy.decode_sequential(seq_state)  # [B, T, H, L]
+    for k in range(0, 4):
+        state = policy.prefix(obs)
+        drafted = seq_codes[..., :k].permute(0, 3, 1, 2)  # [B, k, T, H]
+        logits = policy.verify(state, drafted)  # [B, k+1, T, H, G]
+        assert logits.shape[:2] == (2, k + 1) and state.num_blocks == k + 1
+        assert torch.equal(logits.argmax(-1), seq_codes[..., : k + 1].permute(0, 3, 1, 2))
+        # accept all but the last block, continue sequentially: same codes as the baseline
+        policy.truncate(state, k)
+        prev = seq_codes[..., k - 1] if k else None
+        rest = []
+        for _ in range(k, policy.shape.num_layers):
+            prev = policy.decode_block(state, prev).argmax(-1)
+            rest.append(prev)
+        assert torch.equal(torch.stack(rest, -1), seq_codes[..., k:])
+
+
+def test_verify_of_wrong_draft_changes_later_layers_only() -> None:
+    policy = make_policy(seed=2)
+    obs = make_obs(1, seed=2)
+    seq_codes = policy.decode_sequential(policy.prefix(obs))
+    drafted = seq_codes[..., :3].permute(0, 3, 1, 2).clone()  # [1, 3, T, H]
+    drafted[:, 1] = (drafted[:, 1] + 1) % policy.shape.grid_size
+    logits = policy.verify(policy.prefix(obs), drafted)
+    # M_0 and M_1 depend only on the prefix and D_0 (correct)
+    assert torch.equal(logits[:, :2].argmax(-1), seq_codes[..., :2].permute(0, 3, 1, 2))
+
+
+def test_batched_equals_single() -> None:
+    """Left padding does not change a prompt's outputs (relative positions are kept)."""
+    policy = make_policy(seed=3)
+    obs = make_obs(2, seed=3)  # two instructions of different token lengths
+    batch = policy.act(obs)
+    for i in range(2):
+        single = policy.act([obs[i]])[0]
+        np.testing.assert_allclose(single.hidden, batch[i].hidden, rtol=1e-6, atol=1e-8)
+        assert np.array_equal(single.codes, batch[i].codes)
+
+
+def test_act_output_contract() -> None:
+    policy = make_policy(seed=4)
+    out = policy.act(make_obs(1, seed=4))[0]
+    s = policy.shape
+    assert out.hidden.shape == (policy.hidden_dim,) and out.hidden.dtype == np.float32
+    assert out.codes.shape == s.codes_shape and out.codes.dtype == np.uint8 and out.codes.max() < s.grid_size
+    assert out.actions.shape == s.chunk_shape and out.actions.dtype == np.float32
+    assert np.abs(out.actions).max() <= 1.0 and set(np.unique(out.actions[:, -1])) <= {-1.0, 1.0}
+
+
+def test_save_load_round_trip(tmp_path) -> None:
+    policy = make_policy(seed=5)
+    model = policy.model.float()
+    save_embedded_vla(model, tmp_path)
+    loaded, meta = load_embedded_vla(tmp_path)
+    for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+    assert len(meta["weights_sha256"]) == 64
+
+
+def test_load_policy_refuses_silent_random(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="allow_random"):
+        load_policy("embedded", weights_dir=tmp_path / "none")
+    with pytest.raises(ValueError, match="unknown policy backend"):
+        load_policy("nonexistent")
+    p = load_policy("embedded", weights_dir=tmp_path / "none", codec_dir=tmp_path / "none", allow_random=True)
+    assert "random" in p.backbone_id
+
+
+def test_downsample_is_area_average() -> None:
+    img = np.zeros((1, 4, 4, 3), np.uint8)
+    img[0, :2, :2] = 200
+    out = downsample_images(img, 2)
+    assert out.shape == (1, 2, 2, 3) and out[0, 0, 0, 0] == 200 and out[0, 1, 1, 0] == 0
