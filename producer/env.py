@@ -1,0 +1,395 @@
+"""LIBERO environments as the project's policies see them.
+
+:class:`LiberoEnv` wraps one LIBERO task (robosuite + MuJoCo, rendered headless with EGL, or OSMesa
+when ``MUJOCO_GL=osmesa``) and returns :class:`common.policy.Observation` objects: both camera images
+rotated upright (180°, the convention of the OpenVLA-OFT LIBERO evaluation), 8-d proprio and the
+instruction text.
+
+Rendering dominates the cost of a step (LIBERO scenes have ~726k mesh vertices and the CPU
+rasterizer is slow). robosuite renders every camera on every ``step()`` when camera observations are
+on. This wrapper keeps robosuite's camera observables (so images are sampled at exactly the same
+simulation instant as robosuite samples them: robosuite 1.4 samples every observable, proprio
+included, after the first physics substep of a control step) but gates their sensors: a camera is
+rendered only on steps whose observation the caller asks for (``step(action, observe=False)`` skips
+rendering, e.g. inside an open-loop action chunk). The images are pixel-identical to robosuite's
+camera observations (tested in ``tests/test_libero_env.py``; speeds in ``docs/bench/libero.md``).
+
+    with LiberoEnv(EnvConfig(suite="libero_spatial", task_id=0, init_state=0)) as env:
+        obs = env.reset()                               # settles, then returns the first observation
+        obs, reward, done, info = env.step(action)      # action [7] in [-1, 1]; info["success"]
+        obs, reward, done, info = env.step(action, observe=False)   # obs is None, no rendering
+
+Step limits per suite are those of the OpenVLA-OFT LIBERO evaluation; ``max_steps`` counts policy
+steps after the settle steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from functools import cache, lru_cache
+from typing import Any
+
+import numpy as np
+
+from common.policy import Observation
+from producer.libero_setup import ensure_libero
+
+log = logging.getLogger(__name__)
+
+#: Number of tasks of each LIBERO suite (and the default suite first).
+SUITES: dict[str, int] = {
+    "libero_spatial": 10,
+    "libero_object": 10,
+    "libero_goal": 10,
+    "libero_10": 10,
+    "libero_90": 90,
+}
+#: Episode step limits of the OpenVLA-OFT LIBERO evaluation (policy steps after settling).
+MAX_STEPS: dict[str, int] = {
+    "libero_spatial": 220,
+    "libero_object": 280,
+    "libero_goal": 300,
+    "libero_10": 520,
+    "libero_90": 400,
+}
+CAMERAS: dict[str, str] = {"agentview": "agentview", "wrist": "robot0_eye_in_hand"}
+DEFAULT_CAMERAS = ("agentview", "robot0_eye_in_hand")
+ACTION_DIM = 7
+#: The no-op used while objects settle: no motion, gripper open.
+SETTLE_ACTION = np.array([0, 0, 0, 0, 0, 0, -1], dtype=np.float32)
+
+
+@dataclass
+class EnvConfig:
+    """One LIBERO task and how to observe it."""
+
+    suite: str = field(default="libero_spatial", metadata={"help": f"LIBERO suite, one of {list(SUITES)}"})
+    task_id: int = field(default=0, metadata={"help": "task index inside the suite (suite order)"})
+    init_state: int = field(default=0, metadata={"help": "index of the task's fixed initial state (0..49)"})
+    image_size: int = field(default=128, metadata={"help": "square camera image size in pixels"})
+    cameras: tuple[str, ...] = field(
+        default=DEFAULT_CAMERAS,
+        metadata={"help": "robosuite camera names: third-person first, then the wrist camera"},
+    )
+    settle_steps: int = field(default=10, metadata={"help": "no-op steps after reset so that objects settle"})
+    max_steps: int | None = field(
+        default=None, metadata={"help": "policy steps per episode (none: the suite's limit)"}
+    )
+    seed: int = field(default=0, metadata={"help": "environment seed"})
+    render_every_step: bool = field(
+        default=False,
+        metadata={"help": "let robosuite render the cameras on every step (slow; for comparison)"},
+    )
+
+    def __post_init__(self) -> None:
+        if self.suite not in SUITES:
+            raise ValueError(f"unknown suite {self.suite!r}; valid suites: {list(SUITES)}")
+        n = SUITES[self.suite]
+        if not (isinstance(self.task_id, int) and 0 <= self.task_id < n):
+            raise ValueError(f"task_id {self.task_id!r} is not a task of {self.suite}; valid: 0..{n - 1}")
+        if self.init_state < 0:
+            raise ValueError(f"init_state {self.init_state} is negative; valid: 0..49")
+        if not 8 <= self.image_size <= 640:
+            raise ValueError(f"image_size {self.image_size} out of range; valid: 8..640")
+        self.cameras = tuple(self.cameras)
+        if len(self.cameras) != 2:
+            raise ValueError(f"cameras {self.cameras} must name two cameras (third-person, wrist)")
+        if self.settle_steps < 0:
+            raise ValueError(f"settle_steps {self.settle_steps} must be >= 0")
+        if self.max_steps is None:
+            self.max_steps = MAX_STEPS[self.suite]
+        if self.max_steps <= 0:
+            raise ValueError(f"max_steps {self.max_steps} must be > 0")
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    suite: str
+    task_id: int
+    name: str
+    instruction: str
+    bddl_file: str
+    num_init_states: int
+
+
+def _benchmark(suite: str) -> Any:
+    ensure_libero()
+    from libero.libero import benchmark  # imports torch; configured by ensure_libero()
+
+    return benchmark.get_benchmark_dict()[suite]()
+
+
+@cache
+def list_tasks(suite: str = "libero_spatial") -> tuple[TaskInfo, ...]:
+    """The tasks of a suite, in the suite's order (not alphabetical)."""
+    if suite not in SUITES:
+        raise ValueError(f"unknown suite {suite!r}; valid suites: {list(SUITES)}")
+    bench = _benchmark(suite)
+    out = []
+    for i in range(bench.get_num_tasks()):
+        task = bench.get_task(i)
+        out.append(
+            TaskInfo(
+                suite=suite,
+                task_id=i,
+                name=task.name,
+                instruction=task.language,
+                bddl_file=bench.get_task_bddl_file_path(i),
+                num_init_states=len(_init_states(suite, i)),
+            )
+        )
+    return tuple(out)
+
+
+def list_suites() -> list[str]:
+    return list(SUITES)
+
+
+def instruction(suite: str, task_id: int) -> str:
+    return list_tasks(suite)[task_id].instruction
+
+
+@lru_cache(maxsize=16)
+def _init_states(suite: str, task_id: int) -> np.ndarray:
+    bench = _benchmark(suite)
+    return np.asarray(bench.get_task_init_states(task_id))  # [50, state_dim] flattened MuJoCo states
+
+
+def quat2axisangle(quat: np.ndarray) -> np.ndarray:
+    """[x, y, z, w] quaternion -> [3] axis-angle (robosuite's convention, as in LIBERO's datasets)."""
+    w = float(np.clip(quat[3], -1.0, 1.0))
+    den = math.sqrt(max(1.0 - w * w, 0.0))
+    if math.isclose(den, 0.0):
+        return np.zeros(3, dtype=np.float64)
+    return np.asarray(quat[:3], dtype=np.float64) * 2.0 * math.acos(w) / den
+
+
+def upright(img: np.ndarray) -> np.ndarray:
+    """Rotate a robosuite (OpenGL, bottom-up) image by 180° to what a policy sees: [h, w, 3]."""
+    return np.ascontiguousarray(img[::-1, ::-1])
+
+
+class LiberoEnv:
+    """One LIBERO task, stepped with 7-d delta end-effector actions (OSC_POSE, 20 Hz)."""
+
+    def __init__(self, cfg: EnvConfig | None = None, **overrides: Any) -> None:
+        if cfg is None:
+            cfg = EnvConfig(**overrides)
+        elif overrides:
+            raise TypeError("pass either an EnvConfig or keyword overrides, not both")
+        self.cfg = cfg
+        ensure_libero()
+        self.task = list_tasks(cfg.suite)[cfg.task_id]
+        self._init_states = _init_states(cfg.suite, cfg.task_id)
+        self._check_init_state(cfg.init_state)
+
+        from libero.libero.envs import OffScreenRenderEnv
+
+        t0 = time.perf_counter()
+        self._env = OffScreenRenderEnv(
+            bddl_file_name=self.task.bddl_file,
+            camera_heights=cfg.image_size,
+            camera_widths=cfg.image_size,
+            camera_names=list(cfg.cameras),
+            use_camera_obs=True,
+        )
+        self._env.seed(cfg.seed)
+        log.debug("built %s task %d in %.1fs", cfg.suite, cfg.task_id, time.perf_counter() - t0)
+        self._raw: dict[str, Any] = {}
+        self._want_images = True  # gate of the camera sensors (always open if render_every_step)
+        self._fresh_images = False  # whether self._raw holds images of the current observation
+        self._steps = 0
+        self._done = True
+        self._closed = False
+        self.init_state = cfg.init_state
+
+    # ---------------------------------------------------------------- episode
+    def _check_init_state(self, index: int) -> None:
+        n = len(self._init_states)
+        if not 0 <= index < n:
+            raise ValueError(
+                f"init_state {index} does not exist for {self.cfg.suite} task {self.cfg.task_id}; "
+                f"valid: 0..{n - 1}"
+            )
+
+    def reset(self, init_state: int | None = None) -> Observation:
+        """Start an episode from a fixed initial state (default: the config's), settle, observe."""
+        if init_state is not None:
+            self._check_init_state(init_state)
+            self.init_state = init_state
+        self._env.reset()  # hard reset: rebuilds the MuJoCo model, the sim and the camera sensors
+        self._gate_camera_sensors()
+        self._want_images = self.cfg.settle_steps == 0
+        self._raw = self._env.set_init_state(self._init_states[self.init_state])
+        for i in range(self.cfg.settle_steps):
+            self._want_images = i == self.cfg.settle_steps - 1  # images of the last settle step only
+            self._raw, _, _, _ = self._env.step(SETTLE_ACTION)
+        self._fresh_images = True
+        self._steps = 0
+        self._done = False
+        return self.observe()
+
+    def step(
+        self, action: np.ndarray, observe: bool = True
+    ) -> tuple[Observation | None, float, bool, dict[str, Any]]:
+        """Apply one action [7] (clipped to [-1, 1]). Renders the cameras only if ``observe``.
+
+        Returns (observation or None, reward, done, info) where info has ``success`` (bool),
+        ``step`` (policy steps so far) and ``truncated`` (the step limit ended the episode).
+        """
+        if self._done:
+            raise RuntimeError("step() after the episode ended; call reset()")
+        action = np.asarray(action, dtype=np.float64).reshape(-1)
+        if action.shape != (ACTION_DIM,) or not np.all(np.isfinite(action)):
+            raise ValueError(f"action must be {ACTION_DIM} finite numbers, got {action!r}")
+        self._want_images = observe
+        self._raw, reward, _, _ = self._env.step(np.clip(action, -1.0, 1.0))
+        self._fresh_images = observe or self.cfg.render_every_step
+        self._steps += 1
+        success = bool(self._env.check_success())
+        truncated = not success and self._steps >= self.cfg.max_steps
+        self._done = success or truncated
+        info = {"success": success, "step": self._steps, "truncated": truncated}
+        return (self.observe() if observe else None), float(reward), self._done, info
+
+    def _gate_camera_sensors(self) -> None:
+        """Wrap robosuite's camera sensors so they render only while ``self._want_images`` is set.
+
+        The observables keep their sampling clock, so an image is taken at exactly the instant
+        robosuite would take it. A gated-off sample returns a shared blank image and is never shown.
+        """
+        if self.cfg.render_every_step:
+            return
+        robo = self._env.env
+        size = self.cfg.image_size
+        blank = np.zeros((size, size, 3), dtype=np.uint8)
+        for cam in self.cfg.cameras:
+            observable = robo._observables[f"{cam}_image"]
+            real = observable._sensor
+
+            def gated(obs_cache: dict, _real=real) -> np.ndarray:
+                return _real(obs_cache) if self._want_images else blank
+
+            gated.__modality__ = getattr(real, "__modality__", "image")  # type: ignore[attr-defined]
+            observable._sensor = gated
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    @property
+    def num_steps(self) -> int:
+        return self._steps
+
+    # ---------------------------------------------------------------- observing
+    def render(self) -> tuple[np.ndarray, np.ndarray]:
+        """Both cameras as the policy sees them: ([h, w, 3] uint8, [h, w, 3] uint8), upright.
+
+        After an observed step (or reset) these are robosuite's camera observations of that step;
+        after ``step(observe=False)`` the cameras are rendered now, at the current sim state.
+        """
+        imgs = [upright(self.render_raw(cam)) for cam in self.cfg.cameras]
+        return imgs[0], imgs[1]
+
+    def render_raw(self, camera: str) -> np.ndarray:
+        """One camera as robosuite renders it (bottom-up, OpenGL convention): [h, w, 3] uint8."""
+        key = f"{camera}_image"
+        if self._fresh_images and key in self._raw:
+            return self._raw[key]
+        size = self.cfg.image_size
+        return self._env.sim.render(camera_name=camera, width=size, height=size, depth=False)
+
+    def proprio(self) -> np.ndarray:
+        """[8] float32: eef position (3), eef axis-angle (3), gripper finger qpos (2)."""
+        r = self._raw
+        return np.concatenate(
+            [r["robot0_eef_pos"], quat2axisangle(r["robot0_eef_quat"]), r["robot0_gripper_qpos"]]
+        ).astype(np.float32)
+
+    def observe(self) -> Observation:
+        agentview, wrist = self.render()
+        return Observation(
+            agentview=agentview, wrist=wrist, proprio=self.proprio(), instruction=self.task.instruction
+        )
+
+    def robot_state(self) -> dict[str, np.ndarray]:
+        """Low-dim robot state in LIBERO's dataset conventions.
+
+        ee_states [6] (pos, axis-angle), gripper_states [2], joint_states [7], eef_pos [3], eef_quat [4].
+        """
+        r = self._raw
+        return {
+            "ee_states": np.concatenate([r["robot0_eef_pos"], quat2axisangle(r["robot0_eef_quat"])]),
+            "gripper_states": np.asarray(r["robot0_gripper_qpos"], dtype=np.float64),
+            "joint_states": np.asarray(r["robot0_joint_pos"], dtype=np.float64),
+            "eef_pos": np.asarray(r["robot0_eef_pos"], dtype=np.float64),
+            "eef_quat": np.asarray(r["robot0_eef_quat"], dtype=np.float64),
+        }
+
+    # ---------------------------------------------------------------- low-dim state for the expert
+    @property
+    def goal_state(self) -> list[list[str]]:
+        """The task's BDDL goal, e.g. ``[['on', 'akita_black_bowl_1', 'plate_1']]``."""
+        return [list(p) for p in self._env.env.parsed_problem["goal_state"]]
+
+    def object_names(self) -> list[str]:
+        return list(self._env.env.obj_body_id)
+
+    def object_pos(self, name: str) -> np.ndarray:
+        """[3] world position of an object's body (the current sim; valid after every reset)."""
+        ids = self._env.env.obj_body_id
+        if name not in ids:
+            raise ValueError(f"unknown object {name!r}; objects of this task: {sorted(ids)}")
+        return np.array(self._env.env.sim.data.body_xpos[ids[name]], dtype=np.float64)
+
+    def eef_pos(self) -> np.ndarray:
+        """[3] world position of the grip site, the point the OSC controller drives."""
+        return np.array(self._raw["robot0_eef_pos"], dtype=np.float64)
+
+    def gripper_qpos(self) -> np.ndarray:
+        return np.array(self._raw["robot0_gripper_qpos"], dtype=np.float64)
+
+    def env_args(self) -> dict[str, Any]:
+        """JSON-safe description of how this environment was built (for dataset attributes)."""
+        return {
+            "env_name": self.task.name,
+            "type": "libero",
+            "env_kwargs": {
+                "suite": self.cfg.suite,
+                "bddl_file": self.task.bddl_file.split("bddl_files/")[-1],
+                "controller": "OSC_POSE",
+                "control_freq": 20,
+                "camera_names": list(self.cfg.cameras),
+                "camera_heights": self.cfg.image_size,
+                "camera_widths": self.cfg.image_size,
+                "settle_steps": self.cfg.settle_steps,
+                "max_steps": self.cfg.max_steps,
+                "image_convention": "upright (robosuite image rotated 180 degrees)",
+            },
+        }
+
+    @property
+    def raw_env(self) -> Any:
+        """The LIBERO ``OffScreenRenderEnv`` (its ``.env`` is the robosuite environment)."""
+        return self._env
+
+    # ---------------------------------------------------------------- lifetime
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._env.close()
+
+    def __enter__(self) -> LiberoEnv:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: nothing left to release
+            pass
