@@ -50,10 +50,14 @@ def _converter(tp: Any, optional: bool):
     return convert
 
 
-def build_parser(cls: type, description: str | None = None, prog: str | None = None) -> argparse.ArgumentParser:
+def build_parser(
+    cls: type, description: str | None = None, prog: str | None = None
+) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
-        description=description or (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else description,
+        description=description or (cls.__doc__ or "").strip().splitlines()[0]
+        if cls.__doc__
+        else description,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     hints = typing.get_type_hints(cls)
