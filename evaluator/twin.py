@@ -1,0 +1,511 @@
+"""The 7B timing twin: OpenVLA-7B's language-model shapes with random weights (DESIGN §5).
+
+A Llama-2-7B decoder (hidden 4096, 32 layers, 32 heads, MLP 11008, RMSNorm, rotary positions,
+SwiGLU) with the RFSQ layer decoder of DESIGN §6 on top, implemented on plain ``torch`` (no other
+package) so that it runs on any machine that has PyTorch, and fast enough to measure the passes
+against their memory-bandwidth floor:
+
+- a static, preallocated KV cache ``[layers, B, heads, S_max, head_dim]``; new keys and values are
+  written with ``index_copy_`` at positions held in a device tensor, so every pass has fixed shapes;
+- block-causal attention from a mask computed on the device from those positions (prefix causal,
+  full inside a block, causal across blocks), over the whole cache: stale entries of truncated
+  blocks are masked, so ``truncate`` is free;
+- fused QKV and gate/up projections (one matrix product each);
+- optional CUDA graphs: one graph per pass shape (prefix, block 0, block l > 0, verify of k drafted
+  layers), replayed with the inputs copied into static buffers.
+
+Timing does not depend on weight values; acceptance does, and comes from trained models (the
+embedded VLA), never from this twin. The prefix stands for image + text tokens: a patch
+embedding of the camera image(s) (a linear "vision stem", not a vision transformer: the vision
+encoder costs the same in baseline and RSD decoding and is not part of what is compared), the
+instruction's bytes and one proprio token.
+
+Axes: B batch, P prefix_len, W block width (= T), N new positions in a pass, S S_max (cache length),
+D hidden, I intermediate, nh heads, hd head_dim, T H G L as in common/shapes.py.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common.codec import RFSQCodec
+from common.policy import LayerwisePolicy, Observation, PolicyOutput, PrefixState
+from common.shapes import DEFAULT_SHAPE, RFSQShape
+
+
+@dataclass(frozen=True)
+class TwinConfig:
+    """Shapes of the twin. Defaults: Llama-2-7B (OpenVLA-7B's language model) with a ~280-token prefix."""
+
+    hidden_size: int = 4096
+    num_layers: int = 32
+    num_heads: int = 32
+    intermediate_size: int = 11008
+    rms_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    image_size: int = 224
+    patch_size: int = 14
+    num_images: int = 1
+    text_len: int = 23
+    batch_size: int = 1
+    shape: RFSQShape = DEFAULT_SHAPE
+
+    def __post_init__(self) -> None:
+        for name in (
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "intermediate_size",
+            "image_size",
+            "patch_size",
+        ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"TwinConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if (self.hidden_size // self.num_heads) % 2:
+            raise ValueError("head_dim must be even for rotary embeddings")
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
+            )
+        if self.num_images not in (1, 2):
+            raise ValueError(f"num_images must be 1 (agentview) or 2 (+ wrist), got {self.num_images}")
+        if self.text_len < 1 or self.batch_size < 1:
+            raise ValueError(f"text_len and batch_size must be >= 1, got {self.text_len}, {self.batch_size}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patches_per_image(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def prefix_len(self) -> int:
+        """Image patches + instruction tokens + one proprio token."""
+        return self.num_images * self.patches_per_image + self.text_len + 1
+
+    @property
+    def block_width(self) -> int:
+        return self.shape.chunk_len
+
+    @property
+    def max_len(self) -> int:
+        """Cache length: prefix + L blocks, rounded up to a multiple of 16 (aligned attention masks)."""
+        n = self.prefix_len + self.shape.num_layers * self.block_width
+        return -(-n // 16) * 16
+
+    def layer_params(self) -> int:
+        """Parameters of the decoder layers (what every pass reads)."""
+        D, I = self.hidden_size, self.intermediate_size
+        return self.num_layers * (4 * D * D + 3 * D * I + 2 * D)
+
+
+def llama7b_config(prefix_tokens: int = 280, **overrides) -> TwinConfig:
+    """Llama-2-7B shapes with a prefix of 280 (one 224 px image) or 600 tokens (two images, as OpenVLA-OFT)."""
+    if prefix_tokens == 280:
+        return TwinConfig(num_images=1, text_len=23, **overrides)
+    if prefix_tokens == 600:
+        return TwinConfig(num_images=2, text_len=87, **overrides)
+    raise ValueError(f"prefix_tokens must be 280 or 600, got {prefix_tokens}")
+
+
+def tiny_config(**overrides) -> TwinConfig:
+    """A few-hundred-kilobyte twin for CPU tests (same code paths as the 7B one)."""
+    base = dict(
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        intermediate_size=128,
+        image_size=32,
+        patch_size=8,
+        num_images=1,
+        text_len=7,
+    )
+    base.update(overrides)
+    return TwinConfig(**base)
+
+
+# ------------------------------------------------------------------------------------------ model
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama RMSNorm (computed in float32, as transformers does). x [..., D]."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class TwinDecoderLayer(nn.Module):
+    """One Llama decoder layer with fused projections and a static KV cache slot."""
+
+    def __init__(self, cfg: TwinConfig):
+        super().__init__()
+        D, I = cfg.hidden_size, cfg.intermediate_size
+        self.cfg = cfg
+        self.input_norm = nn.Parameter(torch.ones(D))
+        self.post_norm = nn.Parameter(torch.ones(D))
+        self.wqkv = nn.Parameter(torch.empty(3 * D, D))  # rows: q, k, v projections
+        self.wo = nn.Parameter(torch.empty(D, D))
+        self.wgu = nn.Parameter(torch.empty(2 * I, D))  # rows: gate, up projections
+        self.wdown = nn.Parameter(torch.empty(D, I))
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [B, N, D]
+        cos: torch.Tensor,  # [N, hd]
+        sin: torch.Tensor,  # [N, hd]
+        positions: torch.Tensor,  # [N] long, cache slots of the new positions
+        mask: torch.Tensor,  # [N, S] bool, True = attend
+        k_cache: torch.Tensor,  # [B, nh, S, hd]
+        v_cache: torch.Tensor,  # [B, nh, S, hd]
+    ) -> torch.Tensor:
+        cfg = self.cfg
+        B, N, D = x.shape
+        h = rms_norm(x, self.input_norm, cfg.rms_eps)
+        qkv = F.linear(h, self.wqkv).view(B, N, 3, cfg.num_heads, cfg.head_dim)  # [B, N, 3, nh, hd]
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, nh, N, hd]
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        k_cache.index_copy_(2, positions, k)
+        v_cache.index_copy_(2, positions, v)
+        attn = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask)  # [B, nh, N, hd]
+        x = x + F.linear(attn.transpose(1, 2).reshape(B, N, D), self.wo)
+        h = rms_norm(x, self.post_norm, cfg.rms_eps)
+        gate, up = F.linear(h, self.wgu).chunk(2, dim=-1)  # [B, N, I] each
+        return x + F.linear(F.silu(gate) * up, self.wdown)
+
+
+class TwinModel(nn.Module):
+    """Llama decoder + prefix stem + RFSQ layer decoder (learned queries, code embeddings, heads)."""
+
+    def __init__(self, cfg: TwinConfig):
+        super().__init__()
+        self.cfg = cfg
+        D, s = cfg.hidden_size, cfg.shape
+        patch_dim = cfg.patch_size * cfg.patch_size * 3
+        self.patch_embed = nn.Linear(patch_dim, D)
+        self.text_embed = nn.Embedding(256, D)  # instruction bytes
+        self.proprio_embed = nn.Linear(8, D)
+        self.layers = nn.ModuleList(TwinDecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.final_norm = nn.Parameter(torch.ones(D))
+        self.queries = nn.Parameter(torch.empty(cfg.block_width, D))  # block 0
+        self.code_embed = nn.Parameter(torch.empty(s.action_hidden_dim, s.grid_size, D))  # per (h, code)
+        self.layer_embed = nn.Parameter(torch.empty(s.num_layers, D))  # which layer a block predicts
+        self.head = nn.Linear(D, s.action_hidden_dim * s.grid_size)  # per position: H tokens x G levels
+        self.reset_parameters()
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2).float() / cfg.head_dim))
+        freqs = torch.outer(torch.arange(cfg.max_len).float(), inv_freq)  # [S, hd/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [S, hd]
+        self.register_buffer("rope_cos", emb.cos(), persistent=False)
+        self.register_buffer("rope_sin", emb.sin(), persistent=False)
+        self.register_buffer("h_index", torch.arange(s.action_hidden_dim), persistent=False)
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float = 0.02) -> None:
+        for name, p in self.named_parameters():
+            if name.endswith("norm"):
+                p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, std)
+
+    # ---- embeddings
+    def embed_prefix(
+        self, images: torch.Tensor, text_ids: torch.Tensor, proprio: torch.Tensor
+    ) -> torch.Tensor:
+        """images [B, n_img, 3, S_img, S_img] float in [0, 1], text_ids [B, text_len], proprio [B, 8] -> [B, P, D]."""
+        p = self.cfg.patch_size
+        B, n, C, S, _ = images.shape
+        g = S // p
+        patches = (
+            images.reshape(B, n, C, g, p, g, p).permute(0, 1, 3, 5, 2, 4, 6).reshape(B, n * g * g, C * p * p)
+        )
+        x_img = self.patch_embed(patches.to(self.patch_embed.weight.dtype))  # [B, n*g*g, D]
+        x_txt = self.text_embed(text_ids)  # [B, text_len, D]
+        x_pro = self.proprio_embed(proprio.to(self.proprio_embed.weight.dtype))[:, None]  # [B, 1, D]
+        return torch.cat([x_img, x_txt, x_pro], dim=1)
+
+    def embed_blocks(self, codes: torch.Tensor, first_block: torch.Tensor, with_query: bool) -> torch.Tensor:
+        """codes [B, k, T, H] long -> block inputs [B, (k + with_query) * W, D].
+
+        Code block i predicts layer ``first_block + i`` (it holds the codes of the layer before).
+        """
+        B, k = codes.shape[:2]
+        blocks = []
+        if with_query:
+            q = self.queries + self.layer_embed[0]  # [W, D]
+            blocks.append(q.expand(B, 1, *q.shape))  # [B, 1, W, D]
+        if k:
+            emb = self.code_embed[self.h_index, codes].sum(-2)  # [B, k, T, D]
+            idx = first_block + torch.arange(k, device=codes.device)  # [k]
+            blocks.append(emb + self.layer_embed[idx][None, :, None, :])
+        x = torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0]  # [B, nb, W, D]
+        return x.reshape(B, -1, x.shape[-1])
+
+    # ---- the decoder
+    def attention_mask(self, positions: torch.Tensor) -> torch.Tensor:
+        """Block-causal mask for new positions [N] over all S cache slots -> [N, S] bool."""
+        P, W = self.cfg.prefix_len, self.cfg.block_width
+        keys = torch.arange(self.cfg.max_len, device=positions.device)  # [S]
+
+        def block_of(pos: torch.Tensor) -> torch.Tensor:  # -1 for the prefix
+            return torch.where(
+                pos < P, torch.full_like(pos, -1), torch.div(pos - P, W, rounding_mode="floor")
+            )
+
+        qb, kb = block_of(positions)[:, None], block_of(keys)[None, :]  # [N, 1], [1, S]
+        same = qb == kb
+        causal_in_prefix = keys[None, :] <= positions[:, None]
+        return (kb < qb) | (same & ((qb >= 0) | causal_in_prefix))
+
+    def forward(
+        self, x: torch.Tensor, start: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
+    ) -> torch.Tensor:
+        """x [B, N, D] at cache slots start..start+N-1 (start: 0-dim long tensor) -> final-norm hidden [B, N, D]."""
+        N = x.shape[1]
+        positions = start + torch.arange(N, device=x.device)  # [N]
+        cos = self.rope_cos[positions].to(x.dtype)  # [N, hd]
+        sin = self.rope_sin[positions].to(x.dtype)
+        mask = self.attention_mask(positions)  # [N, S]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, positions, mask, k_cache[i], v_cache[i])
+        return rms_norm(x, self.final_norm, self.cfg.rms_eps)
+
+    def block_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [B, nb*W, D] -> logits [B, nb, T, H, G] (float32)."""
+        s = self.cfg.shape
+        B = hidden.shape[0]
+        return self.head(hidden).float().view(B, -1, s.chunk_len, s.action_hidden_dim, s.grid_size)
+
+
+# ------------------------------------------------------------------------------------------ policy
+class TwinPolicy(LayerwisePolicy):
+    """The twin as a :class:`LayerwisePolicy` (static KV cache; CUDA graphs when ``cuda_graphs``)."""
+
+    def __init__(
+        self,
+        cfg: TwinConfig,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        cuda_graphs: bool = False,
+        seed: int = 0,
+    ):
+        self.cfg = cfg
+        self.shape = cfg.shape
+        self.hidden_dim = cfg.hidden_size
+        self.device = torch.device(device)
+        self.dtype = dtype
+        if cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"cuda_graphs needs a CUDA device, got {self.device}")
+        self.cuda_graphs = cuda_graphs
+        self.backbone_id = (
+            f"twin-llama-d{cfg.hidden_size}-l{cfg.num_layers}-p{cfg.prefix_len}@random-seed{seed}"
+        )
+        torch.manual_seed(seed)
+        with torch.device(self.device):
+            self.model = TwinModel(cfg).to(dtype).eval()
+            self.codec = RFSQCodec(shape=cfg.shape).eval()  # random weights: actions are for shape only
+        self.model.requires_grad_(False)
+        self.codec.requires_grad_(False)
+        B, nh, S, hd = cfg.batch_size, cfg.num_heads, cfg.max_len, cfg.head_dim
+        cache_shape = (cfg.num_layers, B, nh, S, hd)
+        self.k_cache = torch.zeros(cache_shape, device=self.device, dtype=dtype)
+        self.v_cache = torch.zeros(cache_shape, device=self.device, dtype=dtype)
+        # Static inputs (graphs read these buffers; eager passes use them too).
+        self._start = torch.zeros((), dtype=torch.long, device=self.device)
+        self._first_block = torch.zeros((), dtype=torch.long, device=self.device)
+        self._prefix_in = torch.zeros(B, cfg.prefix_len, cfg.hidden_size, device=self.device, dtype=dtype)
+        self._codes_in: dict[int, torch.Tensor] = {}
+        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool = None
+
+    # ---- sizes
+    def weight_bytes(self) -> int:
+        """Bytes of the decoder-layer weights every pass reads (the memory floor's numerator)."""
+        return sum(p.numel() * p.element_size() for p in self.model.layers.parameters())
+
+    def kv_bytes(self) -> int:
+        """Bytes of the whole KV cache (every pass attends over all of it)."""
+        return self.k_cache.numel() * self.k_cache.element_size() * 2
+
+    # ---- static passes (fixed shapes; graph-capturable)
+    def _codes_buffer(self, k: int) -> torch.Tensor:
+        if k not in self._codes_in:
+            s = self.shape
+            self._codes_in[k] = torch.zeros(
+                self.cfg.batch_size, k, s.chunk_len, s.action_hidden_dim, dtype=torch.long, device=self.device
+            )
+        return self._codes_in[k]
+
+    def _pass_fn(self, key: tuple) -> Callable[[], torch.Tensor]:
+        m = self.model
+        if key[0] == "prefix":
+
+            def run() -> torch.Tensor:
+                h = m(self._prefix_in, self._start, self.k_cache, self.v_cache)  # [B, P, D]
+                return h[:, -1].float()  # [B, D]
+
+            return run
+        _, with_query, k = key
+        codes = self._codes_buffer(k)
+
+        def run() -> torch.Tensor:
+            x = m.embed_blocks(codes, self._first_block, with_query)  # [B, N, D]
+            return m.block_logits(m(x, self._start, self.k_cache, self.v_cache))  # [B, nb, T, H, G]
+
+        return run
+
+    @torch.no_grad()
+    def _run(self, key: tuple) -> torch.Tensor:
+        if not self.cuda_graphs:
+            return self._pass_fn(key)()
+        if key not in self._graphs:
+            fn = self._pass_fn(key)
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # warm-up outside the graph (allocator, kernels' first launch)
+                    fn()
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                out = fn()
+            self._pool = graph.pool()
+            self._graphs[key] = (graph, out)
+        graph, out = self._graphs[key]
+        graph.replay()
+        return out.clone()
+
+    def capture_all(self, max_drafted: int) -> None:
+        """Capture (or warm up) every pass shape up to ``max_drafted`` drafted layers."""
+        state = self.prefix_from_embeds(torch.zeros_like(self._prefix_in))
+        self.decode_block(state, None)
+        self.decode_block(state, torch.zeros_like(self._codes_buffer(1)[:, 0]))
+        for k in range(1, max_drafted + 1):
+            self.truncate(state, 0)
+            self.verify(state, torch.zeros_like(self._codes_buffer(k)))
+
+    # ---- LayerwisePolicy
+    def observations_to_inputs(self, observations: list[Observation]) -> tuple[torch.Tensor, ...]:
+        cfg = self.cfg
+        if len(observations) != cfg.batch_size:
+            raise ValueError(
+                f"the twin's cache holds a batch of {cfg.batch_size}, got {len(observations)} observations"
+            )
+        imgs, texts, props = [], [], []
+        for obs in observations:
+            views = [obs.agentview] + ([obs.wrist] if cfg.num_images == 2 else [])
+            frames = []
+            for v in views:
+                t = (
+                    torch.as_tensor(np.ascontiguousarray(v), device=self.device).permute(2, 0, 1).float()
+                    / 255.0
+                )
+                frames.append(
+                    F.interpolate(t[None], size=(cfg.image_size, cfg.image_size), mode="bilinear")[0]
+                )
+            imgs.append(torch.stack(frames))  # [n_img, 3, S, S]
+            ids = list(obs.instruction.encode("utf-8")[: cfg.text_len])
+            texts.append(ids + [0] * (cfg.text_len - len(ids)))
+            props.append(torch.as_tensor(np.asarray(obs.proprio, dtype=np.float32), device=self.device))
+        text_ids = torch.tensor(texts, dtype=torch.long, device=self.device)
+        return torch.stack(imgs), text_ids, torch.stack(props)
+
+    @torch.no_grad()
+    def prefix(self, observations: list[Observation]) -> PrefixState:
+        images, text_ids, proprio = self.observations_to_inputs(observations)
+        return self.prefix_from_embeds(self.model.embed_prefix(images, text_ids, proprio))
+
+    @torch.no_grad()
+    def prefix_from_embeds(self, embeds: torch.Tensor) -> PrefixState:
+        """embeds [B, P, D] (e.g. random tokens for timing) -> state after the prefix pass."""
+        if tuple(embeds.shape) != tuple(self._prefix_in.shape):
+            raise ValueError(
+                f"prefix embeddings must be {list(self._prefix_in.shape)}, got {list(embeds.shape)}"
+            )
+        self._prefix_in.copy_(embeds)
+        self._start.fill_(0)
+        hidden = self._run(("prefix",))  # [B, D]
+        return PrefixState(hidden=hidden, cache=None, prefix_len=self.cfg.prefix_len, num_blocks=0)
+
+    def _block_start(self, block: int) -> None:
+        self._start.fill_(self.cfg.prefix_len + block * self.cfg.block_width)
+
+    @torch.no_grad()
+    def decode_block(self, state: PrefixState, prev_codes: torch.Tensor | None) -> torch.Tensor:
+        nb = state.num_blocks
+        if nb >= self.shape.num_layers:
+            raise ValueError(f"all {self.shape.num_layers} layers are decoded already")
+        self._block_start(nb)
+        if prev_codes is None:
+            if nb != 0:
+                raise ValueError("prev_codes=None (the query block) is only valid for block 0")
+            logits = self._run(("blocks", True, 0))
+        else:
+            if nb == 0:
+                raise ValueError("block 0 takes the learned queries: pass prev_codes=None")
+            self._codes_buffer(1).copy_(prev_codes[:, None])
+            self._first_block.fill_(nb)
+            logits = self._run(("blocks", False, 1))
+        state.num_blocks = nb + 1
+        return logits[:, 0]  # [B, T, H, G]
+
+    @torch.no_grad()
+    def verify(self, state: PrefixState, drafted: torch.Tensor) -> torch.Tensor:
+        if state.num_blocks != 0:
+            raise ValueError(f"verify needs a fresh prefix state, got {state.num_blocks} decoded blocks")
+        k = drafted.shape[1]
+        if k + 1 > self.shape.num_layers:
+            raise ValueError(f"at most {self.shape.num_layers - 1} drafted layers can be verified, got {k}")
+        self._block_start(0)
+        if k:
+            self._codes_buffer(k).copy_(drafted)
+        self._first_block.fill_(1)
+        logits = self._run(("blocks", True, k))  # [B, k+1, T, H, G]
+        state.num_blocks = k + 1
+        return logits
+
+    def truncate(self, state: PrefixState, num_blocks: int) -> None:
+        if not 0 <= num_blocks <= state.num_blocks:
+            raise ValueError(f"cannot truncate {state.num_blocks} blocks to {num_blocks}")
+        state.num_blocks = num_blocks  # later blocks are masked by position; nothing to free
+
+    @torch.no_grad()
+    def codes_to_actions(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.codec.decode(codes.to(self.device)).clamp(-1.0, 1.0)
+
+    @torch.no_grad()
+    def act(self, observations: list[Observation]) -> list[PolicyOutput]:
+        state = self.prefix(observations)
+        codes = self.decode_sequential(state)  # [B, T, H, L]
+        actions = self.codes_to_actions(codes)
+        return [
+            PolicyOutput(
+                hidden=state.hidden[b].cpu().numpy(),
+                codes=codes[b].to(torch.uint8).cpu().numpy(),
+                actions=actions[b].float().cpu().numpy(),
+            )
+            for b in range(len(observations))
+        ]
+
+
+def memory_floor_s(num_bytes: int, bandwidth_bytes_per_s: float) -> float:
+    """Seconds to stream ``num_bytes`` once at the measured bandwidth."""
+    if bandwidth_bytes_per_s <= 0 or not math.isfinite(bandwidth_bytes_per_s):
+        raise ValueError(f"bandwidth must be positive and finite, got {bandwidth_bytes_per_s}")
+    return num_bytes / bandwidth_bytes_per_s

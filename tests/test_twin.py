@@ -1,0 +1,99 @@
+"""The 7B timing twin: a real Llama decoder (checked against transformers), consistent layer-wise passes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from evaluator.twin import TwinPolicy, llama7b_config, memory_floor_s, tiny_config
+
+
+@pytest.fixture(scope="module")
+def policy() -> TwinPolicy:
+    torch.set_num_threads(1)
+    return TwinPolicy(tiny_config(), seed=3)
+
+
+def test_llama7b_shapes():
+    cfg = llama7b_config(280)
+    assert cfg.prefix_len == 280
+    assert llama7b_config(600).prefix_len == 600
+    # Llama-2-7B decoder layers: 32 x (4 D^2 + 3 D I) + norms ~ 6.48e9 parameters, ~13 GB in bf16
+    assert cfg.layer_params() == 32 * (4 * 4096**2 + 3 * 4096 * 11008 + 2 * 4096)
+    assert 12.9e9 < 2 * cfg.layer_params() < 13.0e9
+    assert cfg.max_len % 16 == 0 and cfg.max_len >= 280 + 8 * 8
+    with pytest.raises(ValueError, match="prefix_tokens"):
+        llama7b_config(300)
+
+
+def test_prefix_matches_transformers_llama(policy):
+    transformers = pytest.importorskip("transformers")
+    cfg = policy.cfg
+    D, I = cfg.hidden_size, cfg.intermediate_size
+    hf_cfg = transformers.LlamaConfig(
+        hidden_size=D,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        intermediate_size=I,
+        rms_norm_eps=cfg.rms_eps,
+        rope_theta=cfg.rope_theta,
+        vocab_size=32,
+        max_position_embeddings=cfg.max_len,
+    )
+    hf = transformers.LlamaModel(hf_cfg).eval()
+    with torch.no_grad():
+        for ours, theirs in zip(policy.model.layers, hf.layers):
+            attn, mlp = theirs.self_attn, theirs.mlp
+            attn.q_proj.weight.copy_(ours.wqkv[:D])
+            attn.k_proj.weight.copy_(ours.wqkv[D : 2 * D])
+            attn.v_proj.weight.copy_(ours.wqkv[2 * D :])
+            attn.o_proj.weight.copy_(ours.wo)
+            mlp.gate_proj.weight.copy_(ours.wgu[:I])
+            mlp.up_proj.weight.copy_(ours.wgu[I:])
+            mlp.down_proj.weight.copy_(ours.wdown)
+        embeds = torch.randn(1, cfg.prefix_len, D)
+        ref = hf(inputs_embeds=embeds).last_hidden_state[:, -1]  # [1, D]
+    state = policy.prefix_from_embeds(embeds)
+    assert torch.allclose(state.hidden, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_verify_pass_equals_sequential_blocks(policy):
+    torch.manual_seed(0)
+    embeds = torch.randn(1, policy.cfg.prefix_len, policy.hidden_dim)
+    state = policy.prefix_from_embeds(embeds)
+    seq_logits, prev = [], None
+    for _ in range(4):
+        seq_logits.append(policy.decode_block(state, prev))  # [1, T, H, G]
+        prev = seq_logits[-1].argmax(-1)
+    seq = torch.stack(seq_logits, dim=1)  # [1, 4, T, H, G]
+    drafted = seq[:, :3].argmax(-1)  # [1, 3, T, H]
+    state = policy.prefix_from_embeds(embeds)
+    ver = policy.verify(state, drafted)  # [1, 4, T, H, G]
+    assert state.num_blocks == 4
+    assert torch.allclose(ver, seq, atol=1e-5)
+    # after truncation the next block sees only the kept blocks (stale cache entries are masked)
+    policy.truncate(state, 2)
+    again = policy.decode_block(state, seq[:, 1].argmax(-1))
+    assert torch.allclose(again, seq[:, 2], atol=1e-5)
+
+
+def test_block_attention_mask(policy):
+    P, W = policy.cfg.prefix_len, policy.cfg.block_width
+    pos = torch.arange(P + W, P + 2 * W)  # block 1
+    mask = policy.model.attention_mask(pos)
+    assert mask[:, : P + 2 * W].all()  # prefix, block 0 and the whole of block 1
+    assert not mask[:, P + 2 * W :].any()  # later (possibly stale) blocks
+    prefix_mask = policy.model.attention_mask(torch.arange(P))
+    assert torch.equal(prefix_mask[:, :P], torch.ones(P, P).tril().bool())
+
+
+def test_bad_calls_raise(policy):
+    state = policy.prefix_from_embeds(torch.zeros(1, policy.cfg.prefix_len, policy.hidden_dim))
+    with pytest.raises(ValueError, match="block 0"):
+        policy.decode_block(state, torch.zeros(1, 8, 16, dtype=torch.long))
+    policy.decode_block(state, None)
+    with pytest.raises(ValueError, match="fresh"):
+        policy.verify(state, torch.zeros(1, 2, 8, 16, dtype=torch.long))
+    with pytest.raises(ValueError, match="bandwidth"):
+        memory_floor_s(10, 0.0)
