@@ -181,3 +181,68 @@ def test_downsample_is_area_average() -> None:
     img[0, :2, :2] = 200
     out = downsample_images(img, 2)
     assert out.shape == (1, 2, 2, 3) and out[0, 0, 0, 0] == 200 and out[0, 1, 1, 0] == 0
+
+
+def _write_demos(path, episodes: int = 4, steps: int = 12, side: int = 32) -> None:
+    import h5py
+
+    rng = np.random.default_rng(0)
+    with h5py.File(path, "w") as f:
+        data = f.create_group("data")
+        for e in range(episodes):
+            g = data.create_group(f"demo_{e}")
+            g.attrs["instruction"] = INSTRUCTIONS[e % 2]
+            g.attrs["task_id"] = e % 2
+            g.create_dataset("actions", data=rng.uniform(-1, 1, (steps, 7)).astype(np.float32))
+            obs = g.create_group("obs")
+            for cam in ("agentview_rgb", "eye_in_hand_rgb"):
+                obs.create_dataset(cam, data=rng.integers(0, 256, (steps, side, side, 3), dtype=np.uint8))
+            obs.create_dataset("ee_states", data=rng.normal(size=(steps, 6)))
+            obs.create_dataset("gripper_states", data=rng.normal(size=(steps, 2)))
+
+
+def test_train_vla_smoke(tmp_path) -> None:
+    """A few BC steps on a tiny HDF5 file: weights, metrics and plot are written and load back."""
+    from common.codec import save_codec
+    from trainer.train_vla import main
+
+    demos = tmp_path / "demos.hdf5"
+    _write_demos(demos)
+    save_codec(RFSQCodec(), tmp_path / "codec")
+    packed = tmp_path / "packed.npz"
+    common = ["--image-size", "16", "--codec-dir", str(tmp_path / "codec")]
+    main(["--demos", str(demos), "--pack-to", str(packed), "--jpeg-quality", "90", *common])
+    out = tmp_path / "vla"
+    main(
+        [
+            "--packed",
+            str(packed),
+            "--out-dir",
+            str(out),
+            "--steps",
+            "3",
+            "--eval-interval",
+            "3",
+            "--batch-size",
+            "4",
+            "--val-every",
+            "2",
+            "--hidden-size",
+            "32",
+            "--intermediate-size",
+            "64",
+            "--num-hidden-layers",
+            "1",
+            "--vision-hidden-sizes",
+            "8",
+            "16",
+            "--shift",
+            "2",
+            "--free-running-samples",
+            "4",
+            *common,
+        ]
+    )
+    assert (out / "training.png").is_file() and (out / "metrics.json").is_file()
+    policy = load_policy("embedded", weights_dir=out, codec_dir=tmp_path / "codec")
+    assert policy.act(make_obs(1))[0].codes.shape == policy.shape.codes_shape
