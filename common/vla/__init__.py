@@ -34,6 +34,8 @@ def load_policy(
     weights_dir: str | Path | None = None,
     codec_dir: str | Path | None = None,
     allow_random: bool = False,
+    random_weights: bool = False,
+    seed: int = 0,
 ) -> ChunkPolicy:
     """Build a policy backend.
 
@@ -41,10 +43,34 @@ def load_policy(
     weights_dir:  folder with ``config.json`` + ``model.safetensors`` (default: assets/embedded_vla)
     codec_dir:    folder of the RFSQ codec the policy was trained with (default: assets/codec)
     allow_random: build a random-initialized policy when no weights exist (never silently)
+    random_weights: the trained policy's architecture and codec with freshly initialized weights
+                  (``seed``): the random-weight baseline of closed-loop evaluations
     """
     if name != "embedded":
         raise ValueError(f"unknown policy backend {name!r}; available: {', '.join(BACKENDS)}")
+    if random_weights:
+        return _random_embedded(device, weights_dir, codec_dir, seed)
     return _load_embedded(device, weights_dir, codec_dir, allow_random)
+
+
+def _random_embedded(
+    device: str | torch.device, weights_dir: str | Path | None, codec_dir: str | Path | None, seed: int
+) -> ChunkPolicy:
+    import json
+
+    from common.codec import load_codec
+    from common.vla.embedded import CONFIG_FILE, EmbeddedVLA, EmbeddedVLAConfig, EmbeddedVLAPolicy
+
+    wdir = Path(weights_dir) if weights_dir is not None else DEFAULT_EMBEDDED_DIR
+    cfg_path = wdir / CONFIG_FILE
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"random_weights=True needs the architecture config {cfg_path}")
+    config = EmbeddedVLAConfig.from_dict(json.loads(cfg_path.read_text())["model"])
+    torch.manual_seed(seed)
+    model = EmbeddedVLA(config)
+    codec = load_codec(Path(codec_dir) if codec_dir is not None else DEFAULT_CODEC_DIR)
+    log.warning("embedded VLA with RANDOM weights (seed %d): a baseline, not a trained policy", seed)
+    return EmbeddedVLAPolicy(model, codec, device=device, backbone_id=f"embedded-vla@random-seed{seed}")
 
 
 def _load_embedded(
