@@ -188,6 +188,7 @@ class Ack:
     producer_id: str
     producer_session: str
     archived_seq: int
+    known: bool = True  # False: this trainer has no hello from that session (it restarted): hello again
     sent_at: float = field(default_factory=time.time)
     kind: ClassVar[str] = "ack"
 
@@ -199,6 +200,7 @@ DATA_KINDS = ("sample", "episode_end")
 _I = (int,)
 _F = (int, float)
 _S = (str,)
+_B = (bool,)
 _FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
     "hello": {
         "pid": _S,
@@ -240,7 +242,14 @@ _FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
     },
     "heartbeat": {"pid": _S, "session": _S, "seq": _I, "sent_at": _F},
     "bye": {"pid": _S, "session": _S, "seq": _I, "samples_sent": _I, "episodes_sent": _I, "sent_at": _F},
-    "ack": {"trainer_session": _S, "pid": _S, "producer_session": _S, "archived_seq": _I, "sent_at": _F},
+    "ack": {
+        "trainer_session": _S,
+        "pid": _S,
+        "producer_session": _S,
+        "archived_seq": _I,
+        "known": _B,
+        "sent_at": _F,
+    },
 }
 _ALIASES = {"producer_id": "pid"}  # dataclass field -> wire key
 
@@ -381,7 +390,9 @@ def _decode_sample(h: dict[str, Any], frames: list[Any], limits: WireLimits) -> 
 
     def hidden_shape(name: str, shape: tuple[int, ...]) -> None:
         if len(shape) != 1 or not 1 <= shape[0] <= limits.max_hidden_dim:
-            raise ShapeError(f"{name}: shape {list(shape)} must be [D] with 1 <= D <= {limits.max_hidden_dim}")
+            raise ShapeError(
+                f"{name}: shape {list(shape)} must be [D] with 1 <= D <= {limits.max_hidden_dim}"
+            )
 
     def image_shape(name: str, shape: tuple[int, ...]) -> None:
         m = limits.max_image_side
@@ -396,7 +407,9 @@ def _decode_sample(h: dict[str, Any], frames: list[Any], limits: WireLimits) -> 
     codes = _decode_array("codes", h["codes"], frames, used, ("uint8",), _exact(sh.codes_shape), limits)
     if codes.size and int(codes.max()) >= sh.grid_size:
         raise TokenRangeError(f"codes: token id {int(codes.max())} out of range 0..{sh.grid_size - 1}")
-    actions = _decode_array("actions", h["actions"], frames, used, ("float32",), _exact(sh.chunk_shape), limits)
+    actions = _decode_array(
+        "actions", h["actions"], frames, used, ("float32",), _exact(sh.chunk_shape), limits
+    )
     if actions.size and float(np.abs(actions).max()) > limits.max_abs_action:
         raise SchemaError(f"actions: |a| = {float(np.abs(actions).max()):.3g} above {limits.max_abs_action}")
     obs = None
@@ -405,9 +418,13 @@ def _decode_sample(h: dict[str, Any], frames: list[Any], limits: WireLimits) -> 
         if set(o) != {"agentview", "wrist", "proprio"}:
             raise SchemaError(f"obs must have exactly agentview, wrist, proprio; got {sorted(map(str, o))}")
         obs = RawObservation(
-            agentview=_decode_array("obs.agentview", o["agentview"], frames, used, ("uint8",), image_shape, limits),
+            agentview=_decode_array(
+                "obs.agentview", o["agentview"], frames, used, ("uint8",), image_shape, limits
+            ),
             wrist=_decode_array("obs.wrist", o["wrist"], frames, used, ("uint8",), image_shape, limits),
-            proprio=_decode_array("obs.proprio", o["proprio"], frames, used, ("float32",), proprio_shape, limits),
+            proprio=_decode_array(
+                "obs.proprio", o["proprio"], frames, used, ("float32",), proprio_shape, limits
+            ),
         )
     if len(used) != len(frames) - 1:
         raise SchemaError(f"message has {len(frames) - 1} buffer frames but {len(used)} are referenced")
@@ -453,8 +470,10 @@ def decode(frames: list[Any], limits: WireLimits = DEFAULT_LIMITS) -> Message:
         raise SchemaError(f"{kind}: missing fields {missing}, unexpected fields {extra}")
     for name, types in spec.items():
         value = h[name]
-        if not isinstance(value, types) or isinstance(value, bool):
-            raise SchemaError(f"{kind}.{name}: expected {'/'.join(t.__name__ for t in types)}, got {type(value).__name__}")
+        if not isinstance(value, types) or (isinstance(value, bool) and types != _B):
+            raise SchemaError(
+                f"{kind}.{name}: expected {'/'.join(t.__name__ for t in types)}, got {type(value).__name__}"
+            )
         if isinstance(value, float) and not math.isfinite(value):
             raise NonFiniteError(f"{kind}.{name} is not finite")
     _check_str("pid", h["pid"], pattern=True)
@@ -505,7 +524,9 @@ def decode(frames: list[Any], limits: WireLimits = DEFAULT_LIMITS) -> Message:
             sent_at=float(h["sent_at"]),
         )
     if kind == "heartbeat":
-        return Heartbeat(producer_id=h["pid"], session=h["session"], seq=h["seq"], sent_at=float(h["sent_at"]))
+        return Heartbeat(
+            producer_id=h["pid"], session=h["session"], seq=h["seq"], sent_at=float(h["sent_at"])
+        )
     if kind == "bye":
         _check_int("samples_sent", h["samples_sent"], 0)
         _check_int("episodes_sent", h["episodes_sent"], 0)
@@ -523,5 +544,6 @@ def decode(frames: list[Any], limits: WireLimits = DEFAULT_LIMITS) -> Message:
         producer_id=h["pid"],
         producer_session=h["producer_session"],
         archived_seq=h["archived_seq"],
+        known=h["known"],
         sent_at=float(h["sent_at"]),
     )

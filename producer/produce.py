@@ -1,0 +1,483 @@
+"""``make produce``: run LIBERO episodes with a VLA and stream one sample per policy query to the trainer.
+
+    python -m producer.produce --endpoint tcp://127.0.0.1:5555                       # embedded VLA
+    python -m producer.produce --vla openvla-oft --model-id moojink/openvla-7b-oft-finetuned-libero-spatial
+
+Per episode: reset the task at a fixed initial state, query the policy, execute ``replan`` actions of the
+chunk open-loop (cameras are rendered only for the observation of the next query), repeat until success
+or the step limit. Every query becomes one ``sample`` message (hidden state, codes, action chunk, ids,
+optionally the observation); the episode ends with ``episode_end`` (success / failed / errored).
+A simulator or policy exception ends the episode as ``errored`` and the producer goes on.
+
+Delivery (:class:`ReliableSender`): a DEALER socket with a send high-water mark, so a slow trainer
+blocks this loop instead of dropping data. Every data message is kept until the trainer acknowledges it
+as archived; if the trainer restarts (a new trainer session in an ack), the producer says hello again
+and resends everything not yet acknowledged. Ctrl-C / SIGTERM: the current episode is closed as
+``incomplete``, a ``bye`` goes out, the producer waits briefly for the last acks and prints its counts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+
+from common import wire
+from common.cli import config_to_dict, parse_config
+from common.curve import client_curve
+from common.logs import setup_logging
+from common.policy import ChunkPolicy, Observation
+
+log = logging.getLogger("producer")
+
+VLA_CHOICES = ("embedded", "openvla-oft")
+
+
+def _default_producer_id() -> str:
+    host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:40] or "host"
+    return f"{host}-{os.getpid()}"
+
+
+@dataclass
+class ProducerConfig:
+    """Run LIBERO episodes with a VLA and stream (hidden state, codes, action chunk) samples to the trainer."""
+
+    endpoint: str = field(default="tcp://127.0.0.1:5555", metadata={"help": "trainer endpoint to connect to"})
+    producer_id: str = field(default_factory=_default_producer_id, metadata={"help": "unique id of this producer"})
+    vla: str = field(default="embedded", metadata={"help": "policy backend", "choices": list(VLA_CHOICES)})
+    model_id: str = field(
+        default="moojink/openvla-7b-oft-finetuned-libero-spatial",
+        metadata={"help": "hub id or local folder of the OpenVLA-OFT checkpoint (--vla openvla-oft)"},
+    )
+    weights_dir: Path | None = field(default=None, metadata={"help": "embedded VLA weights (default: assets)"})
+    codec_dir: Path | None = field(default=None, metadata={"help": "RFSQ codec folder (default: assets/codec)"})
+    allow_random_policy: bool = field(
+        default=False,
+        metadata={"help": "PLUMBING TESTS ONLY: use a random-weight embedded VLA if no trained weights exist"},
+    )
+    suite: str = field(default="libero_spatial", metadata={"help": "LIBERO suite"})
+    tasks: list[int] = field(default_factory=lambda: list(range(10)), metadata={"help": "task ids to run"})
+    episodes_per_task: int = field(default=1, metadata={"help": "episodes per task (init states 0, 1, ...)"})
+    first_init_state: int = field(default=0, metadata={"help": "initial state of the first episode of a task"})
+    repeat: bool = field(default=False, metadata={"help": "loop over the tasks until stopped"})
+    replan: int = field(default=8, metadata={"help": "actions executed per policy query (<= chunk length)"})
+    max_steps: int | None = field(
+        default=None, metadata={"help": "policy steps per episode (none: the suite's limit; small for tests)"}
+    )
+    image_size: int = field(default=128, metadata={"help": "camera image size"})
+    send_obs: bool = field(default=False, metadata={"help": "also stream the observation (images, proprio)"})
+    hidden_dtype: str = field(default="float32", metadata={"help": "dtype of the hidden state on the wire",
+                                                           "choices": ["float16", "float32"]})
+    sndhwm: int = field(default=64, metadata={"help": "send high-water mark (messages)"})
+    max_unacked: int = field(default=2048, metadata={"help": "unacknowledged messages kept before blocking"})
+    heartbeat_s: float = field(default=2.0, metadata={"help": "heartbeat interval"})
+    flush_timeout_s: float = field(default=30.0, metadata={"help": "at the end, wait this long for acks"})
+    curve_dir: Path | None = field(default=None, metadata={"help": "CURVE keys (server.key, client.key_secret)"})
+    device: str = field(default="cpu", metadata={"help": "torch device of the policy"})
+    threads: int = field(default=1, metadata={"help": "torch CPU threads"})
+    test_raise_in_episode: int | None = field(
+        default=None, metadata={"help": "TESTS ONLY: raise inside the policy call of this episode index"}
+    )
+
+    def __post_init__(self) -> None:
+        if not wire._ID_RE.match(self.producer_id):
+            raise ValueError(f"producer_id {self.producer_id!r} must match {wire._ID_RE.pattern}")
+        if not self.tasks:
+            raise ValueError("tasks must name at least one task id")
+        if self.episodes_per_task <= 0:
+            raise ValueError(f"episodes_per_task must be > 0, got {self.episodes_per_task}")
+        if self.replan <= 0:
+            raise ValueError(f"replan must be > 0, got {self.replan}")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise ValueError(f"max_steps must be > 0, got {self.max_steps}")
+        if self.sndhwm <= 0 or self.max_unacked <= 0:
+            raise ValueError("sndhwm and max_unacked must be > 0")
+        if "://" not in self.endpoint:
+            raise ValueError(f"endpoint {self.endpoint!r} must look like tcp://HOST:PORT")
+
+
+@dataclass
+class SenderStats:
+    samples_sent: int = 0
+    episodes_sent: int = 0
+    resent: int = 0
+    acked_seq: int = -1
+    trainer_sessions: int = 0
+    blocked_s: float = 0.0
+
+
+class ReliableSender:
+    """DEALER socket + retransmission buffer of unacknowledged data messages."""
+
+    def __init__(self, cfg: ProducerConfig, stop: threading.Event):
+        self.cfg = cfg
+        self.stop = stop
+        self.session = uuid.uuid4().hex[:16]
+        self.seq = 0
+        self.unacked: OrderedDict[int, list[bytes]] = OrderedDict()
+        self.stats = SenderStats()
+        self.trainer_session: str | None = None
+        self.hello: wire.Hello | None = None
+        self._rehello_for: str | None = None
+        self._last_beat = 0.0
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.SNDHWM, cfg.sndhwm)
+        self.sock.setsockopt(zmq.LINGER, 2000)
+        self.sock.setsockopt(zmq.RECONNECT_IVL, 200)
+        self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        if cfg.curve_dir is not None:
+            client_curve(self.sock, cfg.curve_dir)
+        self.sock.connect(cfg.endpoint)
+
+    # ---------------------------------------------------------------- sending
+    def _send_frames(self, frames: list[Any], block: bool = True) -> bool:
+        """Send; while the high-water mark is reached, keep reading acks (backpressure, never drop)."""
+        t0 = time.perf_counter()
+        while True:
+            try:
+                self.sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+                self.stats.blocked_s += time.perf_counter() - t0
+                return True
+            except zmq.Again:
+                if not block:
+                    return False
+                self.poll_acks(timeout_ms=100)
+                self._maybe_heartbeat()
+
+    def send_hello(self, hello: wire.Hello) -> None:
+        self.hello = hello
+        self._send_frames(wire.encode(hello))
+
+    def send_data(self, msg: wire.Sample | wire.EpisodeEnd) -> None:
+        while len(self.unacked) >= self.cfg.max_unacked:  # trainer not archiving: wait, do not drop
+            self.poll_acks(timeout_ms=200)
+            self._maybe_heartbeat(force=True)
+        msg.seq = self.seq
+        self.seq += 1
+        frames = [bytes(f) for f in wire.encode(msg)]  # owned copies: may be resent later
+        self.unacked[msg.seq] = frames
+        self._send_frames(frames)
+        self.poll_acks()
+        if isinstance(msg, wire.Sample):
+            self.stats.samples_sent += 1
+        else:
+            self.stats.episodes_sent += 1
+        self._maybe_heartbeat()
+
+    def _maybe_heartbeat(self, force: bool = False) -> None:
+        now = time.time()
+        if force and now - self._last_beat < 0.5:
+            return
+        if force or now - self._last_beat >= self.cfg.heartbeat_s:
+            self._last_beat = now
+            beat = wire.Heartbeat(self.cfg.producer_id, self.session, self.seq)
+            self._send_frames(wire.encode(beat), block=False)  # a full queue already says we are alive
+
+    # ---------------------------------------------------------------- acks
+    def poll_acks(self, timeout_ms: int = 0) -> None:
+        if not self.sock.poll(timeout_ms, zmq.POLLIN):
+            return
+        while True:
+            try:
+                frames = self.sock.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                ack = wire.decode(frames)
+            except wire.WireError as exc:
+                log.warning("ignoring malformed message from the trainer: %s", exc)
+                continue
+            if isinstance(ack, wire.Ack) and ack.producer_session == self.session:
+                self._on_ack(ack)
+
+    def _on_ack(self, ack: wire.Ack) -> None:
+        for seq in [s for s in self.unacked if s <= ack.archived_seq]:
+            del self.unacked[seq]
+        self.stats.acked_seq = max(self.stats.acked_seq, ack.archived_seq)
+        if ack.trainer_session != self.trainer_session:
+            self.trainer_session = ack.trainer_session
+            self.stats.trainer_sessions += 1
+            log.info("connected to trainer session %s", ack.trainer_session)
+        if ack.known or self._rehello_for == ack.trainer_session:
+            return
+        # this trainer has not seen our hello (it restarted): hello again, then resend what is not on disk
+        self._rehello_for = ack.trainer_session
+        log.warning(
+            "trainer %s does not know this producer: resending hello and %d unacknowledged message(s) after seq %d",
+            ack.trainer_session, len(self.unacked), ack.archived_seq,
+        )
+        if self.hello is not None:
+            self.hello.seq = self.seq
+            self._send_frames(wire.encode(self.hello))
+        for frames in list(self.unacked.values()):
+            self._send_frames(frames)
+            self.stats.resent += 1
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait until every data message is acknowledged (or timeout). Returns whether all were."""
+        deadline = time.time() + timeout_s
+        while self.unacked and time.time() < deadline:
+            self.poll_acks(timeout_ms=200)
+            self._maybe_heartbeat(force=True)
+        return not self.unacked
+
+    def bye(self) -> None:
+        msg = wire.Bye(self.cfg.producer_id, self.session, self.seq, self.stats.samples_sent, self.stats.episodes_sent)
+        self._send_frames(wire.encode(msg), block=False)
+
+    def close(self) -> None:
+        self.sock.close(linger=1000)
+        self.ctx.term()
+
+
+# ------------------------------------------------------------------------------ policy
+def build_policy(cfg: ProducerConfig) -> ChunkPolicy:
+    if cfg.vla == "openvla-oft":
+        from common.vla.openvla_oft import load_openvla_oft
+
+        return load_openvla_oft(cfg.model_id, device=cfg.device, codec_dir=cfg.codec_dir)
+    from common.vla import load_policy
+
+    policy = load_policy(
+        "embedded",
+        device=cfg.device,
+        weights_dir=cfg.weights_dir,
+        codec_dir=cfg.codec_dir,
+        allow_random=cfg.allow_random_policy,
+    )
+    if "random" in policy.backbone_id:
+        log.warning("policy %s has RANDOM weights: data for plumbing tests only", policy.backbone_id)
+    return policy
+
+
+def _codec_sha(policy: ChunkPolicy) -> str:
+    codec = getattr(policy, "codec", None)
+    return str(getattr(codec, "sha256", "") or "")
+
+
+class _InjectedError(RuntimeError):
+    """Raised by --test-raise-in-episode to exercise the errored-episode path."""
+
+
+# ------------------------------------------------------------------------------ episodes
+@dataclass
+class EpisodeResult:
+    status: str
+    num_samples: int
+    num_steps: int
+    error: str = ""
+
+
+class Producer:
+    def __init__(self, cfg: ProducerConfig):
+        self.cfg = cfg
+        self.stop = threading.Event()
+        self.policy: ChunkPolicy | None = None
+        self.sender: ReliableSender | None = None
+        self.counts = {"success": 0, "failed": 0, "errored": 0, "incomplete": 0}
+        self.steps_total = 0
+        self.t_start = time.time()
+
+    def _sample(self, episode: int, task_id: int, step: int, out: Any, obs: Observation) -> wire.Sample:
+        cfg = self.cfg
+        if out.codes is None:
+            raise ValueError(f"policy {self.policy.backbone_id} returned no codes")
+        raw = None
+        if cfg.send_obs:
+            raw = wire.RawObservation(
+                agentview=np.ascontiguousarray(obs.agentview, np.uint8),
+                wrist=np.ascontiguousarray(obs.wrist, np.uint8),
+                proprio=np.asarray(obs.proprio, np.float32),
+            )
+        return wire.Sample(
+            producer_id=cfg.producer_id,
+            session=self.sender.session,
+            seq=0,  # assigned by the sender
+            suite=cfg.suite,
+            task_id=task_id,
+            episode_id=episode,
+            step=step,
+            hidden=np.asarray(out.hidden, dtype=cfg.hidden_dtype).reshape(-1),  # [D]
+            codes=np.asarray(out.codes, dtype=np.uint8),  # [T, H, L]
+            actions=np.asarray(out.actions, dtype=np.float32),  # [T, A]
+            obs=raw,
+        )
+
+    def run_episode(self, env: Any, episode: int, task_id: int, init_state: int) -> EpisodeResult:
+        """One episode; raises only for stop requests. Exceptions of sim or policy -> ``errored``."""
+        n_samples = 0
+        step = 0
+        try:
+            obs = env.reset(init_state)
+            while not self.stop.is_set():
+                out = self.policy.act([obs])[0]
+                self.sender.send_data(self._sample(episode, task_id, step, out, obs))
+                n_samples += 1
+                if self.cfg.test_raise_in_episode == episode:
+                    raise _InjectedError(f"injected failure in episode {episode} (--test-raise-in-episode)")
+                chunk = np.asarray(out.actions, np.float32)  # [T, A]
+                n_exec = min(self.cfg.replan, len(chunk))
+                done, info = False, {"success": False}
+                for i in range(n_exec):
+                    last = i == n_exec - 1
+                    obs_next, _, done, info = env.step(chunk[i], observe=last)
+                    step += 1
+                    if done:
+                        break
+                    if last:
+                        obs = obs_next
+                if done:
+                    return EpisodeResult("success" if info["success"] else "failed", n_samples, step)
+            return EpisodeResult("incomplete", n_samples, step, "producer stopped")
+        except Exception as exc:  # sim or policy failure: this episode is errored, the producer goes on
+            log.error("episode %d (task %d) errored: %s: %s", episode, task_id, type(exc).__name__, exc)
+            return EpisodeResult("errored", n_samples, step, f"{type(exc).__name__}: {exc}"[:1000])
+
+    def run(self) -> dict[str, Any]:
+        from tqdm import tqdm
+
+        from producer.env import EnvConfig, LiberoEnv
+
+        cfg = self.cfg
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+        self.policy = build_policy(cfg)
+        log.info("policy %s (D=%d) on %s", self.policy.backbone_id, self.policy.hidden_dim, cfg.device)
+        self.sender = ReliableSender(cfg, self.stop)
+        schedule = [(t, cfg.first_init_state + k) for t in cfg.tasks for k in range(cfg.episodes_per_task)]
+        env: LiberoEnv | None = None
+        env_task = None
+        hello_sent = False
+        episode = 0
+        total = None if cfg.repeat else len(schedule)
+        bar = tqdm(total=total, desc=f"produce {cfg.producer_id}", unit="ep", dynamic_ncols=True)
+        try:
+            while not self.stop.is_set():
+                if episode >= len(schedule) and not cfg.repeat:
+                    break
+                task_id, init_state = schedule[episode % len(schedule)]
+                init_state %= 50
+                if env is None or env_task != task_id:
+                    if env is not None:
+                        env.close()
+                    env = LiberoEnv(EnvConfig(suite=cfg.suite, task_id=task_id, init_state=init_state,
+                                              image_size=cfg.image_size, max_steps=cfg.max_steps))
+                    env_task = task_id
+                if not hello_sent:
+                    self.sender.send_hello(self._hello(env))
+                    hello_sent = True
+                t0 = time.time()
+                res = self.run_episode(env, episode, task_id, init_state)
+                if res.status == "errored":  # the env may be in any state: build a fresh one
+                    env.close()
+                    env = None
+                self.sender.send_data(wire.EpisodeEnd(
+                    cfg.producer_id, self.sender.session, 0, cfg.suite, task_id, episode, res.status,
+                    res.num_samples, res.num_steps, res.error,
+                ))
+                self.counts[res.status] += 1
+                self.steps_total += res.num_steps
+                episode += 1
+                done = self.counts["success"] + self.counts["failed"]
+                bar.update(1)
+                bar.set_postfix(
+                    steps_s=f"{res.num_steps / max(time.time() - t0, 1e-9):.1f}",
+                    samples=self.sender.stats.samples_sent,
+                    success=f"{self.counts['success']}/{done}",
+                    errored=self.counts["errored"],
+                )
+            self.sender.poll_acks()
+        finally:
+            bar.close()
+            if env is not None:
+                env.close()
+            self.sender.bye()
+            acked = self.sender.flush(cfg.flush_timeout_s)
+            if not acked:
+                log.warning("%d message(s) not acknowledged by the trainer at exit", len(self.sender.unacked))
+            summary = self.summary()
+            self.sender.close()
+            print_summary(summary)
+        return summary
+
+    def _hello(self, env: Any) -> wire.Hello:
+        cfg_json = json.dumps({"producer": config_to_dict(self.cfg), "env_args": env.env_args()}, sort_keys=True)
+        return wire.Hello(
+            producer_id=self.cfg.producer_id,
+            session=self.sender.session,
+            seq=self.sender.seq,
+            backbone_id=self.policy.backbone_id,
+            hidden_dim=int(self.policy.hidden_dim),
+            shape=self.policy.shape.to_dict(),
+            codec_sha256=_codec_sha(self.policy),
+            config_json=cfg_json,
+        )
+
+    def summary(self) -> dict[str, Any]:
+        s = self.sender.stats
+        elapsed = time.time() - self.t_start
+        return {
+            "producer_id": self.cfg.producer_id,
+            "session": self.sender.session,
+            "episodes": dict(self.counts),
+            "samples_sent": s.samples_sent,
+            "episodes_sent": s.episodes_sent,
+            "resent": s.resent,
+            "unacked": len(self.sender.unacked),
+            "acked_seq": s.acked_seq,
+            "trainer_sessions": s.trainer_sessions,
+            "steps": self.steps_total,
+            "elapsed_s": elapsed,
+            "steps_per_s": self.steps_total / elapsed if elapsed else 0.0,
+            "samples_per_s": s.samples_sent / elapsed if elapsed else 0.0,
+            "blocked_s": s.blocked_s,
+        }
+
+
+def print_summary(s: dict[str, Any]) -> None:
+    e = s["episodes"]
+    print(
+        f"\n=== producer {s['producer_id']} summary ===\n"
+        f"episodes: {e['success']} success, {e['failed']} failed, {e['errored']} errored, {e['incomplete']} incomplete\n"
+        f"sent {s['samples_sent']} samples + {s['episodes_sent']} episode ends (resent {s['resent']}), "
+        f"unacknowledged {s['unacked']}, acked up to seq {s['acked_seq']}\n"
+        f"{s['steps']} env steps in {s['elapsed_s']:.1f}s: {s['steps_per_s']:.2f} steps/s, "
+        f"{s['samples_per_s']:.3f} samples/s, blocked on backpressure {s['blocked_s']:.1f}s\n"
+        f"SUMMARY_JSON {json.dumps(s, sort_keys=True)}",
+        flush=True,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(ProducerConfig, argv, prog="python -m producer.produce")
+    setup_logging(f"producer-{cfg.producer_id}")
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    producer = Producer(cfg)
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("%s: finishing the current step, then closing", signal.Signals(signum).name)
+        producer.stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    summary = producer.run()
+    return 0 if summary["unacked"] == 0 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
