@@ -1,0 +1,355 @@
+"""A scripted expert for the libero_spatial tasks, and a command that measures its success rate.
+
+All ten libero_spatial tasks are "pick up the black bowl <somewhere> and place it on the plate". The
+expert reads the target from the task's BDDL goal (``['on', 'akita_black_bowl_1', 'plate_1']``; the
+second bowl is an identical distractor, so it picks by name) and the object poses from the
+simulator, and acts through the same 7-d delta end-effector action space as the policies
+(OSC_POSE: Δposition, Δaxis-angle, gripper; each in [-1, 1]).
+
+Waypoints (a phase advances when the grip site is within 1 cm of its target, or after 50 steps):
+grasp the bowl's rim on the side facing the robot base, with the gripper yawed so that its fingers
+close across the rim; go 10 cm above the rim point, descend to bowl z + 3.5 cm, close, lift to
+max(bowl z, plate z) + 12 cm, move so that the bowl (as observed) is over the plate, lower, open.
+
+    python -m producer.expert --suite libero_spatial --tasks 0-9 --init-states 0-4 --workers 2
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import multiprocessing as mp
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from producer.env import SUITES, EnvConfig, LiberoEnv
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_SUITES = ("libero_spatial",)
+
+# Geometry of the libero_spatial scenes (metres).
+ROBOT_BASE_XY = np.array([-0.66, 0.0])
+RIM_RADIUS = 0.05  # bowl rim (outer radius ~0.055) measured from the bowl's origin, in xy
+ABOVE = 0.10  # approach height above the rim point
+GRASP_DZ = 0.035  # grip-site height above the bowl's origin when grasping
+LIFT_DZ = 0.12  # carry height above max(bowl z, plate z)
+PLACE_DZ = 0.045  # grip-site height above the plate's origin when releasing... plus GRASP_DZ
+POS_GAIN = 15.0  # proportional gain: action = clip(gain * error, -1, 1)
+ROT_SCALE = 0.5  # rad per unit rotation action (robosuite OSC_POSE)
+TOL = 0.01  # phase tolerance (m)
+PHASE_TIMEOUT = 50  # steps
+CLOSE_STEPS = 10
+OPEN_STEPS = 12
+
+
+def _rotz(theta: float) -> np.ndarray:
+    c, s = math.cos(theta), math.sin(theta)
+    return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+
+
+def _quat_to_mat(q: np.ndarray) -> np.ndarray:
+    """[x, y, z, w] -> [3, 3] rotation matrix."""
+    x, y, z, w = q
+    return np.array(
+        [
+            [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+            [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+            [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+        ]
+    )
+
+
+def _mat_to_axisangle(r: np.ndarray) -> np.ndarray:
+    """[3, 3] rotation matrix -> [3] axis-angle vector."""
+    cos = np.clip((np.trace(r) - 1.0) / 2.0, -1.0, 1.0)
+    angle = math.acos(cos)
+    if angle < 1e-6:
+        return np.zeros(3)
+    if math.pi - angle < 1e-4:  # near 180°: take the axis from the symmetric part
+        axis = np.sqrt(np.clip((np.diag(r) + 1.0) / 2.0, 0.0, None))
+        i = int(np.argmax(axis))
+        for j in range(3):
+            if j != i:
+                axis[j] = math.copysign(axis[j], r[i, j] + r[j, i])
+        return axis / np.linalg.norm(axis) * angle
+    axis = np.array([r[2, 1] - r[1, 2], r[0, 2] - r[2, 0], r[1, 0] - r[0, 1]]) / (2 * math.sin(angle))
+    return axis * angle
+
+
+# The gripper pointing straight down with its fingers opening along world y: 180° about x.
+_DOWN = np.diag([1.0, -1.0, -1.0])
+
+
+class ScriptedExpert:
+    """Waypoint expert for "pick up the black bowl … and place it on the plate"."""
+
+    PHASES = ("approach", "descend", "close", "lift", "carry", "lower", "release")
+
+    def __init__(self, env: LiberoEnv) -> None:
+        if env.cfg.suite not in SUPPORTED_SUITES:
+            raise ValueError(f"the scripted expert supports {SUPPORTED_SUITES}, not {env.cfg.suite!r}")
+        self.env = env
+        self.reset()
+
+    def reset(self) -> None:
+        """Call after ``env.reset()``: reads the goal and the settled object poses."""
+        goal = self.env.goal_state
+        if len(goal) != 1 or goal[0][0] != "on":
+            raise ValueError(f"expected a single 'on' goal, got {goal}")
+        _, self.obj, self.target = goal[0]
+        self.phase = 0
+        self.phase_steps = 0
+        bowl = self.env.object_pos(self.obj)
+        toward_base = ROBOT_BASE_XY - bowl[:2]
+        self.u = toward_base / np.linalg.norm(toward_base)  # unit xy from bowl to robot base
+        self.grasp_xy = bowl[:2] + RIM_RADIUS * self.u
+        self.grasp_z = bowl[2] + GRASP_DZ
+        # Fingers open along the eef y axis; align it with u (either sign: the gripper is symmetric).
+        current_y = _quat_to_mat(self.env.robot_state()["eef_quat"])[:, 1]
+        yaw_u = math.atan2(self.u[1], self.u[0])
+        candidates = [yaw_u + math.pi / 2, yaw_u - math.pi / 2]  # Rz(yaw)·_DOWN has y = (sin, -cos)…
+        best = min(
+            candidates,
+            key=lambda yaw: np.linalg.norm((_rotz(yaw) @ _DOWN)[:, 1] - current_y),
+        )
+        self.rot_goal = _rotz(best) @ _DOWN
+        self.carry_z = max(bowl[2], self.env.object_pos(self.target)[2]) + LIFT_DZ
+        self.carry_xy = self.grasp_xy.copy()
+
+    @property
+    def phase_name(self) -> str:
+        return self.PHASES[min(self.phase, len(self.PHASES) - 1)]
+
+    def _advance(self) -> None:
+        self.phase += 1
+        self.phase_steps = 0
+
+    def act(self) -> np.ndarray:
+        """The next action [7] float32 for the env's current state."""
+        state = self.env.robot_state()
+        eef = state["eef_pos"]
+        bowl = self.env.object_pos(self.obj)
+        plate = self.env.object_pos(self.target)
+        name = self.phase_name
+        gripper = 1.0 if name in ("close", "lift", "carry", "lower") else -1.0
+
+        if name == "approach":
+            goal = np.array([*self.grasp_xy, self.grasp_z + ABOVE])
+        elif name == "descend":
+            goal = np.array([*self.grasp_xy, self.grasp_z])
+        elif name == "close":
+            goal = np.array([*self.grasp_xy, self.grasp_z])
+        elif name == "lift":
+            goal = np.array([*self.grasp_xy, self.carry_z])
+        elif name == "carry":
+            # move the grip site so that the bowl's observed centre comes over the plate
+            goal = np.array([*(eef[:2] + plate[:2] - bowl[:2]), self.carry_z])
+        elif name == "lower":
+            goal = np.array([*(eef[:2] + plate[:2] - bowl[:2]), plate[2] + PLACE_DZ + GRASP_DZ])
+        else:  # release
+            goal = eef.copy()
+
+        err = goal - eef
+        if name == "carry":
+            err_done = np.linalg.norm(plate[:2] - bowl[:2]) < TOL and abs(err[2]) < 2 * TOL
+        else:
+            err_done = np.linalg.norm(err) < TOL
+        self.phase_steps += 1
+        if name == "close":
+            if self.phase_steps >= CLOSE_STEPS:
+                self._advance()
+        elif name == "release":
+            pass  # hold still with the gripper open until the episode ends
+        elif err_done or self.phase_steps >= PHASE_TIMEOUT:
+            self._advance()
+
+        current = _quat_to_mat(state["eef_quat"])
+        rot_err = _mat_to_axisangle(self.rot_goal @ current.T)  # world-frame rotation to the goal
+        action = np.zeros(7, dtype=np.float32)
+        action[:3] = np.clip(POS_GAIN * err, -1.0, 1.0)
+        action[3:6] = np.clip(rot_err / ROT_SCALE, -1.0, 1.0)
+        action[6] = gripper
+        return action
+
+
+# ------------------------------------------------------------------------------------ evaluation
+def parse_range(text: str, upper: int, what: str) -> list[int]:
+    """'0-9' / '0,3,5' / '2' -> sorted unique ints in [0, upper); ValueError lists the valid range."""
+    out: set[int] = set()
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            if "-" in part:
+                lo, hi = (int(x) for x in part.split("-", 1))
+                out.update(range(lo, hi + 1))
+            else:
+                out.add(int(part))
+        except ValueError:
+            raise ValueError(f"bad {what} range {text!r}; use e.g. 0-9 or 0,2,5") from None
+    bad = sorted(i for i in out if not 0 <= i < upper)
+    if not out or bad:
+        raise ValueError(f"{what} {bad or text!r} out of range; valid: 0..{upper - 1}")
+    return sorted(out)
+
+
+@dataclass
+class EpisodeResult:
+    task_id: int
+    init_state: int
+    success: bool
+    steps: int
+    seconds: float
+
+
+def run_episode(
+    env: LiberoEnv, init_state: int, observe: bool = False, record: bool = False
+) -> tuple[EpisodeResult, dict[str, Any] | None]:
+    """Run the expert for one episode. With ``record``, return the per-step data for a demo file."""
+    t0 = time.perf_counter()
+    obs = env.reset(init_state)
+    expert = ScriptedExpert(env)
+    rec: dict[str, list] | None = None
+    if record:
+        rec = {k: [] for k in ("agentview_rgb", "eye_in_hand_rgb", "ee_states", "gripper_states",
+                               "joint_states", "actions", "rewards", "dones")}  # fmt: skip
+    info: dict[str, Any] = {"success": False}
+    done = False
+    while not done:
+        action = expert.act()
+        if rec is not None:
+            robot = env.robot_state()
+            rec["agentview_rgb"].append(obs.agentview)
+            rec["eye_in_hand_rgb"].append(obs.wrist)
+            rec["ee_states"].append(robot["ee_states"])
+            rec["gripper_states"].append(robot["gripper_states"])
+            rec["joint_states"].append(robot["joint_states"])
+            rec["actions"].append(action)
+        obs, reward, done, info = env.step(action, observe=record or observe)
+        if rec is not None:
+            rec["rewards"].append(reward)
+            rec["dones"].append(done)
+    result = EpisodeResult(
+        task_id=env.cfg.task_id,
+        init_state=init_state,
+        success=bool(info["success"]),
+        steps=env.num_steps,
+        seconds=time.perf_counter() - t0,
+    )
+    return result, rec
+
+
+@dataclass
+class ExpertEvalConfig:
+    """Measure the scripted expert's success rate in the real LIBERO simulator."""
+
+    suite: str = field(default="libero_spatial", metadata={"help": f"suite, one of {SUPPORTED_SUITES}"})
+    tasks: str = field(default="0-9", metadata={"help": "task ids, e.g. 0-9 or 0,4,7"})
+    init_states: str = field(default="0-4", metadata={"help": "init-state indices, e.g. 0-4 (0..49)"})
+    workers: int = field(default=2, metadata={"help": "parallel worker processes"})
+    seed: int = field(default=0, metadata={"help": "environment seed"})
+    max_steps: int | None = field(default=None, metadata={"help": "step limit (none: the suite's)"})
+    out: Path = field(
+        default=Path("runs/expert_eval.json"), metadata={"help": "where to write the JSON results"}
+    )
+
+    def __post_init__(self) -> None:
+        if self.suite not in SUITES:
+            raise ValueError(f"unknown suite {self.suite!r}; valid suites: {list(SUITES)}")
+        if self.suite not in SUPPORTED_SUITES:
+            raise ValueError(f"the scripted expert supports {list(SUPPORTED_SUITES)}, not {self.suite!r}")
+        self.task_ids = parse_range(self.tasks, SUITES[self.suite], "task id")
+        self.init_ids = parse_range(self.init_states, 50, "init state")
+        if self.workers < 1:
+            raise ValueError(f"workers {self.workers} must be >= 1")
+
+
+_worker_env: LiberoEnv | None = None
+
+
+def worker_env(cfg: EnvConfig) -> LiberoEnv:
+    """The worker process's environment, rebuilt only when the task (or its settings) changes."""
+    global _worker_env
+    if _worker_env is not None:
+        old = _worker_env.cfg
+        if (old.suite, old.task_id, old.image_size, old.seed, old.max_steps) == (
+            cfg.suite, cfg.task_id, cfg.image_size, cfg.seed, cfg.max_steps
+        ):  # fmt: skip
+            return _worker_env
+        _worker_env.close()
+        _worker_env = None
+    _worker_env = LiberoEnv(cfg)
+    return _worker_env
+
+
+def _eval_worker(args: tuple[str, int, int, int, int | None]) -> EpisodeResult:
+    from common.logs import setup_logging
+
+    suite, task_id, init_state, seed, max_steps = args
+    setup_logging()
+    cfg = EnvConfig(suite=suite, task_id=task_id, init_state=init_state, seed=seed, max_steps=max_steps)
+    result, _ = run_episode(worker_env(cfg), init_state)
+    log.info("task %d init %d: %s in %d steps", task_id, init_state, result.success, result.steps)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tqdm import tqdm
+
+    from common.cli import config_to_dict, parse_config
+    from common.logs import setup_logging
+
+    cfg = parse_config(ExpertEvalConfig, argv, prog="python -m producer.expert")
+    setup_logging("expert-eval")
+    logging.getLogger(__name__).setLevel(logging.WARNING)  # the progress bar says enough
+    jobs = [(cfg.suite, t, i, cfg.seed, cfg.max_steps) for t in cfg.task_ids for i in cfg.init_ids]
+    t0 = time.perf_counter()
+    results: list[EpisodeResult] = []
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(cfg.workers) as pool:
+        bar = tqdm(pool.imap(_eval_worker, jobs), total=len(jobs), desc="expert episodes")
+        for result in bar:
+            results.append(result)
+            bar.set_postfix(success=f"{sum(r.success for r in results)}/{len(results)}")
+    wall = time.perf_counter() - t0
+    results.sort(key=lambda r: (r.task_id, r.init_state))
+
+    from producer.env import list_tasks
+
+    names = {t.task_id: t.instruction for t in list_tasks(cfg.suite)}
+    per_task = {}
+    print(f"{'task':>4}  {'success':>9}  {'mean steps':>10}  instruction")
+    for t in cfg.task_ids:
+        rs = [r for r in results if r.task_id == t]
+        ok = sum(r.success for r in rs)
+        steps = float(np.mean([r.steps for r in rs if r.success])) if ok else float("nan")
+        per_task[t] = {"success": ok, "episodes": len(rs), "rate": ok / len(rs), "mean_steps_success": steps}
+        print(f"{t:>4}  {ok:>4}/{len(rs):<4}  {steps:>10.1f}  {names[t]}")
+    total_ok = sum(r.success for r in results)
+    rate = total_ok / len(results)
+    ep_seconds = float(np.mean([r.seconds for r in results]))
+    print(f"overall: {total_ok}/{len(results)} = {rate:.1%}  ({wall:.0f} s wall, "
+          f"{ep_seconds:.1f} s per episode in a worker, {cfg.workers} workers)")  # fmt: skip
+    cfg.out.parent.mkdir(parents=True, exist_ok=True)
+    report = {
+        "config": {k: v for k, v in config_to_dict(cfg).items()},
+        "overall": {"success": total_ok, "episodes": len(results), "rate": rate},
+        "per_task": per_task,
+        "wall_seconds": wall,
+        "mean_episode_seconds": ep_seconds,
+        "episodes": [r.__dict__ for r in results],
+    }
+    cfg.out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {cfg.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
