@@ -352,6 +352,10 @@ class LiberoEnv:
     def gripper_qpos(self) -> np.ndarray:
         return np.array(self._raw["robot0_gripper_qpos"], dtype=np.float64)
 
+    def sim_state(self) -> np.ndarray:
+        """The flattened MuJoCo state [S] (time, qpos, qvel), as in LIBERO's ``states`` datasets."""
+        return np.asarray(self._env.get_sim_state(), dtype=np.float64)
+
     def env_args(self) -> dict[str, Any]:
         """JSON-safe description of how this environment was built (for dataset attributes)."""
         return {

@@ -219,7 +219,7 @@ def run_episode(
     rec: dict[str, list] | None = None
     if record:
         rec = {k: [] for k in ("agentview_rgb", "eye_in_hand_rgb", "ee_states", "gripper_states",
-                               "joint_states", "actions", "rewards", "dones")}  # fmt: skip
+                               "joint_states", "states", "actions", "rewards", "dones")}  # fmt: skip
     info: dict[str, Any] = {"success": False}
     done = False
     while not done:
@@ -231,6 +231,7 @@ def run_episode(
             rec["ee_states"].append(robot["ee_states"])
             rec["gripper_states"].append(robot["gripper_states"])
             rec["joint_states"].append(robot["joint_states"])
+            rec["states"].append(env.sim_state())
             rec["actions"].append(action)
         obs, reward, done, info = env.step(action, observe=record or observe)
         if rec is not None:

@@ -1,0 +1,115 @@
+"""The LIBERO environment layer on a real simulator (small images, few steps, CPU)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from common.policy import Observation
+from producer.env import MAX_STEPS, SUITES, EnvConfig, LiberoEnv, list_tasks, quat2axisangle
+
+pytestmark = pytest.mark.sim
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def env():
+    with LiberoEnv(EnvConfig(task_id=0, init_state=0, image_size=SIZE, max_steps=4)) as e:
+        yield e
+
+
+def test_reset_observation_as_policy_sees_it(env):
+    obs = env.reset()
+    assert isinstance(obs, Observation)
+    for img in (obs.agentview, obs.wrist):
+        assert img.shape == (SIZE, SIZE, 3) and img.dtype == np.uint8
+        assert img.std() > 5  # a rendered scene, not a blank frame
+    assert obs.proprio.shape == (8,) and obs.proprio.dtype == np.float32
+    assert "black bowl" in obs.instruction and obs.instruction == env.task.instruction
+    # upright = robosuite's (bottom-up) camera image rotated by 180°
+    raw = env.render_raw("agentview")
+    np.testing.assert_array_equal(obs.agentview, raw[::-1, ::-1])
+    assert not np.array_equal(obs.agentview, raw)
+    # proprio = eef pos, axis-angle, two finger positions; gripper open after settling
+    state = env.robot_state()
+    np.testing.assert_allclose(obs.proprio[:6], state["ee_states"], rtol=1e-6, atol=1e-6)
+    assert obs.proprio[6] > 0.03 and obs.proprio[7] < -0.03
+
+
+def test_step_with_and_without_observation(env):
+    env.reset()
+    start = env.eef_pos()
+    obs, reward, done, info = env.step(np.array([0, 0, 1.0, 0, 0, 0, -1]), observe=False)
+    assert obs is None and not done and info == {"success": False, "step": 1, "truncated": False}
+    assert isinstance(reward, float)
+    obs, _, done, info = env.step(np.array([0, 0, 1.0, 0, 0, 0, -1]))
+    assert isinstance(obs, Observation) and obs.agentview.shape == (SIZE, SIZE, 3)
+    env.step(np.zeros(7), observe=False)
+    assert env.eef_pos()[2] > start[2] + 0.005  # +z moved the grip site up
+    _, _, done, info = env.step(np.zeros(7), observe=False)
+    assert done and info["truncated"] and not info["success"] and env.num_steps == 4
+    with pytest.raises(RuntimeError, match="reset"):
+        env.step(np.zeros(7))
+    with pytest.raises(ValueError, match="7 finite"):
+        env.reset()
+        env.step(np.zeros(6))
+
+
+def test_low_dim_state_for_the_expert(env):
+    env.reset()
+    assert env.goal_state == [["on", "akita_black_bowl_1", "plate_1"]]
+    bowl = env.object_pos("akita_black_bowl_1")
+    assert bowl.shape == (3,) and 0.88 < bowl[2] < 0.95  # settled on the table (top at z = 0.90)
+    with pytest.raises(ValueError, match="plate_1"):
+        env.object_pos("no_such_object")
+    assert env.sim_state().ndim == 1
+
+
+def test_invalid_choices_list_valid_values(env):
+    with pytest.raises(ValueError, match="libero_spatial.*libero_90"):
+        EnvConfig(suite="libero_100")
+    with pytest.raises(ValueError, match=r"0\.\.9"):
+        EnvConfig(suite="libero_goal", task_id=10)
+    with pytest.raises(ValueError, match=r"0\.\.89"):
+        EnvConfig(suite="libero_90", task_id=90)
+    with pytest.raises(ValueError, match=r"valid: 0\.\.49"):
+        LiberoEnv(EnvConfig(task_id=1, init_state=50))
+    with pytest.raises(ValueError, match=r"valid: 0\.\.49"):
+        env.reset(init_state=77)
+
+
+def test_suites_and_step_limits():
+    assert list(SUITES)[0] == "libero_spatial"
+    assert EnvConfig().max_steps == MAX_STEPS["libero_spatial"] == 220
+    assert EnvConfig(suite="libero_10").max_steps == 520
+    tasks = list_tasks("libero_spatial")
+    assert len(tasks) == 10 and all(t.num_init_states == 50 for t in tasks)
+    assert tasks[4].name.startswith("pick_up_the_black_bowl_in_the_top_drawer")
+
+
+def test_quat2axisangle():
+    np.testing.assert_allclose(quat2axisangle(np.array([1.0, 0, 0, 0])), [np.pi, 0, 0], atol=1e-9)
+    np.testing.assert_allclose(quat2axisangle(np.array([0, 0, 0, 1.0])), [0, 0, 0])
+
+
+def test_on_demand_rendering_equals_robosuite_camera_obs():
+    """Rendering only observed steps gives exactly robosuite's every-step camera observations."""
+    rng = np.random.default_rng(0)
+    actions = rng.uniform(-1, 1, size=(6, 7))
+    observe = [False, True, False, False, True, True]
+    seen = {}
+    for every in (False, True):
+        cfg = EnvConfig(task_id=2, init_state=1, image_size=SIZE, render_every_step=every)
+        with LiberoEnv(cfg) as e:
+            frames = [e.reset()]
+            for a, o in zip(actions, observe):
+                obs, *_ = e.step(a, observe=o)
+                if o:
+                    frames.append(obs)
+        seen[every] = frames
+    assert len(seen[False]) == len(seen[True]) == 4
+    for lazy, full in zip(seen[False], seen[True]):
+        np.testing.assert_array_equal(lazy.agentview, full.agentview)
+        np.testing.assert_array_equal(lazy.wrist, full.wrist)
+        np.testing.assert_array_equal(lazy.proprio, full.proprio)
