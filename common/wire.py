@@ -189,6 +189,7 @@ class Ack:
     producer_session: str
     archived_seq: int
     known: bool = True  # False: this trainer has no hello from that session (it restarted): hello again
+    error: str = ""  # non-empty: the trainer refuses this producer (e.g. another backbone); stop
     sent_at: float = field(default_factory=time.time)
     kind: ClassVar[str] = "ack"
 
@@ -248,6 +249,7 @@ _FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
         "producer_session": _S,
         "archived_seq": _I,
         "known": _B,
+        "error": _S,
         "sent_at": _F,
     },
 }
@@ -545,5 +547,6 @@ def decode(frames: list[Any], limits: WireLimits = DEFAULT_LIMITS) -> Message:
         producer_session=h["producer_session"],
         archived_seq=h["archived_seq"],
         known=h["known"],
+        error=h["error"],
         sent_at=float(h["sent_at"]),
     )

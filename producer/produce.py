@@ -56,22 +56,32 @@ class ProducerConfig:
     """Run LIBERO episodes with a VLA and stream (hidden state, codes, action chunk) samples to the trainer."""
 
     endpoint: str = field(default="tcp://127.0.0.1:5555", metadata={"help": "trainer endpoint to connect to"})
-    producer_id: str = field(default_factory=_default_producer_id, metadata={"help": "unique id of this producer"})
+    producer_id: str = field(
+        default_factory=_default_producer_id, metadata={"help": "unique id of this producer"}
+    )
     vla: str = field(default="embedded", metadata={"help": "policy backend", "choices": list(VLA_CHOICES)})
     model_id: str = field(
         default="moojink/openvla-7b-oft-finetuned-libero-spatial",
         metadata={"help": "hub id or local folder of the OpenVLA-OFT checkpoint (--vla openvla-oft)"},
     )
-    weights_dir: Path | None = field(default=None, metadata={"help": "embedded VLA weights (default: assets)"})
-    codec_dir: Path | None = field(default=None, metadata={"help": "RFSQ codec folder (default: assets/codec)"})
+    weights_dir: Path | None = field(
+        default=None, metadata={"help": "embedded VLA weights (default: assets)"}
+    )
+    codec_dir: Path | None = field(
+        default=None, metadata={"help": "RFSQ codec folder (default: assets/codec)"}
+    )
     allow_random_policy: bool = field(
         default=False,
-        metadata={"help": "PLUMBING TESTS ONLY: use a random-weight embedded VLA if no trained weights exist"},
+        metadata={
+            "help": "PLUMBING TESTS ONLY: use a random-weight embedded VLA if no trained weights exist"
+        },
     )
     suite: str = field(default="libero_spatial", metadata={"help": "LIBERO suite"})
     tasks: list[int] = field(default_factory=lambda: list(range(10)), metadata={"help": "task ids to run"})
     episodes_per_task: int = field(default=1, metadata={"help": "episodes per task (init states 0, 1, ...)"})
-    first_init_state: int = field(default=0, metadata={"help": "initial state of the first episode of a task"})
+    first_init_state: int = field(
+        default=0, metadata={"help": "initial state of the first episode of a task"}
+    )
     repeat: bool = field(default=False, metadata={"help": "loop over the tasks until stopped"})
     replan: int = field(default=8, metadata={"help": "actions executed per policy query (<= chunk length)"})
     max_steps: int | None = field(
@@ -79,14 +89,19 @@ class ProducerConfig:
     )
     image_size: int = field(default=128, metadata={"help": "camera image size"})
     send_obs: bool = field(default=False, metadata={"help": "also stream the observation (images, proprio)"})
-    hidden_dtype: str = field(default="float32", metadata={"help": "dtype of the hidden state on the wire",
-                                                           "choices": ["float16", "float32"]})
+    hidden_dtype: str = field(
+        default="float32",
+        metadata={"help": "dtype of the hidden state on the wire", "choices": ["float16", "float32"]},
+    )
     sndhwm: int = field(default=64, metadata={"help": "send high-water mark (messages)"})
     max_unacked: int = field(default=2048, metadata={"help": "unacknowledged messages kept before blocking"})
     heartbeat_s: float = field(default=2.0, metadata={"help": "heartbeat interval"})
     flush_timeout_s: float = field(default=30.0, metadata={"help": "at the end, wait this long for acks"})
-    curve_dir: Path | None = field(default=None, metadata={"help": "CURVE keys (server.key, client.key_secret)"})
+    curve_dir: Path | None = field(
+        default=None, metadata={"help": "CURVE keys (server.key, client.key_secret)"}
+    )
     device: str = field(default="cpu", metadata={"help": "torch device of the policy"})
+    seed: int = field(default=0, metadata={"help": "torch seed (random-weight plumbing policies only)"})
     threads: int = field(default=1, metadata={"help": "torch CPU threads"})
     test_raise_in_episode: int | None = field(
         default=None, metadata={"help": "TESTS ONLY: raise inside the policy call of this episode index"}
@@ -119,6 +134,10 @@ class SenderStats:
     blocked_s: float = 0.0
 
 
+class TrainerRefused(RuntimeError):
+    """The trainer refused this producer (its ack carried an error)."""
+
+
 class ReliableSender:
     """DEALER socket + retransmission buffer of unacknowledged data messages."""
 
@@ -132,6 +151,7 @@ class ReliableSender:
         self.trainer_session: str | None = None
         self.hello: wire.Hello | None = None
         self._rehello_for: str | None = None
+        self.refused = ""  # error text of a trainer that refuses this producer
         self._last_beat = 0.0
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
@@ -163,6 +183,8 @@ class ReliableSender:
         self._send_frames(wire.encode(hello))
 
     def send_data(self, msg: wire.Sample | wire.EpisodeEnd) -> None:
+        if self.refused:
+            raise TrainerRefused(self.refused)
         while len(self.unacked) >= self.cfg.max_unacked:  # trainer not archiving: wait, do not drop
             self.poll_acks(timeout_ms=200)
             self._maybe_heartbeat(force=True)
@@ -205,6 +227,12 @@ class ReliableSender:
                 self._on_ack(ack)
 
     def _on_ack(self, ack: wire.Ack) -> None:
+        if ack.error:
+            if not self.refused:
+                log.error("%s", ack.error)
+            self.refused = ack.error
+            self.stop.set()
+            return
         for seq in [s for s in self.unacked if s <= ack.archived_seq]:
             del self.unacked[seq]
         self.stats.acked_seq = max(self.stats.acked_seq, ack.archived_seq)
@@ -218,7 +246,9 @@ class ReliableSender:
         self._rehello_for = ack.trainer_session
         log.warning(
             "trainer %s does not know this producer: resending hello and %d unacknowledged message(s) after seq %d",
-            ack.trainer_session, len(self.unacked), ack.archived_seq,
+            ack.trainer_session,
+            len(self.unacked),
+            ack.archived_seq,
         )
         if self.hello is not None:
             self.hello.seq = self.seq
@@ -230,13 +260,15 @@ class ReliableSender:
     def flush(self, timeout_s: float) -> bool:
         """Wait until every data message is acknowledged (or timeout). Returns whether all were."""
         deadline = time.time() + timeout_s
-        while self.unacked and time.time() < deadline:
+        while self.unacked and time.time() < deadline and not self.refused:
             self.poll_acks(timeout_ms=200)
             self._maybe_heartbeat(force=True)
         return not self.unacked
 
     def bye(self) -> None:
-        msg = wire.Bye(self.cfg.producer_id, self.session, self.seq, self.stats.samples_sent, self.stats.episodes_sent)
+        msg = wire.Bye(
+            self.cfg.producer_id, self.session, self.seq, self.stats.samples_sent, self.stats.episodes_sent
+        )
         self._send_frames(wire.encode(msg), block=False)
 
     def close(self) -> None:
@@ -343,6 +375,8 @@ class Producer:
                 if done:
                     return EpisodeResult("success" if info["success"] else "failed", n_samples, step)
             return EpisodeResult("incomplete", n_samples, step, "producer stopped")
+        except TrainerRefused:
+            raise
         except Exception as exc:  # sim or policy failure: this episode is errored, the producer goes on
             log.error("episode %d (task %d) errored: %s: %s", episode, task_id, type(exc).__name__, exc)
             return EpisodeResult("errored", n_samples, step, f"{type(exc).__name__}: {exc}"[:1000])
@@ -356,6 +390,7 @@ class Producer:
         import torch
 
         torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)  # only matters for a random-weight plumbing policy: same on every producer
         self.policy = build_policy(cfg)
         log.info("policy %s (D=%d) on %s", self.policy.backbone_id, self.policy.hidden_dim, cfg.device)
         self.sender = ReliableSender(cfg, self.stop)
@@ -375,8 +410,15 @@ class Producer:
                 if env is None or env_task != task_id:
                     if env is not None:
                         env.close()
-                    env = LiberoEnv(EnvConfig(suite=cfg.suite, task_id=task_id, init_state=init_state,
-                                              image_size=cfg.image_size, max_steps=cfg.max_steps))
+                    env = LiberoEnv(
+                        EnvConfig(
+                            suite=cfg.suite,
+                            task_id=task_id,
+                            init_state=init_state,
+                            image_size=cfg.image_size,
+                            max_steps=cfg.max_steps,
+                        )
+                    )
                     env_task = task_id
                 if not hello_sent:
                     self.sender.send_hello(self._hello(env))
@@ -386,10 +428,20 @@ class Producer:
                 if res.status == "errored":  # the env may be in any state: build a fresh one
                     env.close()
                     env = None
-                self.sender.send_data(wire.EpisodeEnd(
-                    cfg.producer_id, self.sender.session, 0, cfg.suite, task_id, episode, res.status,
-                    res.num_samples, res.num_steps, res.error,
-                ))
+                self.sender.send_data(
+                    wire.EpisodeEnd(
+                        cfg.producer_id,
+                        self.sender.session,
+                        0,
+                        cfg.suite,
+                        task_id,
+                        episode,
+                        res.status,
+                        res.num_samples,
+                        res.num_steps,
+                        res.error,
+                    )
+                )
                 self.counts[res.status] += 1
                 self.steps_total += res.num_steps
                 episode += 1
@@ -402,6 +454,8 @@ class Producer:
                     errored=self.counts["errored"],
                 )
             self.sender.poll_acks()
+        except TrainerRefused as exc:
+            log.error("stopping: %s", exc)
         finally:
             bar.close()
             if env is not None:
@@ -416,7 +470,9 @@ class Producer:
         return summary
 
     def _hello(self, env: Any) -> wire.Hello:
-        cfg_json = json.dumps({"producer": config_to_dict(self.cfg), "env_args": env.env_args()}, sort_keys=True)
+        cfg_json = json.dumps(
+            {"producer": config_to_dict(self.cfg), "env_args": env.env_args()}, sort_keys=True
+        )
         return wire.Hello(
             producer_id=self.cfg.producer_id,
             session=self.sender.session,
@@ -439,6 +495,7 @@ class Producer:
             "episodes_sent": s.episodes_sent,
             "resent": s.resent,
             "unacked": len(self.sender.unacked),
+            "refused": self.sender.refused,
             "acked_seq": s.acked_seq,
             "trainer_sessions": s.trainer_sessions,
             "steps": self.steps_total,
@@ -476,6 +533,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     summary = producer.run()
+    if summary["refused"]:
+        return 2
     return 0 if summary["unacked"] == 0 else 1
 
 

@@ -72,7 +72,7 @@ def test_sample_round_trip(d, dtype, obs):
         wire.EpisodeEnd("p0", "s1", 5, "libero_spatial", 1, 2, "errored", 4, 33, "RuntimeError: boom"),
         wire.Heartbeat("p0", "s1", 12),
         wire.Bye("p0", "s1", 12, 10, 2),
-        wire.Ack("t1", "p0", "s1", -1, False),
+        wire.Ack("t1", "p0", "s1", -1, False, "refused"),
     ],
 )
 def test_control_round_trip(msg):

@@ -133,6 +133,12 @@ class ArchiveWriter:
                     self.removed_partial.append(name)
             if self.removed_partial:
                 log.warning("removed %d partially written episode(s): %s", len(self.removed_partial), self.removed_partial)
+            # a kill between `complete` and the mask update: put such episodes into their split's mask
+            masked = {_attr(x) for split in SPLITS for x in f["mask"][split][()]}
+            for name in sorted(set(f["data"]) - masked, key=lambda n: int(n.split("_")[1])):
+                mask = f["mask"][_attr(f["data"][name].attrs["split"])]
+                mask.resize((mask.shape[0] + 1,))
+                mask[-1] = name
             # recount from the groups themselves (the counters are written last)
             groups = [g for g in f["data"].values()]
             f["data"].attrs["num_episodes"] = max(

@@ -97,7 +97,7 @@ class Learner:
         self.scheduler.step()
         self.updates += 1
         return {
-            "loss": float(loss),
+            "loss": float(loss.detach()),
             "grad_norm": float(grad_norm),
             "lr": self.scheduler.get_last_lr()[0],
             **metrics,

@@ -185,6 +185,8 @@ class Trainer:
         self.learner_error: BaseException | None = None
         self._learner_lock = threading.Lock()
         self.tb: Any = None
+        self.bound = threading.Event()
+        self.bound_endpoint = ""
         if cfg.device == "auto":
             self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         else:
@@ -252,10 +254,10 @@ class Trainer:
         if total <= 20 or total % 100 == 0:
             log.warning("rejected message from %s (%s): %s [%d rejected so far]", pid or "?", reason, detail, total)
 
-    def _send_ack(self, sock: zmq.Socket, identity: bytes, pid: str, psession: str) -> None:
+    def _send_ack(self, sock: zmq.Socket, identity: bytes, pid: str, psession: str, error: str = "") -> None:
         state = self.producers.get(pid)
         known = state is not None and state.session == psession
-        ack = wire.Ack(self.session, pid, psession, self.archived.get((pid, psession), -1), known)
+        ack = wire.Ack(self.session, pid, psession, self.archived.get((pid, psession), -1), known, error)
         try:
             sock.send_multipart([identity, *wire.encode(ack)], flags=zmq.NOBLOCK)
         except zmq.Again:
@@ -328,6 +330,7 @@ class Trainer:
             err = f"hidden size {msg.hidden_dim} != this run's {self.hidden_dim}"
         if err is not None:
             self._reject("backbone_mismatch", err, pid)
+            self._send_ack(sock, identity, pid, msg.session, error=f"trainer refuses this producer: {err}")
             return
         old = self.producers.get(pid)
         if old is not None and old.session == msg.session:
@@ -354,6 +357,8 @@ class Trainer:
             self.episode_counter += 1
             ep = EpisodeRecord(msg.producer_id, msg.session, msg.suite, msg.task_id, msg.episode_id, split)
             state.open[msg.episode_id] = ep
+            log.info("episode %d of %s started (%s task %d, %s split)", msg.episode_id, msg.producer_id,
+                     msg.suite, msg.task_id, split)
         hidden = msg.hidden.astype(np.float32)
         targets = self._targets(msg.codes[None])[0]  # [K, S]
         assert self.buffer is not None and self.valset is not None
@@ -518,6 +523,8 @@ class Trainer:
         if cfg.curve_dir is not None:
             auth = server_curve(ctx, sock, cfg.curve_dir)
         sock.bind(cfg.endpoint)
+        self.bound_endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.bound.set()
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -525,7 +532,7 @@ class Trainer:
         except Exception as exc:  # tensorboard missing: train anyway
             log.warning("TensorBoard logging off: %s", exc)
             self.tb = None
-        log.info("trainer %s listening on %s (run dir %s, device %s)", self.session, cfg.endpoint, cfg.run_dir, self.device)
+        log.info("trainer %s listening on %s (run dir %s, device %s)", self.session, self.bound_endpoint, cfg.run_dir, self.device)
         learner_thread = threading.Thread(target=self._learner_loop, name="learner", daemon=True)
         learner_thread.start()
         poller = zmq.Poller()

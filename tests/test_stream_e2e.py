@@ -1,0 +1,84 @@
+"""End to end over a real socket: two producer processes (real LIBERO, short episodes) feed one trainer
+process; every sample sent is archived exactly once, the accounting matches, the checkpoint loads and
+retraining from the archive works. One producer's policy raises in its first episode: that episode is
+``errored`` and the producer carries on.
+
+The producers use ``--allow-random-policy``: if no trained embedded VLA is installed in assets/, a
+random-weight one stands in (plumbing only; the test checks delivery, not policy quality).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from common.draft import load_checkpoint
+from tests.stream_helpers import finish, kill_all, producer_args, producer_summary, spawn, start_trainer
+from trainer.archive import episode_attrs, iter_episodes
+
+pytestmark = pytest.mark.sim
+
+
+def test_two_producers_one_trainer(tmp_path):
+    run = tmp_path / "run"
+    trainer, endpoint = start_trainer(
+        run, tmp_path / "trainer.log",
+        ["--exit-after-byes", "2", "--min-size", "2", "--warmup-steps", "5", "--val-interval", "5",
+         "--samples-per-insert", "8", "--error-buffer", "200", "--batch-size", "8", "--valid-every", "3"],
+    )
+    p1 = p2 = None
+    try:
+        p1 = spawn("producer.produce", producer_args(endpoint, "p1", 0, 2, 16), tmp_path / "p1.log")
+        p2 = spawn("producer.produce", producer_args(endpoint, "p2", 1, 2, 16, "--test-raise-in-episode", "0"),
+                   tmp_path / "p2.log")
+        out1 = finish(p1, tmp_path / "p1.log", 240)
+        out2 = finish(p2, tmp_path / "p2.log", 240)
+        finish(trainer, tmp_path / "trainer.log", 120)
+    finally:
+        kill_all(p1, p2, trainer)
+    assert p1.returncode == 0, out1[-2000:]
+    assert p2.returncode == 0, out2[-2000:]
+    assert trainer.returncode == 0
+    sums = {"p1": producer_summary(out1), "p2": producer_summary(out2)}
+    assert sums["p2"]["episodes"]["errored"] == 1 and sum(sums["p2"]["episodes"].values()) == 2
+
+    # accounting: sent == received == accepted == archived, nothing rejected, no gaps, nothing resent
+    summary = json.loads((run / "summary.json").read_text())
+    for pid, s in sums.items():
+        t = summary["producers"][pid]
+        assert s["unacked"] == 0 and s["resent"] == 0
+        assert s["samples_sent"] == t["reported_sent"] == t["samples_received"] == t["accepted"] == t["archived"]
+        assert t["rejected"] == {} and t["gaps"] == 0 and t["episodes_archived"] == s["episodes_sent"] == 2
+    assert summary["rejected_unattributed"] == {}
+
+    # the archive holds every sample exactly once
+    archive = run / "archive.hdf5"
+    seen: dict[str, list[int]] = {"p1": [], "p2": []}
+    statuses: dict[str, list[str]] = {"p1": [], "p2": []}
+    for ep in iter_episodes(archive):
+        pid = ep.attrs["producer_id"]
+        seen[pid].extend(ep.seqs.tolist())
+        statuses[pid].append(ep.attrs["status"])
+        assert ep.hidden.shape[0] == ep.codes.shape[0] == ep.attrs["num_samples"]
+        assert np.isfinite(ep.hidden).all()
+    for pid, s in sums.items():
+        assert len(seen[pid]) == s["samples_sent"] == len(set(seen[pid]))
+    assert statuses["p2"][0] == "errored" and statuses["p2"][1] in ("success", "failed")
+    assert {a["split"] for a in episode_attrs(archive)} == {"train", "valid"}
+
+    # the checkpoint loads (weights_only) and carries val_accuracy
+    model, ckpt = load_checkpoint(run / "draft_best.pt")
+    assert math.isfinite(ckpt["val_accuracy"]) and 0 <= ckpt["val_accuracy"] <= 1
+    assert ckpt["config"]["model"]["input_dim"] == model.input_dim
+    assert (run / "training_curve.png").is_file()
+
+    # retraining from the archive works and writes the same checkpoint format
+    retrain = spawn("trainer.retrain", ["--archives", str(archive), "--run-dir", str(tmp_path / "retrain"),
+                                        "--epochs", "2", "--threads", "1"], tmp_path / "retrain.log")
+    out = finish(retrain, tmp_path / "retrain.log", 120)
+    assert retrain.returncode == 0, out[-2000:]
+    _, ckpt2 = load_checkpoint(tmp_path / "retrain" / "draft_best.pt")
+    assert ckpt2["epoch"] >= 1 and math.isfinite(ckpt2["val_accuracy"])

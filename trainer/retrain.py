@@ -1,0 +1,164 @@
+"""``make retrain ARCHIVE=a.hdf5 [b.hdf5 ...]``: train the draft offline from one or more archives.
+
+Episodes keep the split recorded in each archive (``mask/train`` / ``mask/valid``), so validation is on
+whole held-out episodes, the same ones the online trainer held out. Same optimizer, schedule and
+checkpoint format (DESIGN §4) as online training; writes ``draft_best.pt``, ``draft_last.pt``, a
+training-curve plot and ``summary.json`` into the run dir.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from common.cli import config_to_dict, parse_config
+from common.logs import setup_logging
+from common.shapes import RFSQShape
+from trainer.archive import archive_meta, load_split
+from trainer.learner import Learner, OptimConfig
+from trainer.plots import plot_curves
+
+log = logging.getLogger("trainer.retrain")
+
+
+@dataclass
+class RetrainConfig:
+    """Train the draft from HDF5 archives written by the online trainer."""
+
+    archives: list[Path] = field(default_factory=list, metadata={"help": "archive files (HDF5)"})
+    run_dir: Path = field(default=Path("runs/default/retrain"), metadata={"help": "output folder"})
+    epochs: int = field(default=20, metadata={"help": "passes over the training episodes"})
+    batch_size: int = field(default=32, metadata={"help": "batch size"})
+    lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate"})
+    weight_decay: float = field(default=1e-5, metadata={"help": "AdamW weight decay"})
+    grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clip"})
+    warmup_steps: int = field(default=1000, metadata={"help": "linear warmup updates"})
+    draft_hidden_dim: int = field(default=512, metadata={"help": "draft model width"})
+    init_checkpoint: Path | None = field(default=None, metadata={"help": "start from this draft checkpoint"})
+    threads: int = field(default=2, metadata={"help": "torch CPU threads"})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda or auto"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+
+    def __post_init__(self) -> None:
+        self.archives = [Path(a) for a in self.archives]
+        if not self.archives:
+            raise ValueError("give at least one archive with --archives")
+        for a in self.archives:
+            if not a.is_file():
+                raise ValueError(f"archive {a} does not exist")
+        if self.epochs <= 0 or self.batch_size <= 0:
+            raise ValueError(f"epochs ({self.epochs}) and batch_size ({self.batch_size}) must be > 0")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        self.run_dir = Path(self.run_dir)
+
+
+def targets_from_codes(codes: np.ndarray, k: int) -> np.ndarray:
+    """codes [N, T, H, L] uint8 -> [N, K, T*H] uint8 (first K layers, (T, H) order)."""
+    n = codes.shape[0]
+    return np.ascontiguousarray(codes[..., :k].transpose(0, 3, 1, 2)).reshape(n, k, -1)
+
+
+def retrain(cfg: RetrainConfig) -> dict[str, Any]:
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if cfg.device == "auto" else cfg.device))
+    metas = [archive_meta(a) for a in cfg.archives]
+    shapes = {m["shape"] for m in metas}
+    backbones = {m["backbone_id"] for m in metas}
+    if len(shapes) != 1 or len(backbones) != 1:
+        raise ValueError(f"archives disagree on shape {shapes} or backbone {backbones}; retrain one backbone at a time")
+    shape = RFSQShape(**json.loads(shapes.pop()))
+    K = shape.num_coarse_layers
+    h_train, c_train, k_train = load_split(cfg.archives, "train")
+    h_val, c_val, k_val = load_split(cfg.archives, "valid")
+    if len(h_train) == 0:
+        raise ValueError(f"no training samples in {[str(a) for a in cfg.archives]}")
+    y_train, y_val = targets_from_codes(c_train, K), targets_from_codes(c_val, K) if len(h_val) else None
+    log.info(
+        "train: %d samples from %d episodes; validation: %d samples from %d held-out episodes",
+        len(h_train), len(k_train), len(h_val), len(k_val),
+    )
+    steps_per_epoch = math.ceil(len(h_train) / cfg.batch_size)
+    optim = OptimConfig(
+        lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
+        warmup_steps=min(cfg.warmup_steps, max(1, steps_per_epoch * cfg.epochs // 10)),
+        total_steps=steps_per_epoch * cfg.epochs, batch_size=cfg.batch_size, draft_hidden_dim=cfg.draft_hidden_dim,
+    )
+    learner = Learner(h_train.shape[1], shape, optim, device=device)
+    if cfg.init_checkpoint is not None:
+        from common.draft import load_checkpoint
+
+        model, _ = load_checkpoint(cfg.init_checkpoint, map_location=device)
+        learner.model.load_state_dict(model.state_dict())
+    run_config = {
+        "run": config_to_dict(cfg), "source": "retrain", "backbone_id": metas[0]["backbone_id"],
+        "codec_sha256": metas[0]["codec_sha256"], "train_episodes": len(k_train), "valid_episodes": len(k_val),
+        "optim": vars(optim),
+    }
+    history: list[dict[str, Any]] = []
+    best = -1.0
+    last_val = None
+    t0 = time.time()
+    bar = tqdm(range(cfg.epochs), desc="retrain", unit="epoch", dynamic_ncols=True)
+    for epoch in bar:
+        order = rng.permutation(len(h_train))
+        losses = []
+        for i in range(0, len(order), cfg.batch_size):
+            idx = order[i : i + cfg.batch_size]
+            m = learner.train_step(h_train[idx], y_train[idx])  # [B, D], [B, K, S]
+            losses.append(m["loss"])
+        history.append({"updates": learner.updates, "loss": float(np.mean(losses))})
+        if y_val is not None:
+            r = learner.validate(h_val, y_val)
+            last_val = {"updates": learner.updates, "epoch": epoch + 1, "val_accuracy": r.accuracy,
+                        "val_acc_per_layer": r.acc_per_layer, "val_layer_exact": r.layer_exact, "val_loss": r.loss}
+            history.append(last_val)
+            if r.accuracy > best:
+                best = r.accuracy
+                learner.best_val = best
+                learner.save(cfg.run_dir / "draft_best.pt", epoch + 1, r.accuracy, run_config)
+            acc = r.accuracy
+        else:
+            acc = float("nan")
+        bar.set_postfix(loss=f"{np.mean(losses):.4f}", val_acc=f"{acc:.4f}")
+    bar.close()
+    final_val = last_val["val_accuracy"] if last_val else 0.0
+    if last_val is None:
+        log.warning("no held-out episodes in the archives: val_accuracy of the checkpoint is 0.0 (unknown)")
+    learner.save(cfg.run_dir / "draft_last.pt", cfg.epochs, final_val, run_config)
+    if last_val is None:
+        learner.save(cfg.run_dir / "draft_best.pt", cfg.epochs, final_val, run_config)
+    plot_curves(history, cfg.run_dir / "training_curve.png", title="draft retraining")
+    summary = {
+        "train_samples": len(h_train), "valid_samples": len(h_val), "train_episodes": len(k_train),
+        "valid_episodes": len(k_val), "epochs": cfg.epochs, "updates": learner.updates,
+        "best_val_accuracy": best if best >= 0 else None, "last_validation": last_val, "elapsed_s": time.time() - t0,
+    }
+    (cfg.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if last_val:
+        print(f"retrain: best val accuracy {best:.4f}; last per layer {[round(a, 4) for a in last_val['val_acc_per_layer']]}")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(RetrainConfig, argv, prog="python -m trainer.retrain")
+    setup_logging("retrain")
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    retrain(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
