@@ -148,13 +148,52 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def layer_step(
+    x: torch.Tensor,  # [B, N, D]
+    input_norm: torch.Tensor,  # [D]
+    wqkv: torch.Tensor,  # [3D, D]
+    wo: torch.Tensor,  # [D, D]
+    post_norm: torch.Tensor,  # [D]
+    wgu: torch.Tensor,  # [2I, D]
+    wdown: torch.Tensor,  # [D, I]
+    cos: torch.Tensor,  # [N, hd]
+    sin: torch.Tensor,  # [N, hd]
+    positions: torch.Tensor,  # [N] long, cache slots of the new positions
+    mask: torch.Tensor,  # [N, S] additive (0 attend, -inf not)
+    k_cache: torch.Tensor,  # [B, nh, S, hd], written in place
+    v_cache: torch.Tensor,  # [B, nh, S, hd], written in place
+    eps: float,
+    num_heads: int,
+    math_attention: bool = False,
+) -> torch.Tensor:
+    """One Llama decoder layer (a free function, so that one compiled graph serves all layers)."""
+    B, N, D = x.shape
+    hd = D // num_heads
+    h = rms_norm(x, input_norm, eps)
+    qkv = F.linear(h, wqkv).view(B, N, 3, num_heads, hd)  # [B, N, 3, nh, hd]
+    qk = qkv[:, :, :2]  # [B, N, 2, nh, hd]: rotary on q and k together
+    qk = qk * cos[:, None, None, :] + rotate_half(qk) * sin[:, None, None, :]
+    q, k = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2)  # [B, nh, N, hd]
+    v = qkv[:, :, 2].transpose(1, 2)  # [B, nh, N, hd]
+    k_cache.index_copy_(2, positions, k)
+    v_cache.index_copy_(2, positions, v)
+    if math_attention:  # two batched products and a softmax that the compiler can fuse
+        scores = torch.matmul(q, k_cache.transpose(-1, -2)) * hd**-0.5 + mask  # [B, nh, N, S]
+        attn = torch.matmul(scores.float().softmax(-1).to(q.dtype), v_cache)  # [B, nh, N, hd]
+    else:
+        attn = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask)  # [B, nh, N, hd]
+    x = x + F.linear(attn.transpose(1, 2).reshape(B, N, D), wo)
+    h = rms_norm(x, post_norm, eps)
+    gate, up = F.linear(h, wgu).chunk(2, dim=-1)  # [B, N, I] each
+    return x + F.linear(F.silu(gate) * up, wdown)
+
+
 class TwinDecoderLayer(nn.Module):
-    """One Llama decoder layer with fused projections and a static KV cache slot."""
+    """One Llama decoder layer's weights (fused q/k/v and gate/up projections)."""
 
     def __init__(self, cfg: TwinConfig):
         super().__init__()
         D, I = cfg.hidden_size, cfg.intermediate_size
-        self.cfg = cfg
         self.input_norm = nn.Parameter(torch.ones(D))
         self.post_norm = nn.Parameter(torch.ones(D))
         self.wqkv = nn.Parameter(torch.empty(3 * D, D))  # rows: q, k, v projections
@@ -162,30 +201,8 @@ class TwinDecoderLayer(nn.Module):
         self.wgu = nn.Parameter(torch.empty(2 * I, D))  # rows: gate, up projections
         self.wdown = nn.Parameter(torch.empty(D, I))
 
-    def forward(
-        self,
-        x: torch.Tensor,  # [B, N, D]
-        cos: torch.Tensor,  # [N, hd]
-        sin: torch.Tensor,  # [N, hd]
-        positions: torch.Tensor,  # [N] long, cache slots of the new positions
-        mask: torch.Tensor,  # [N, S] bool, True = attend
-        k_cache: torch.Tensor,  # [B, nh, S, hd]
-        v_cache: torch.Tensor,  # [B, nh, S, hd]
-    ) -> torch.Tensor:
-        cfg = self.cfg
-        B, N, D = x.shape
-        h = rms_norm(x, self.input_norm, cfg.rms_eps)
-        qkv = F.linear(h, self.wqkv).view(B, N, 3, cfg.num_heads, cfg.head_dim)  # [B, N, 3, nh, hd]
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, nh, N, hd]
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        k_cache.index_copy_(2, positions, k)
-        v_cache.index_copy_(2, positions, v)
-        attn = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask)  # [B, nh, N, hd]
-        x = x + F.linear(attn.transpose(1, 2).reshape(B, N, D), self.wo)
-        h = rms_norm(x, self.post_norm, cfg.rms_eps)
-        gate, up = F.linear(h, self.wgu).chunk(2, dim=-1)  # [B, N, I] each
-        return x + F.linear(F.silu(gate) * up, self.wdown)
+    def weights(self) -> tuple[torch.Tensor, ...]:
+        return self.input_norm, self.wqkv, self.wo, self.post_norm, self.wgu, self.wdown
 
 
 class TwinModel(nn.Module):
@@ -212,6 +229,17 @@ class TwinModel(nn.Module):
         self.register_buffer("rope_cos", emb.cos(), persistent=False)
         self.register_buffer("rope_sin", emb.sin(), persistent=False)
         self.register_buffer("h_index", torch.arange(s.action_hidden_dim), persistent=False)
+        self.layer_fn = layer_step
+        self.math_attention = False
+
+    def compile_layers(self, math_attention: bool = False) -> None:
+        """Compile the layer function (torch.compile, dynamic N) to fuse its elementwise work.
+
+        ``math_attention`` spells attention as two matrix products and a softmax instead of
+        scaled_dot_product_attention (whichever measures faster).
+        """
+        self.layer_fn = torch.compile(layer_step, dynamic=True, fullgraph=True)
+        self.math_attention = math_attention
 
     @torch.no_grad()
     def reset_parameters(self, std: float = 0.02) -> None:
@@ -280,9 +308,23 @@ class TwinModel(nn.Module):
         positions = start + torch.arange(N, device=x.device)  # [N]
         cos = self.rope_cos[positions].to(x.dtype)  # [N, hd]
         sin = self.rope_sin[positions].to(x.dtype)
-        mask = self.attention_mask(positions)  # [N, S]
+        allowed = self.attention_mask(positions)  # [N, S]
+        mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(~allowed, float("-inf"))
+        eps, nh = self.cfg.rms_eps, self.cfg.num_heads
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, positions, mask, k_cache[i], v_cache[i])
+            x = self.layer_fn(
+                x,
+                *layer.weights(),
+                cos,
+                sin,
+                positions,
+                mask,
+                k_cache[i],
+                v_cache[i],
+                eps,
+                nh,
+                self.math_attention,
+            )
         return rms_norm(x, self.final_norm, self.cfg.rms_eps)
 
     def block_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -390,6 +432,14 @@ class TwinPolicy(LayerwisePolicy):
         graph, out = self._graphs[key]
         graph.replay()
         return out.clone()
+
+    def reset_graphs(self) -> None:
+        """Drop captured graphs (after switching the layer function)."""
+        self._graphs.clear()
+        self._pool = None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
 
     def capture_all(self, max_drafted: int) -> None:
         """Capture (or warm up) every pass shape up to ``max_drafted`` drafted layers."""
