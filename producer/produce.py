@@ -40,6 +40,7 @@ from common.cli import config_to_dict, parse_config
 from common.curve import client_curve
 from common.logs import setup_logging
 from common.policy import ChunkPolicy, Observation
+from common.vla.openvla_oft import OpenVLAOFTUnavailable
 
 log = logging.getLogger("producer")
 
@@ -87,7 +88,9 @@ class ProducerConfig:
     max_steps: int | None = field(
         default=None, metadata={"help": "policy steps per episode (none: the suite's limit; small for tests)"}
     )
-    image_size: int = field(default=128, metadata={"help": "camera image size"})
+    image_size: int | None = field(
+        default=None, metadata={"help": "camera image size (none: 128 for the embedded VLA, 256 for OpenVLA-OFT)"}
+    )
     send_obs: bool = field(default=False, metadata={"help": "also stream the observation (images, proprio)"})
     hidden_dtype: str = field(
         default="float32",
@@ -120,6 +123,10 @@ class ProducerConfig:
             raise ValueError(f"max_steps must be > 0, got {self.max_steps}")
         if self.sndhwm <= 0 or self.max_unacked <= 0:
             raise ValueError("sndhwm and max_unacked must be > 0")
+        if self.image_size is None:
+            self.image_size = 256 if self.vla == "openvla-oft" else 128
+        if self.vla == "openvla-oft" and self.device == "cpu":
+            self.device = "cuda:0"
         if "://" not in self.endpoint:
             raise ValueError(f"endpoint {self.endpoint!r} must look like tcp://HOST:PORT")
 
@@ -281,7 +288,7 @@ def build_policy(cfg: ProducerConfig) -> ChunkPolicy:
     if cfg.vla == "openvla-oft":
         from common.vla.openvla_oft import load_openvla_oft
 
-        return load_openvla_oft(cfg.model_id, device=cfg.device, codec_dir=cfg.codec_dir)
+        return load_openvla_oft(cfg.model_id, device=cfg.device, codec_dir=cfg.codec_dir, suite=cfg.suite)
     from common.vla import load_policy
 
     policy = load_policy(
@@ -532,7 +539,11 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    summary = producer.run()
+    try:
+        summary = producer.run()
+    except OpenVLAOFTUnavailable as exc:
+        log.error("OpenVLAOFTUnavailable: %s", exc)
+        return 2
     if summary["refused"]:
         return 2
     return 0 if summary["unacked"] == 0 else 1

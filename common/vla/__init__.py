@@ -25,7 +25,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_EMBEDDED_DIR = REPO_ROOT / "assets" / "embedded_vla"
 DEFAULT_CODEC_DIR = REPO_ROOT / "assets" / "codec"
 
-BACKENDS = ("embedded",)
+BACKENDS = ("embedded", "openvla-oft")
 
 
 def load_policy(
@@ -46,6 +46,10 @@ def load_policy(
     random_weights: the trained policy's architecture and codec with freshly initialized weights
                   (``seed``): the random-weight baseline of closed-loop evaluations
     """
+    if name == "openvla-oft":  # GPU data source (common/vla/openvla_oft.py); weights_dir: hub id or folder
+        from common.vla.openvla_oft import DEFAULT_MODEL_ID, load_openvla_oft
+
+        return load_openvla_oft(str(weights_dir or DEFAULT_MODEL_ID), device=str(device), codec_dir=codec_dir)
     if name != "embedded":
         raise ValueError(f"unknown policy backend {name!r}; available: {', '.join(BACKENDS)}")
     if random_weights:
