@@ -232,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     steps = 0
     episode_seconds: list[float] = []
     t0 = time.perf_counter()
+    # One rasterizer thread per worker: the workers already fill the cores (images are identical).
+    os.environ.setdefault("LP_NUM_THREADS", "1")
     ctx = mp.get_context("spawn")
     with ctx.Pool(cfg.workers) as pool:
         bar = tqdm(pool.imap(_worker, jobs), total=len(jobs), desc="demos", unit="ep")

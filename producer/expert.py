@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import multiprocessing as mp
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,13 +40,15 @@ RIM_RADIUS = 0.05  # bowl rim (outer radius ~0.055) measured from the bowl's ori
 ABOVE = 0.10  # approach height above the rim point
 GRASP_DZ = 0.035  # grip-site height above the bowl's origin when grasping
 LIFT_DZ = 0.12  # carry height above max(bowl z, plate z)
-PLACE_DZ = 0.045  # grip-site height above the plate's origin when releasing... plus GRASP_DZ
+PLACE_DZ = 0.045  # bowl height above the plate origin when releasing (grip site: + GRASP_DZ)
 POS_GAIN = 15.0  # proportional gain: action = clip(gain * error, -1, 1)
 ROT_SCALE = 0.5  # rad per unit rotation action (robosuite OSC_POSE)
 TOL = 0.01  # phase tolerance (m)
 PHASE_TIMEOUT = 50  # steps
 CLOSE_STEPS = 10
-OPEN_STEPS = 12
+STALL_WINDOW = 5  # steps: a phase whose target is blocked (fingers on the rim) advances when
+STALL_MOVE = 0.002  # the grip site moved less than this over the window while within STALL_TOL
+STALL_TOL = 0.025
 
 
 def _rotz(theta: float) -> np.ndarray:
@@ -105,6 +108,7 @@ class ScriptedExpert:
         _, self.obj, self.target = goal[0]
         self.phase = 0
         self.phase_steps = 0
+        self.history: list[np.ndarray] = []
         bowl = self.env.object_pos(self.obj)
         toward_base = ROBOT_BASE_XY - bowl[:2]
         self.u = toward_base / np.linalg.norm(toward_base)  # unit xy from bowl to robot base
@@ -129,6 +133,14 @@ class ScriptedExpert:
     def _advance(self) -> None:
         self.phase += 1
         self.phase_steps = 0
+        self.history.clear()
+
+    def _stalled(self, eef: np.ndarray, err: np.ndarray) -> bool:
+        self.history.append(eef.copy())
+        if len(self.history) <= STALL_WINDOW:
+            return False
+        moved = np.linalg.norm(self.history[-1] - self.history[-1 - STALL_WINDOW])
+        return bool(moved < STALL_MOVE and np.linalg.norm(err) < STALL_TOL)
 
     def act(self) -> np.ndarray:
         """The next action [7] float32 for the env's current state."""
@@ -166,7 +178,7 @@ class ScriptedExpert:
                 self._advance()
         elif name == "release":
             pass  # hold still with the gripper open until the episode ends
-        elif err_done or self.phase_steps >= PHASE_TIMEOUT:
+        elif err_done or self._stalled(eef, err) or self.phase_steps >= PHASE_TIMEOUT:
             self._advance()
 
         current = _quat_to_mat(state["eef_quat"])
@@ -313,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [(cfg.suite, t, i, cfg.seed, cfg.max_steps) for t in cfg.task_ids for i in cfg.init_ids]
     t0 = time.perf_counter()
     results: list[EpisodeResult] = []
+    # One rasterizer thread per worker: the workers already fill the cores (images are identical).
+    os.environ.setdefault("LP_NUM_THREADS", "1")
     ctx = mp.get_context("spawn")
     with ctx.Pool(cfg.workers) as pool:
         bar = tqdm(pool.imap(_eval_worker, jobs), total=len(jobs), desc="expert episodes")

@@ -1,0 +1,85 @@
+"""`make demos` end to end (one short episode in the real simulator) and the dataset summary."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import h5py
+import numpy as np
+import pytest
+
+from producer import dataset_info, demos
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def demo_file(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demos") / "tiny.hdf5"
+    # One episode cut at 6 steps (a failure), kept so that the layout can be inspected.
+    argv = ["--out", str(out), "--tasks", "3", "--init-states", "7", "--workers", "1",
+            "--image-size", str(SIZE), "--max-steps", "6", "--keep-failures"]  # fmt: skip
+    assert demos.main(argv) == 0
+    return out
+
+
+@pytest.mark.sim
+def test_demo_file_layout(demo_file):
+    assert not demo_file.with_name(demo_file.name + ".partial").exists()
+    with h5py.File(demo_file, "r") as f:
+        data = f["data"]
+        assert data.attrs["total"] == 6 and data.attrs["num_demos"] == 1
+        assert data.attrs["num_failures"] == 1
+        assert json.loads(data.attrs["failures"]) == [{"task_id": 3, "init_state": 7}]
+        env_args = json.loads(data.attrs["env_args"])
+        assert env_args["type"] == "libero" and env_args["env_kwargs"]["camera_heights"] == SIZE
+        demo = data["demo_0"]
+        assert demo.attrs["num_samples"] == 6 and demo.attrs["task_id"] == 3
+        assert demo.attrs["init_state"] == 7 and not demo.attrs["success"]
+        assert "black bowl" in demo.attrs["instruction"]
+        shapes = {
+            "actions": ((6, 7), np.float32),
+            "obs/agentview_rgb": ((6, SIZE, SIZE, 3), np.uint8),
+            "obs/eye_in_hand_rgb": ((6, SIZE, SIZE, 3), np.uint8),
+            "obs/ee_states": ((6, 6), np.float64),
+            "obs/gripper_states": ((6, 2), np.float64),
+            "obs/joint_states": ((6, 7), np.float64),
+            "rewards": ((6,), np.float32),
+            "dones": ((6,), np.uint8),
+        }
+        for key, (shape, dtype) in shapes.items():
+            assert demo[key].shape == shape and demo[key].dtype == dtype, key
+        assert demo["obs/agentview_rgb"].compression == "gzip"
+        assert demo["obs/agentview_rgb"].chunks == (1, SIZE, SIZE, 3)
+        assert demo["obs/agentview_rgb"][0].std() > 5
+        assert list(demo["dones"][()]) == [0, 0, 0, 0, 0, 1]
+        assert np.all(np.abs(demo["actions"][()]) <= 1.0)
+        assert demo["actions"][0, 6] == -1.0  # gripper open while approaching
+        assert [n.decode() for n in f["mask/train"][()]] == ["demo_0"]
+
+
+@pytest.mark.sim
+def test_dataset_info_prints_summary(demo_file):
+    buf = io.StringIO()
+    summary = dataset_info.summarize(demo_file, out=buf)
+    text = buf.getvalue()
+    assert summary["num_demos"] == 1 and summary["total_samples"] == 6
+    assert "total demos: 1" in text and "obs/agentview_rgb: shape (6, 32, 32, 3), dtype uint8" in text
+    assert "task 3:" in text and "filter keys" in text
+    assert dataset_info.main([str(demo_file)]) == 0
+
+
+def test_dataset_info_rejects_missing_file(tmp_path, capsys):
+    assert dataset_info.main([str(tmp_path / "missing.hdf5")]) == 1
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_demos_config_validation(tmp_path):
+    with pytest.raises(ValueError, match=r"valid: 0\.\.49"):
+        demos.DemosConfig(out=tmp_path / "x.hdf5", init_states="45-55")
+    existing = tmp_path / "exists.hdf5"
+    existing.write_bytes(b"")
+    with pytest.raises(ValueError, match="--overwrite"):
+        demos.DemosConfig(out=existing)
+    assert demos.DemosConfig(out=tmp_path / "y.hdf5").keep_failures is False
