@@ -45,7 +45,9 @@ def check_bind_endpoint(endpoint: str, curve_dir: Path | None) -> None:
     if curve_dir is not None:
         for name in ("server.key_secret", "authorized_clients"):
             if not (Path(curve_dir) / name).exists():
-                raise ValueError(f"curve dir {curve_dir} has no {name}; create it with `python -m trainer.keys`")
+                raise ValueError(
+                    f"curve dir {curve_dir} has no {name}; create it with `python -m trainer.keys`"
+                )
 
 
 def server_curve(ctx: zmq.Context, sock: zmq.Socket, curve_dir: Path):
@@ -71,7 +73,9 @@ def client_curve(sock: zmq.Socket, curve_dir: Path) -> None:
     curve_dir = Path(curve_dir)
     for name in ("client.key_secret", "server.key"):
         if not (curve_dir / name).is_file():
-            raise FileNotFoundError(f"curve dir {curve_dir} has no {name}; copy it from `python -m trainer.keys`")
+            raise FileNotFoundError(
+                f"curve dir {curve_dir} has no {name}; copy it from `python -m trainer.keys`"
+            )
     public, secret = zmq.auth.load_certificate(curve_dir / "client.key_secret")
     server_public, _ = zmq.auth.load_certificate(curve_dir / "server.key")
     sock.curve_secretkey = secret

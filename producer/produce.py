@@ -89,7 +89,8 @@ class ProducerConfig:
         default=None, metadata={"help": "policy steps per episode (none: the suite's limit; small for tests)"}
     )
     image_size: int | None = field(
-        default=None, metadata={"help": "camera image size (none: 128 for the embedded VLA, 256 for OpenVLA-OFT)"}
+        default=None,
+        metadata={"help": "camera image size (none: 128 for the embedded VLA, 256 for OpenVLA-OFT)"},
     )
     send_obs: bool = field(default=False, metadata={"help": "also stream the observation (images, proprio)"})
     hidden_dtype: str = field(
@@ -397,7 +398,9 @@ class Producer:
         import torch
 
         torch.set_num_threads(cfg.threads)
-        torch.manual_seed(cfg.seed)  # only matters for a random-weight plumbing policy: same on every producer
+        torch.manual_seed(
+            cfg.seed
+        )  # only matters for a random-weight plumbing policy: same on every producer
         self.policy = build_policy(cfg)
         log.info("policy %s (D=%d) on %s", self.policy.backbone_id, self.policy.hidden_dim, cfg.device)
         self.sender = ReliableSender(cfg, self.stop)

@@ -31,13 +31,17 @@ def spawn(module: str, args: list[str], log: Path) -> subprocess.Popen:
     )
 
 
-def start_trainer(run_dir: Path, log: Path, extra: list[str], endpoint: str = "tcp://127.0.0.1:*") -> tuple[subprocess.Popen, str]:
+def start_trainer(
+    run_dir: Path, log: Path, extra: list[str], endpoint: str = "tcp://127.0.0.1:*"
+) -> tuple[subprocess.Popen, str]:
     proc = spawn("trainer.online", ["--endpoint", endpoint, "--run-dir", str(run_dir), *extra], log)
     m = wait_for(log, r"listening on (tcp://127\.0\.0\.1:\d+)", proc, timeout=60)
     return proc, m.group(1)
 
 
-def wait_for(log: Path, pattern: str, proc: subprocess.Popen | None = None, timeout: float = 60, count: int = 1):
+def wait_for(
+    log: Path, pattern: str, proc: subprocess.Popen | None = None, timeout: float = 60, count: int = 1
+):
     """Wait until ``pattern`` has matched ``count`` times in the log; returns the last match."""
     rx = re.compile(pattern)
     deadline = time.time() + timeout
@@ -47,9 +51,13 @@ def wait_for(log: Path, pattern: str, proc: subprocess.Popen | None = None, time
         if len(matches) >= count:
             return matches[count - 1]
         if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"{log.name}: process exited ({proc.returncode}) before {pattern!r}:\n{text[-3000:]}")
+            raise AssertionError(
+                f"{log.name}: process exited ({proc.returncode}) before {pattern!r}:\n{text[-3000:]}"
+            )
         time.sleep(0.2)
-    raise AssertionError(f"{log.name}: no {pattern!r} within {timeout}s:\n{(log.read_text(errors='replace'))[-3000:]}")
+    raise AssertionError(
+        f"{log.name}: no {pattern!r} within {timeout}s:\n{(log.read_text(errors='replace'))[-3000:]}"
+    )
 
 
 def finish(proc: subprocess.Popen, log: Path, timeout: float) -> str:
@@ -58,7 +66,9 @@ def finish(proc: subprocess.Popen, log: Path, timeout: float) -> str:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-        raise AssertionError(f"{log.name} did not finish in {timeout}s:\n{log.read_text(errors='replace')[-3000:]}")
+        raise AssertionError(
+            f"{log.name} did not finish in {timeout}s:\n{log.read_text(errors='replace')[-3000:]}"
+        ) from None
     return log.read_text(errors="replace")
 
 
@@ -68,10 +78,25 @@ def producer_summary(text: str) -> dict:
     return json.loads(m.group(1))
 
 
-def producer_args(endpoint: str, pid: str, task: int, episodes: int, max_steps: int, *extra: str) -> list[str]:
+def producer_args(
+    endpoint: str, pid: str, task: int, episodes: int, max_steps: int, *extra: str
+) -> list[str]:
     return [
-        "--endpoint", endpoint, "--producer-id", pid, "--tasks", str(task), "--episodes-per-task", str(episodes),
-        "--max-steps", str(max_steps), "--allow-random-policy", "--image-size", "64", "--flush-timeout-s", "60",
+        "--endpoint",
+        endpoint,
+        "--producer-id",
+        pid,
+        "--tasks",
+        str(task),
+        "--episodes-per-task",
+        str(episodes),
+        "--max-steps",
+        str(max_steps),
+        "--allow-random-policy",
+        "--image-size",
+        "64",
+        "--flush-timeout-s",
+        "60",
         *extra,
     ]
 

@@ -16,7 +16,13 @@ from trainer.online import Trainer, TrainerConfig
 
 
 def test_loopback_detection():
-    for ep in ("tcp://127.0.0.1:5555", "tcp://localhost:1", "tcp://[::1]:2", "ipc:///tmp/x", "tcp://127.0.0.1:*"):
+    for ep in (
+        "tcp://127.0.0.1:5555",
+        "tcp://localhost:1",
+        "tcp://[::1]:2",
+        "ipc:///tmp/x",
+        "tcp://127.0.0.1:*",
+    ):
         assert is_loopback(ep), ep
     for ep in ("tcp://0.0.0.0:5555", "tcp://*:5555", "tcp://10.1.2.3:5555", "tcp://eth0:5555"):
         assert not is_loopback(ep), ep

@@ -48,10 +48,19 @@ def episode(i: int, n: int, split: str = "train", d: int = 16, status: str = "su
 def test_layout_and_round_trip(tmp_path):
     path = tmp_path / "a.hdf5"
     w = ArchiveWriter(path, SH, trainer_config={"x": 1})
-    assert w.set_provenance(backbone_id="b@1", hidden_dim=16, codec_sha256="c" * 64, producer_id="p0",
-                            producer_config=json.dumps({"env_args": {"env_name": "t"}})) is None
-    assert "backbone" in w.set_provenance(backbone_id="other", hidden_dim=16, codec_sha256="", producer_id="p1",
-                                          producer_config="{}")
+    assert (
+        w.set_provenance(
+            backbone_id="b@1",
+            hidden_dim=16,
+            codec_sha256="c" * 64,
+            producer_id="p0",
+            producer_config=json.dumps({"env_args": {"env_name": "t"}}),
+        )
+        is None
+    )
+    assert "backbone" in w.set_provenance(
+        backbone_id="other", hidden_dim=16, codec_sha256="", producer_id="p1", producer_config="{}"
+    )
     eps = [episode(0, 3, "valid"), episode(1, 2), episode(2, 0, status="errored"), episode(3, 4)]
     for ep in eps:
         w.write_episode(ep)
@@ -110,7 +119,9 @@ WRITER = textwrap.dedent(
 def test_readable_while_written_and_intact_after_kill9(tmp_path):
     path = tmp_path / "a.hdf5"
     proc = subprocess.Popen(
-        [sys.executable, "-c", WRITER.format(repo=str(REPO), path=str(path))], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", WRITER.format(repo=str(REPO), path=str(path))],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         written = -1

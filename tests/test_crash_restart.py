@@ -27,8 +27,22 @@ from trainer.archive import episode_attrs, iter_episodes
 pytestmark = pytest.mark.sim
 
 TRAINER_ARGS = [
-    "--min-size", "2", "--warmup-steps", "5", "--val-interval", "5", "--samples-per-insert", "8",
-    "--error-buffer", "200", "--batch-size", "8", "--valid-every", "4", "--producer-timeout-s", "4",
+    "--min-size",
+    "2",
+    "--warmup-steps",
+    "5",
+    "--val-interval",
+    "5",
+    "--samples-per-insert",
+    "8",
+    "--error-buffer",
+    "200",
+    "--batch-size",
+    "8",
+    "--valid-every",
+    "4",
+    "--producer-timeout-s",
+    "4",
 ]
 
 
@@ -80,8 +94,12 @@ def test_trainer_kill9_restart_and_producer_kill9(tmp_path):
         killed_episode = wait_open_episode(log_b, producer)
         os.kill(producer.pid, signal.SIGKILL)
         producer.wait()
-        wait_for(log_b, r"archived demo_\d+: .* episode %d of p1, \d+ samples, incomplete" % killed_episode,
-                 trainer_b, timeout=30)
+        wait_for(
+            log_b,
+            r"archived demo_\d+: .* episode %d of p1, \d+ samples, incomplete" % killed_episode,
+            trainer_b,
+            timeout=30,
+        )
         # 4. SIGTERM: clean shutdown
         trainer_b.send_signal(signal.SIGTERM)
         out = finish(trainer_b, log_b, 60)

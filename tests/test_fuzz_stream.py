@@ -38,7 +38,13 @@ FUZZED = {"bad": 0, "good": 0, "sessions": 0}
 def good_sample(seq: int, pid: str = "fz", session: str = "s", rng_seed: int = 0) -> wire.Sample:
     rng = np.random.default_rng(rng_seed + seq)
     return wire.Sample(
-        producer_id=pid, session=session, seq=seq, suite="libero_spatial", task_id=0, episode_id=0, step=8 * seq,
+        producer_id=pid,
+        session=session,
+        seq=seq,
+        suite="libero_spatial",
+        task_id=0,
+        episode_id=0,
+        step=8 * seq,
         hidden=rng.standard_normal(D).astype(np.float32),  # [D]
         codes=rng.integers(0, SH.grid_size, SH.codes_shape, dtype=np.uint8),  # [T, H, L]
         actions=rng.uniform(-1, 1, SH.chunk_shape).astype(np.float32),  # [T, A]
@@ -77,8 +83,16 @@ def test_decoder_never_crashes_on_mutated_messages(data):
 def live(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("fuzz_run")
     cfg = TrainerConfig(
-        endpoint="tcp://127.0.0.1:*", run_dir=run_dir, min_size=4, warmup_steps=5, val_interval=25,
-        samples_per_insert=4, error_buffer=400, batch_size=8, draft_hidden_dim=64, valid_every=5,
+        endpoint="tcp://127.0.0.1:*",
+        run_dir=run_dir,
+        min_size=4,
+        warmup_steps=5,
+        val_interval=25,
+        samples_per_insert=4,
+        error_buffer=400,
+        batch_size=8,
+        draft_hidden_dim=64,
+        valid_every=5,
     )
     trainer = Trainer(cfg)
     thread = threading.Thread(target=trainer.run, daemon=True)
@@ -102,15 +116,36 @@ def rejected_total(trainer: Trainer) -> int:
 BAD_KINDS = st.one_of(
     st.tuples(st.just("random"), st.lists(st.binary(max_size=300), min_size=1, max_size=3)),
     st.tuples(st.just("truncate"), st.floats(0.0, 0.99)),
-    st.tuples(st.just("version"), st.one_of(st.integers(-5, 1000).filter(lambda v: v != 1), st.text(max_size=3))),
+    st.tuples(
+        st.just("version"), st.one_of(st.integers(-5, 1000).filter(lambda v: v != 1), st.text(max_size=3))
+    ),
     st.tuples(st.just("kind"), st.text(max_size=12).filter(lambda k: k not in wire._FIELDS)),
-    st.tuples(st.just("field"), st.sampled_from(["step", "task_id", "suite", "pid", "seq", "hidden", "codes"]),
-              st.one_of(st.none(), st.text(max_size=8), st.floats(), st.binary(max_size=8), st.lists(st.integers(), max_size=3))),
-    st.tuples(st.just("dtype"), st.sampled_from(["hidden", "codes", "actions"]),
-              st.sampled_from(["<f8", "<i4", "|i1", ">f4", "O", "V8", "<c8", "S3", "garbage", "<M8"])),
-    st.tuples(st.just("shape"), st.sampled_from(["hidden", "codes", "actions"]),
-              st.lists(st.integers(0, 70), min_size=0, max_size=4)),
-    st.tuples(st.just("nonfinite"), st.sampled_from(["hidden", "actions"]), st.sampled_from([np.nan, np.inf, -np.inf])),
+    st.tuples(
+        st.just("field"),
+        st.sampled_from(["step", "task_id", "suite", "pid", "seq", "hidden", "codes"]),
+        st.one_of(
+            st.none(),
+            st.text(max_size=8),
+            st.floats(),
+            st.binary(max_size=8),
+            st.lists(st.integers(), max_size=3),
+        ),
+    ),
+    st.tuples(
+        st.just("dtype"),
+        st.sampled_from(["hidden", "codes", "actions"]),
+        st.sampled_from(["<f8", "<i4", "|i1", ">f4", "O", "V8", "<c8", "S3", "garbage", "<M8"]),
+    ),
+    st.tuples(
+        st.just("shape"),
+        st.sampled_from(["hidden", "codes", "actions"]),
+        st.lists(st.integers(0, 70), min_size=0, max_size=4),
+    ),
+    st.tuples(
+        st.just("nonfinite"),
+        st.sampled_from(["hidden", "actions"]),
+        st.sampled_from([np.nan, np.inf, -np.inf]),
+    ),
     st.tuples(st.just("absurd"), st.sampled_from(["hidden", "codes", "actions"])),
     st.tuples(st.just("token"), st.integers(SH.grid_size, 255)),
     st.tuples(st.just("duplicate")),
@@ -119,7 +154,9 @@ BAD_KINDS = st.one_of(
 )
 
 
-def make_bad(recipe: tuple, pid: str, session: str, sent: list[list[bytes]], fresh_seq: int) -> list[bytes] | None:
+def make_bad(
+    recipe: tuple, pid: str, session: str, sent: list[list[bytes]], fresh_seq: int
+) -> list[bytes] | None:
     """A malformed message from a recipe, or None if this recipe cannot apply now."""
     kind = recipe[0]
     base = [bytes(f) for f in wire.encode(good_sample(fresh_seq, pid, session, rng_seed=7))]
@@ -180,7 +217,9 @@ def wait_ack(sock: zmq.Socket, session: str, seq: int, timeout: float = 20.0) ->
 
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
-@given(bad=st.lists(st.tuples(BAD_KINDS, st.integers(0, 5)), min_size=1, max_size=8), n_good=st.integers(1, 5))
+@given(
+    bad=st.lists(st.tuples(BAD_KINDS, st.integers(0, 5)), min_size=1, max_size=8), n_good=st.integers(1, 5)
+)
 def test_live_trainer_rejects_bad_and_keeps_good(live, bad, n_good):
     trainer, thread, sock = live
     i = next(_ids)
@@ -234,8 +273,10 @@ def test_archive_holds_exactly_the_good_samples(live):
     for pid, seqs in by_pid.items():
         assert seqs == list(range(len(seqs))), pid  # in order, exactly once, nothing bad archived
     assert sum(len(s) for s in by_pid.values()) == FUZZED["good"]
-    print(f"\nfuzzed {FUZZED['bad']} bad messages among {FUZZED['good']} good samples in {FUZZED['sessions']} sessions;"
-          f" trainer rejections by reason: {_reasons(trainer)}")
+    print(
+        f"\nfuzzed {FUZZED['bad']} bad messages among {FUZZED['good']} good samples in {FUZZED['sessions']} sessions;"
+        f" trainer rejections by reason: {_reasons(trainer)}"
+    )
 
 
 def _reasons(trainer: Trainer) -> dict[str, int]:

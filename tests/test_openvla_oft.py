@@ -26,7 +26,11 @@ def test_missing_gpu_is_named():
 def test_producer_exits_with_the_reason(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "producer.produce", "--vla", "openvla-oft", "--endpoint", "tcp://127.0.0.1:1"],
-        cwd=REPO, env=env(), capture_output=True, text=True, timeout=120,
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert "OpenVLAOFTUnavailable" in proc.stderr and "CUDA GPU" in proc.stderr

@@ -25,15 +25,35 @@ pytestmark = pytest.mark.sim
 def test_two_producers_one_trainer(tmp_path):
     run = tmp_path / "run"
     trainer, endpoint = start_trainer(
-        run, tmp_path / "trainer.log",
-        ["--exit-after-byes", "2", "--min-size", "2", "--warmup-steps", "5", "--val-interval", "5",
-         "--samples-per-insert", "8", "--error-buffer", "200", "--batch-size", "8", "--valid-every", "3"],
+        run,
+        tmp_path / "trainer.log",
+        [
+            "--exit-after-byes",
+            "2",
+            "--min-size",
+            "2",
+            "--warmup-steps",
+            "5",
+            "--val-interval",
+            "5",
+            "--samples-per-insert",
+            "8",
+            "--error-buffer",
+            "200",
+            "--batch-size",
+            "8",
+            "--valid-every",
+            "3",
+        ],
     )
     p1 = p2 = None
     try:
         p1 = spawn("producer.produce", producer_args(endpoint, "p1", 0, 2, 16), tmp_path / "p1.log")
-        p2 = spawn("producer.produce", producer_args(endpoint, "p2", 1, 2, 16, "--test-raise-in-episode", "0"),
-                   tmp_path / "p2.log")
+        p2 = spawn(
+            "producer.produce",
+            producer_args(endpoint, "p2", 1, 2, 16, "--test-raise-in-episode", "0"),
+            tmp_path / "p2.log",
+        )
         out1 = finish(p1, tmp_path / "p1.log", 240)
         out2 = finish(p2, tmp_path / "p2.log", 240)
         finish(trainer, tmp_path / "trainer.log", 120)
@@ -50,7 +70,9 @@ def test_two_producers_one_trainer(tmp_path):
     for pid, s in sums.items():
         t = summary["producers"][pid]
         assert s["unacked"] == 0 and s["resent"] == 0
-        assert s["samples_sent"] == t["reported_sent"] == t["samples_received"] == t["accepted"] == t["archived"]
+        assert (
+            s["samples_sent"] == t["reported_sent"] == t["samples_received"] == t["accepted"] == t["archived"]
+        )
         assert t["rejected"] == {} and t["gaps"] == 0 and t["episodes_archived"] == s["episodes_sent"] == 2
     assert summary["rejected_unattributed"] == {}
 
@@ -76,8 +98,20 @@ def test_two_producers_one_trainer(tmp_path):
     assert (run / "training_curve.png").is_file()
 
     # retraining from the archive works and writes the same checkpoint format
-    retrain = spawn("trainer.retrain", ["--archives", str(archive), "--run-dir", str(tmp_path / "retrain"),
-                                        "--epochs", "2", "--threads", "1"], tmp_path / "retrain.log")
+    retrain = spawn(
+        "trainer.retrain",
+        [
+            "--archives",
+            str(archive),
+            "--run-dir",
+            str(tmp_path / "retrain"),
+            "--epochs",
+            "2",
+            "--threads",
+            "1",
+        ],
+        tmp_path / "retrain.log",
+    )
     out = finish(retrain, tmp_path / "retrain.log", 120)
     assert retrain.returncode == 0, out[-2000:]
     _, ckpt2 = load_checkpoint(tmp_path / "retrain" / "draft_best.pt")

@@ -48,7 +48,9 @@ def to_bytes(frames: list) -> list[bytes]:
     return [bytes(f) for f in frames]
 
 
-@pytest.mark.parametrize("d,dtype,obs", [(64, np.float16, False), (4096, np.float32, False), (4096, np.float16, True)])
+@pytest.mark.parametrize(
+    "d,dtype,obs", [(64, np.float16, False), (4096, np.float32, False), (4096, np.float16, True)]
+)
 def test_sample_round_trip(d, dtype, obs):
     msg = make_sample(d=d, dtype=dtype, obs=obs)
     out = wire.decode(to_bytes(wire.encode(msg)))

@@ -120,7 +120,9 @@ class ArchiveWriter:
         try:
             f = self._open("a")
         except OSError as exc:
-            raise RuntimeError(f"archive {self.path} exists but cannot be opened ({exc}); move it away") from exc
+            raise RuntimeError(
+                f"archive {self.path} exists but cannot be opened ({exc}); move it away"
+            ) from exc
         with f:
             if "data" not in f or f["data"].attrs.get("schema_version") != ARCHIVE_SCHEMA_VERSION:
                 raise RuntimeError(f"{self.path} is not an RSD archive of schema {ARCHIVE_SCHEMA_VERSION}")
@@ -132,7 +134,11 @@ class ArchiveWriter:
                     del f["data"][name]
                     self.removed_partial.append(name)
             if self.removed_partial:
-                log.warning("removed %d partially written episode(s): %s", len(self.removed_partial), self.removed_partial)
+                log.warning(
+                    "removed %d partially written episode(s): %s",
+                    len(self.removed_partial),
+                    self.removed_partial,
+                )
             # a kill between `complete` and the mask update: put such episodes into their split's mask
             masked = {_attr(x) for split in SPLITS for x in f["mask"][split][()]}
             for name in sorted(set(f["data"]) - masked, key=lambda n: int(n.split("_")[1])):
@@ -191,7 +197,9 @@ class ArchiveWriter:
                 g.create_dataset("actions", data=np.stack(ep.actions).astype(np.float32))  # [n, T, A]
             else:
                 s = self.shape
-                g.create_dataset("hidden", shape=(0, int(self.meta.get("hidden_dim", 0)) or 1), dtype=np.float32)
+                g.create_dataset(
+                    "hidden", shape=(0, int(self.meta.get("hidden_dim", 0)) or 1), dtype=np.float32
+                )
                 g.create_dataset("codes", shape=(0, *s.codes_shape), dtype=np.uint8)
                 g.create_dataset("actions", shape=(0, *s.chunk_shape), dtype=np.float32)
             g.create_dataset("steps", data=np.asarray(ep.steps, dtype=np.int32))
@@ -299,7 +307,11 @@ def summarize(path: str | Path) -> dict[str, Any]:
         a = ep.attrs
         out["episodes"] += 1
         out["samples"] += a["num_samples"]
-        for key, val in (("by_status", a["status"]), ("by_split", a["split"]), ("by_producer", a["producer_id"])):
+        for key, val in (
+            ("by_status", a["status"]),
+            ("by_split", a["split"]),
+            ("by_producer", a["producer_id"]),
+        ):
             out[key][val] = out[key].get(val, 0) + a["num_samples"]
     return out
 

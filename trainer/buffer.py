@@ -78,7 +78,9 @@ class RateLimiter:
         if samples_per_insert <= 0:
             raise ValueError(f"samples_per_insert must be > 0, got {samples_per_insert}")
         if error_buffer < samples_per_insert:
-            raise ValueError(f"error_buffer ({error_buffer}) must be >= samples_per_insert ({samples_per_insert})")
+            raise ValueError(
+                f"error_buffer ({error_buffer}) must be >= samples_per_insert ({samples_per_insert})"
+            )
         self.spi = samples_per_insert
         self.min_size = max(1, min_size)
         self.error_buffer = error_buffer

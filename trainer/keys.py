@@ -62,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging("keys")
     paths = generate_keys(cfg.out_dir, cfg.client_name, cfg.overwrite)
     print(f"trainer:  --curve-dir {cfg.out_dir}   (server.key_secret, authorized_clients/)")
-    print(f"producer: copy {paths['server']} and {cfg.out_dir}/{cfg.client_name}.key_secret, then --curve-dir DIR")
+    print(
+        f"producer: copy {paths['server']} and {cfg.out_dir}/{cfg.client_name}.key_secret, then --curve-dir DIR"
+    )
     return 0
 
 

@@ -28,7 +28,6 @@ import signal
 import threading
 import time
 import uuid
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,13 +39,13 @@ import zmq
 
 from common import wire
 from common.cli import config_to_dict, parse_config
+from common.curve import check_bind_endpoint, server_curve
 from common.logs import setup_logging
 from common.shapes import DEFAULT_SHAPE, RFSQShape
 from trainer.archive import ArchiveWriter, EpisodeRecord, archived_seqs, iter_episodes
 from trainer.buffer import RateLimiter, ReplayBuffer
 from trainer.learner import Learner, OptimConfig
 from trainer.plots import plot_curves
-from common.curve import check_bind_endpoint, server_curve
 
 log = logging.getLogger("trainer.online")
 
@@ -59,7 +58,9 @@ class TrainerConfig:
     run_dir: Path = field(default=Path("runs/default"), metadata={"help": "checkpoints, archive, logs"})
     curve_dir: Path | None = field(
         default=None,
-        metadata={"help": "CURVE key folder from `python -m trainer.keys` (required to bind beyond 127.0.0.1)"},
+        metadata={
+            "help": "CURVE key folder from `python -m trainer.keys` (required to bind beyond 127.0.0.1)"
+        },
     )
     rcvhwm: int = field(default=256, metadata={"help": "receive high-water mark (messages) per producer"})
     capacity: int = field(default=50000, metadata={"help": "replay buffer capacity (samples)"})
@@ -82,7 +83,8 @@ class TrainerConfig:
     val_interval: int = field(default=100, metadata={"help": "validate every N updates"})
     log_interval: int = field(default=20, metadata={"help": "log training metrics every N updates"})
     producer_timeout_s: float = field(
-        default=30.0, metadata={"help": "a producer silent this long has its open episode closed as incomplete"}
+        default=30.0,
+        metadata={"help": "a producer silent this long has its open episode closed as incomplete"},
     )
     max_updates: int | None = field(default=None, metadata={"help": "stop after this many updates"})
     max_runtime_s: float | None = field(default=None, metadata={"help": "stop after this many seconds"})
@@ -96,7 +98,15 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)
-        for name in ("rcvhwm", "capacity", "val_capacity", "valid_every", "batch_size", "threads", "val_interval"):
+        for name in (
+            "rcvhwm",
+            "capacity",
+            "val_capacity",
+            "valid_every",
+            "batch_size",
+            "threads",
+            "val_interval",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -206,7 +216,12 @@ class Trainer:
         last = cfg.run_dir / "draft_last.pt"
         if cfg.resume and last.is_file():
             ckpt = self.learner.load(last)
-            log.info("resumed from %s: %d updates, val_accuracy %.4f", last, self.learner.updates, ckpt["val_accuracy"])
+            log.info(
+                "resumed from %s: %d updates, val_accuracy %.4f",
+                last,
+                self.learner.updates,
+                ckpt["val_accuracy"],
+            )
         n_train = n_val = 0
         if cfg.resume and self.archive.total:
             for ep in iter_episodes(self.archive.path):
@@ -252,7 +267,9 @@ class Trainer:
             self.unattributed[reason] = self.unattributed.get(reason, 0) + 1
         total = sum(self.unattributed.values()) + sum(sum(s.rejected.values()) for s in self.stats.values())
         if total <= 20 or total % 100 == 0:
-            log.warning("rejected message from %s (%s): %s [%d rejected so far]", pid or "?", reason, detail, total)
+            log.warning(
+                "rejected message from %s (%s): %s [%d rejected so far]", pid or "?", reason, detail, total
+            )
 
     def _send_ack(self, sock: zmq.Socket, identity: bytes, pid: str, psession: str, error: str = "") -> None:
         state = self.producers.get(pid)
@@ -305,10 +322,14 @@ class Trainer:
             missing = msg.seq - state.expected_seq
             st.gaps += missing
             st.gap_events += 1
-            log.warning("producer %s: sequence gap, %d message(s) missing before seq %d", pid, missing, msg.seq)
+            log.warning(
+                "producer %s: sequence gap, %d message(s) missing before seq %d", pid, missing, msg.seq
+            )
         if isinstance(msg, wire.Sample):
             if msg.hidden.shape[0] != state.hello.hidden_dim:
-                self._reject("shape", f"hidden [{msg.hidden.shape[0]}] != hello's D={state.hello.hidden_dim}", pid)
+                self._reject(
+                    "shape", f"hidden [{msg.hidden.shape[0]}] != hello's D={state.hello.hidden_dim}", pid
+                )
                 return
             state.expected_seq = msg.seq + 1
             self._on_sample(msg, state, now)
@@ -344,7 +365,11 @@ class Trainer:
             self.producers[pid] = ProducerState(pid, msg.session, msg, identity, expected, now)
             log.info(
                 "hello from %s (session %s, %s, D=%d), expecting seq %d",
-                pid, msg.session, msg.backbone_id, msg.hidden_dim, expected,
+                pid,
+                msg.session,
+                msg.backbone_id,
+                msg.hidden_dim,
+                expected,
             )
         if not self.hidden_dim:
             self._setup_model(msg.hidden_dim)
@@ -357,8 +382,14 @@ class Trainer:
             self.episode_counter += 1
             ep = EpisodeRecord(msg.producer_id, msg.session, msg.suite, msg.task_id, msg.episode_id, split)
             state.open[msg.episode_id] = ep
-            log.info("episode %d of %s started (%s task %d, %s split)", msg.episode_id, msg.producer_id,
-                     msg.suite, msg.task_id, split)
+            log.info(
+                "episode %d of %s started (%s task %d, %s split)",
+                msg.episode_id,
+                msg.producer_id,
+                msg.suite,
+                msg.task_id,
+                split,
+            )
         hidden = msg.hidden.astype(np.float32)
         targets = self._targets(msg.codes[None])[0]  # [K, S]
         assert self.buffer is not None and self.valset is not None
@@ -397,7 +428,14 @@ class Trainer:
         self.archived[key] = max(self.archived.get(key, -1), ep.last_seq)
         log.info(
             "archived %s: %s task %d episode %d of %s, %d samples, %s (%s)",
-            name, ep.suite, ep.task_id, ep.episode_id, ep.producer_id, ep.num_samples, ep.status, ep.split,
+            name,
+            ep.suite,
+            ep.task_id,
+            ep.episode_id,
+            ep.producer_id,
+            ep.num_samples,
+            ep.status,
+            ep.split,
         )
 
     def _on_episode_end(self, sock: zmq.Socket, msg: wire.EpisodeEnd, state: ProducerState) -> None:
@@ -408,7 +446,10 @@ class Trainer:
         if msg.num_samples != ep.num_samples:
             log.warning(
                 "%s episode %d: producer sent %d samples, %d arrived",
-                msg.producer_id, msg.episode_id, msg.num_samples, ep.num_samples,
+                msg.producer_id,
+                msg.episode_id,
+                msg.num_samples,
+                ep.num_samples,
             )
         self._archive(ep)
         self._send_ack(sock, state.identity, state.producer_id, state.session)
@@ -422,7 +463,9 @@ class Trainer:
             st.gap_events += 1
         self._close_open(state, "incomplete")
         state.said_bye = True
-        log.info("bye from %s: %d samples, %d episodes sent", msg.producer_id, msg.samples_sent, msg.episodes_sent)
+        log.info(
+            "bye from %s: %d samples, %d episodes sent", msg.producer_id, msg.samples_sent, msg.episodes_sent
+        )
 
     def _close_open(self, state: ProducerState, status: str) -> None:
         for ep in list(state.open.values()):
@@ -433,8 +476,11 @@ class Trainer:
     def _check_timeouts(self, now: float) -> None:
         for state in self.producers.values():
             if state.open and now - state.last_seen > self.cfg.producer_timeout_s:
-                log.warning("producer %s silent for %.0fs: closing its open episode as incomplete",
-                            state.producer_id, now - state.last_seen)
+                log.warning(
+                    "producer %s silent for %.0fs: closing its open episode as incomplete",
+                    state.producer_id,
+                    now - state.last_seen,
+                )
                 self._close_open(state, "incomplete")
 
     # ================================================================== learner thread
@@ -461,8 +507,16 @@ class Trainer:
                     dt = time.time() - t_last
                     ups = (learner.updates - u_last) / max(dt, 1e-9)
                     t_last, u_last = time.time(), learner.updates
-                    self.history.append({"updates": learner.updates, "loss": m["loss"], "acc": m["accuracy"],
-                                         "lr": m["lr"], "updates_per_s": ups, "t": time.time() - self.t_start})
+                    self.history.append(
+                        {
+                            "updates": learner.updates,
+                            "loss": m["loss"],
+                            "acc": m["accuracy"],
+                            "lr": m["lr"],
+                            "updates_per_s": ups,
+                            "t": time.time() - self.t_start,
+                        }
+                    )
                     self._tb_scalars("train", m | {"updates_per_s": ups}, learner.updates)
                 if learner.updates % self.cfg.val_interval == 0:
                     self._validate_and_save()
@@ -494,20 +548,37 @@ class Trainer:
             is_best = r.accuracy > learner.best_val
             if is_best:
                 learner.best_val = r.accuracy
-            config = {"run": config_to_dict(self.cfg), "source": "online", "backbone_id": self.archive.meta.get("backbone_id", ""),
-                      "codec_sha256": self.archive.meta.get("codec_sha256", ""), "val_samples": r.num_samples}
+            config = {
+                "run": config_to_dict(self.cfg),
+                "source": "online",
+                "backbone_id": self.archive.meta.get("backbone_id", ""),
+                "codec_sha256": self.archive.meta.get("codec_sha256", ""),
+                "val_samples": r.num_samples,
+            }
             if is_best:
                 learner.save(self.cfg.run_dir / "draft_best.pt", learner.updates, r.accuracy, config)
             learner.save(self.cfg.run_dir / "draft_last.pt", learner.updates, r.accuracy, config)
-        self.last_val = {"updates": learner.updates, "val_loss": r.loss, "val_accuracy": r.accuracy,
-                         "val_acc_per_layer": r.acc_per_layer, "val_layer_exact": r.layer_exact,
-                         "val_samples": r.num_samples, "t": time.time() - self.t_start}
+        self.last_val = {
+            "updates": learner.updates,
+            "val_loss": r.loss,
+            "val_accuracy": r.accuracy,
+            "val_acc_per_layer": r.acc_per_layer,
+            "val_layer_exact": r.layer_exact,
+            "val_samples": r.num_samples,
+            "t": time.time() - self.t_start,
+        }
         self.history.append(self.last_val)
-        self._tb_scalars("val", {"loss": r.loss, "accuracy": r.accuracy, "acc_per_layer": r.acc_per_layer}, learner.updates)
+        self._tb_scalars(
+            "val", {"loss": r.loss, "accuracy": r.accuracy, "acc_per_layer": r.acc_per_layer}, learner.updates
+        )
         log.info(
             "update %d: val acc %.4f (L0..L%d %s) on %d held-out samples%s",
-            learner.updates, r.accuracy, len(r.acc_per_layer) - 1,
-            " ".join(f"{a:.3f}" for a in r.acc_per_layer), r.num_samples, " [best]" if is_best else "",
+            learner.updates,
+            r.accuracy,
+            len(r.acc_per_layer) - 1,
+            " ".join(f"{a:.3f}" for a in r.acc_per_layer),
+            r.num_samples,
+            " [best]" if is_best else "",
         )
 
     # ================================================================== main loop
@@ -532,7 +603,13 @@ class Trainer:
         except Exception as exc:  # tensorboard missing: train anyway
             log.warning("TensorBoard logging off: %s", exc)
             self.tb = None
-        log.info("trainer %s listening on %s (run dir %s, device %s)", self.session, self.bound_endpoint, cfg.run_dir, self.device)
+        log.info(
+            "trainer %s listening on %s (run dir %s, device %s)",
+            self.session,
+            self.bound_endpoint,
+            cfg.run_dir,
+            self.device,
+        )
         learner_thread = threading.Thread(target=self._learner_loop, name="learner", daemon=True)
         learner_thread.start()
         poller = zmq.Poller()
@@ -598,12 +675,20 @@ class Trainer:
             "producers": {pid: vars(st) for pid, st in sorted(self.stats.items())},
             "rejected_unattributed": dict(self.unattributed),
             "accepted_total": self.accepted_total,
-            "archive": {"path": str(self.archive.path), "episodes": self.archive.num_episodes, "samples": self.archive.total,
-                        "removed_partial_on_open": self.archive.removed_partial},
+            "archive": {
+                "path": str(self.archive.path),
+                "episodes": self.archive.num_episodes,
+                "samples": self.archive.total,
+                "removed_partial_on_open": self.archive.removed_partial,
+            },
             "updates": self.learner.updates if self.learner else 0,
             "samples_per_s": self.accepted_total / stream_s if stream_s > 0 else 0.0,
             "updates_per_s": (self.learner.updates / elapsed) if self.learner else 0.0,
-            "lag_s": {"mean": float(lags.mean()), "p50": float(np.median(lags)), "p95": float(np.quantile(lags, 0.95))},
+            "lag_s": {
+                "mean": float(lags.mean()),
+                "p50": float(np.median(lags)),
+                "p95": float(np.quantile(lags, 0.95)),
+            },
             "rate_limiter": vars(self.limiter.stats),
             "last_validation": self.last_val,
             "best_val_accuracy": self.learner.best_val if self.learner else None,
@@ -627,8 +712,10 @@ class _Progress:
             self.n = t.accepted_total
         val = t.last_val["val_accuracy"] if t.last_val else float("nan")
         self.bar.set_postfix(
-            episodes=t.archive.num_episodes, updates=t.learner.updates if t.learner else 0,
-            val_acc=f"{val:.3f}", refresh=False,
+            episodes=t.archive.num_episodes,
+            updates=t.learner.updates if t.learner else 0,
+            val_acc=f"{val:.3f}",
+            refresh=False,
         )
 
     def close(self) -> None:
@@ -637,7 +724,9 @@ class _Progress:
 
 def print_summary(summary: dict[str, Any]) -> None:
     lines = ["", "=== trainer summary ==="]
-    lines.append(f"{'producer':<16}{'sent':>8}{'received':>10}{'accepted':>10}{'rejected':>10}{'archived':>10}{'gaps':>6}  episodes")
+    lines.append(
+        f"{'producer':<16}{'sent':>8}{'received':>10}{'accepted':>10}{'rejected':>10}{'archived':>10}{'gaps':>6}  episodes"
+    )
     for pid, st in summary["producers"].items():
         sent = "?" if st["reported_sent"] is None else st["reported_sent"]
         rej = sum(st["rejected"].values())
@@ -656,7 +745,9 @@ def print_summary(summary: dict[str, Any]) -> None:
     )
     if summary["last_validation"]:
         v = summary["last_validation"]
-        lines.append(f"val accuracy {v['val_accuracy']:.4f} per layer {[round(x, 4) for x in v['val_acc_per_layer']]}")
+        lines.append(
+            f"val accuracy {v['val_accuracy']:.4f} per layer {[round(x, 4) for x in v['val_acc_per_layer']]}"
+        )
     print("\n".join(lines), flush=True)
 
 

@@ -72,13 +72,18 @@ def retrain(cfg: RetrainConfig) -> dict[str, Any]:
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.device == "auto" else cfg.device))
+    device = torch.device(
+        "cuda"
+        if cfg.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if cfg.device == "auto" else cfg.device)
+    )
     metas = [archive_meta(a) for a in cfg.archives]
     shapes = {m["shape"] for m in metas}
     backbones = {m["backbone_id"] for m in metas}
     if len(shapes) != 1 or len(backbones) != 1:
-        raise ValueError(f"archives disagree on shape {shapes} or backbone {backbones}; retrain one backbone at a time")
+        raise ValueError(
+            f"archives disagree on shape {shapes} or backbone {backbones}; retrain one backbone at a time"
+        )
     shape = RFSQShape(**json.loads(shapes.pop()))
     K = shape.num_coarse_layers
     h_train, c_train, k_train = load_split(cfg.archives, "train")
@@ -88,13 +93,20 @@ def retrain(cfg: RetrainConfig) -> dict[str, Any]:
     y_train, y_val = targets_from_codes(c_train, K), targets_from_codes(c_val, K) if len(h_val) else None
     log.info(
         "train: %d samples from %d episodes; validation: %d samples from %d held-out episodes",
-        len(h_train), len(k_train), len(h_val), len(k_val),
+        len(h_train),
+        len(k_train),
+        len(h_val),
+        len(k_val),
     )
     steps_per_epoch = math.ceil(len(h_train) / cfg.batch_size)
     optim = OptimConfig(
-        lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        grad_clip=cfg.grad_clip,
         warmup_steps=min(cfg.warmup_steps, max(1, steps_per_epoch * cfg.epochs // 10)),
-        total_steps=steps_per_epoch * cfg.epochs, batch_size=cfg.batch_size, draft_hidden_dim=cfg.draft_hidden_dim,
+        total_steps=steps_per_epoch * cfg.epochs,
+        batch_size=cfg.batch_size,
+        draft_hidden_dim=cfg.draft_hidden_dim,
     )
     learner = Learner(h_train.shape[1], shape, optim, device=device)
     if cfg.init_checkpoint is not None:
@@ -103,8 +115,12 @@ def retrain(cfg: RetrainConfig) -> dict[str, Any]:
         model, _ = load_checkpoint(cfg.init_checkpoint, map_location=device)
         learner.model.load_state_dict(model.state_dict())
     run_config = {
-        "run": config_to_dict(cfg), "source": "retrain", "backbone_id": metas[0]["backbone_id"],
-        "codec_sha256": metas[0]["codec_sha256"], "train_episodes": len(k_train), "valid_episodes": len(k_val),
+        "run": config_to_dict(cfg),
+        "source": "retrain",
+        "backbone_id": metas[0]["backbone_id"],
+        "codec_sha256": metas[0]["codec_sha256"],
+        "train_episodes": len(k_train),
+        "valid_episodes": len(k_val),
         "optim": vars(optim),
     }
     history: list[dict[str, Any]] = []
@@ -122,8 +138,14 @@ def retrain(cfg: RetrainConfig) -> dict[str, Any]:
         history.append({"updates": learner.updates, "loss": float(np.mean(losses))})
         if y_val is not None:
             r = learner.validate(h_val, y_val)
-            last_val = {"updates": learner.updates, "epoch": epoch + 1, "val_accuracy": r.accuracy,
-                        "val_acc_per_layer": r.acc_per_layer, "val_layer_exact": r.layer_exact, "val_loss": r.loss}
+            last_val = {
+                "updates": learner.updates,
+                "epoch": epoch + 1,
+                "val_accuracy": r.accuracy,
+                "val_acc_per_layer": r.acc_per_layer,
+                "val_layer_exact": r.layer_exact,
+                "val_loss": r.loss,
+            }
             history.append(last_val)
             if r.accuracy > best:
                 best = r.accuracy
@@ -142,13 +164,21 @@ def retrain(cfg: RetrainConfig) -> dict[str, Any]:
         learner.save(cfg.run_dir / "draft_best.pt", cfg.epochs, final_val, run_config)
     plot_curves(history, cfg.run_dir / "training_curve.png", title="draft retraining")
     summary = {
-        "train_samples": len(h_train), "valid_samples": len(h_val), "train_episodes": len(k_train),
-        "valid_episodes": len(k_val), "epochs": cfg.epochs, "updates": learner.updates,
-        "best_val_accuracy": best if best >= 0 else None, "last_validation": last_val, "elapsed_s": time.time() - t0,
+        "train_samples": len(h_train),
+        "valid_samples": len(h_val),
+        "train_episodes": len(k_train),
+        "valid_episodes": len(k_val),
+        "epochs": cfg.epochs,
+        "updates": learner.updates,
+        "best_val_accuracy": best if best >= 0 else None,
+        "last_validation": last_val,
+        "elapsed_s": time.time() - t0,
     }
     (cfg.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     if last_val:
-        print(f"retrain: best val accuracy {best:.4f}; last per layer {[round(a, 4) for a in last_val['val_acc_per_layer']]}")
+        print(
+            f"retrain: best val accuracy {best:.4f}; last per layer {[round(a, 4) for a in last_val['val_acc_per_layer']]}"
+        )
     return summary
 
 

@@ -69,8 +69,12 @@ def check_requirements(device: str) -> None:
             f"OpenVLA-OFT needs a CUDA GPU (about 16 GB); got --device {device}. Use the embedded VLA on CPU."
         )
     if not torch.cuda.is_available():
-        raise OpenVLAOFTUnavailable("OpenVLA-OFT needs a CUDA GPU (about 16 GB), and torch sees none on this machine")
-    missing = [m for m in ("prismatic", "experiments", "timm", "tensorflow") if importlib.util.find_spec(m) is None]
+        raise OpenVLAOFTUnavailable(
+            "OpenVLA-OFT needs a CUDA GPU (about 16 GB), and torch sees none on this machine"
+        )
+    missing = [
+        m for m in ("prismatic", "experiments", "timm", "tensorflow") if importlib.util.find_spec(m) is None
+    ]
     if missing:
         raise OpenVLAOFTUnavailable(f"OpenVLA-OFT dependencies missing: {', '.join(missing)}; {INSTALL_HINT}")
 
@@ -121,8 +125,17 @@ def _load_component(module: Any, path: str, device: str) -> Any:
 class OpenVLAOFTPolicy(ChunkPolicy):
     """OpenVLA-OFT (L1 regression head, 2 images, proprio) -> hidden state, codes and env actions."""
 
-    def __init__(self, vla: Any, processor: Any, action_head: Any, proprio_projector: Any, codec: Any,
-                 model_id: str, unnorm_key: str, device: str):
+    def __init__(
+        self,
+        vla: Any,
+        processor: Any,
+        action_head: Any,
+        proprio_projector: Any,
+        codec: Any,
+        model_id: str,
+        unnorm_key: str,
+        device: str,
+    ):
         self.vla, self.processor = vla, processor
         self.action_head, self.proprio_projector = action_head, proprio_projector
         self.codec = codec
@@ -134,7 +147,11 @@ class OpenVLAOFTPolicy(ChunkPolicy):
 
     def act(self, observations: list[Observation]) -> list[PolicyOutput]:
         import torch
-        from experiments.robot.openvla_utils import normalize_proprio, prepare_images_for_vla, resize_image_for_policy
+        from experiments.robot.openvla_utils import (
+            normalize_proprio,
+            prepare_images_for_vla,
+            resize_image_for_policy,
+        )
 
         outs = []
         for obs in observations:  # predict_action takes one observation (batch 1: bidirectional mask)
@@ -144,18 +161,27 @@ class OpenVLAOFTPolicy(ChunkPolicy):
             inputs = self.processor(prompt, pil[0]).to(self.device, dtype=torch.bfloat16)
             wrist = self.processor(prompt, pil[1])["pixel_values"].to(self.device, dtype=torch.bfloat16)
             inputs["pixel_values"] = torch.cat([inputs["pixel_values"], wrist], dim=1)  # [1, 12, 224, 224]
-            proprio = normalize_proprio(np.asarray(obs.proprio), self.vla.norm_stats[self.unnorm_key]["proprio"])
+            proprio = normalize_proprio(
+                np.asarray(obs.proprio), self.vla.norm_stats[self.unnorm_key]["proprio"]
+            )
             with torch.inference_mode():
                 actions, actions_hidden = self.vla.predict_action(
-                    **inputs, unnorm_key=self.unnorm_key, do_sample=False, proprio=proprio,
-                    proprio_projector=self.proprio_projector, action_head=self.action_head, use_film=False,
+                    **inputs,
+                    unnorm_key=self.unnorm_key,
+                    do_sample=False,
+                    proprio=proprio,
+                    proprio_projector=self.proprio_projector,
+                    action_head=self.action_head,
+                    use_film=False,
                 )
             hidden = actions_hidden[0, 0].float().cpu().numpy()  # [4096]: last prompt token
             chunk = np.asarray(actions, dtype=np.float32).copy()  # [8, 7], gripper in [0, 1] (1 = open)
             chunk[:, -1] = -np.sign(2 * chunk[:, -1] - 1)  # binarize + invert -> LIBERO: -1 open, +1 close
             with torch.no_grad():
                 codes = self.codec.encode(torch.from_numpy(chunk)[None])[0]  # [T, H, L]
-            outs.append(PolicyOutput(hidden=hidden, codes=codes.cpu().numpy().astype(np.uint8), actions=chunk))
+            outs.append(
+                PolicyOutput(hidden=hidden, codes=codes.cpu().numpy().astype(np.uint8), actions=chunk)
+            )
         return outs
 
 
@@ -179,9 +205,13 @@ def load_openvla_oft(
         raise ValueError(f"no OpenVLA-OFT unnorm key for suite {suite!r}; known: {sorted(UNNORM_KEYS)}")
     codec = load_codec(codec_dir or DEFAULT_CODEC_DIR)
     try:
-        vla = AutoModelForVision2Seq.from_pretrained(
-            model_id, torch_dtype=torch.bfloat16, low_cpu_mem_usage=True, trust_remote_code=True
-        ).eval().to(device)
+        vla = (
+            AutoModelForVision2Seq.from_pretrained(
+                model_id, torch_dtype=torch.bfloat16, low_cpu_mem_usage=True, trust_remote_code=True
+            )
+            .eval()
+            .to(device)
+        )
         processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=True)
     except OSError as exc:
         raise OpenVLAOFTUnavailable(f"cannot load the weights of {model_id}: {exc}") from exc
@@ -191,13 +221,20 @@ def load_openvla_oft(
         vla.norm_stats = stats
     unnorm_key = UNNORM_KEYS[suite]
     if unnorm_key not in vla.norm_stats:
-        raise OpenVLAOFTUnavailable(f"{model_id} has no statistics for {unnorm_key}: {sorted(vla.norm_stats)}")
+        raise OpenVLAOFTUnavailable(
+            f"{model_id} has no statistics for {unnorm_key}: {sorted(vla.norm_stats)}"
+        )
     action_head = _load_component(
         L1RegressionActionHead(input_dim=vla.llm_dim, hidden_dim=vla.llm_dim, action_dim=7),
-        _component_path(model_id, "action_head"), device,
+        _component_path(model_id, "action_head"),
+        device,
     )
     proprio_projector = _load_component(
-        ProprioProjector(llm_dim=vla.llm_dim, proprio_dim=8), _component_path(model_id, "proprio_projector"), device
+        ProprioProjector(llm_dim=vla.llm_dim, proprio_dim=8),
+        _component_path(model_id, "proprio_projector"),
+        device,
     )
     log.info("loaded OpenVLA-OFT %s on %s", model_id, device)
-    return OpenVLAOFTPolicy(vla, processor, action_head, proprio_projector, codec, model_id, unnorm_key, device)
+    return OpenVLAOFTPolicy(
+        vla, processor, action_head, proprio_projector, codec, model_id, unnorm_key, device
+    )
