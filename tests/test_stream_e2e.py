@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import numpy as np
 import pytest
@@ -116,3 +117,53 @@ def test_two_producers_one_trainer(tmp_path):
     assert retrain.returncode == 0, out[-2000:]
     _, ckpt2 = load_checkpoint(tmp_path / "retrain" / "draft_best.pt")
     assert ckpt2["epoch"] >= 1 and math.isfinite(ckpt2["val_accuracy"])
+
+
+def test_slow_trainer_slows_the_producer_and_nothing_is_dropped(tmp_path):
+    """Backpressure without LIBERO: the producer's real sender against a trainer held back by its rate limiter."""
+    import threading
+
+    from common import wire
+    from common.shapes import DEFAULT_SHAPE as SH
+    from producer.produce import ProducerConfig, ReliableSender
+    from trainer.online import Trainer, TrainerConfig
+
+    cfg = TrainerConfig(
+        endpoint="tcp://127.0.0.1:*", run_dir=tmp_path / "run", rcvhwm=4, min_size=8, batch_size=8,
+        samples_per_insert=24, error_buffer=48, draft_hidden_dim=64, val_interval=1000, warmup_steps=5,
+    )  # fmt: skip
+    trainer = Trainer(cfg)
+    thread = threading.Thread(target=trainer.run, daemon=True)
+    thread.start()
+    assert trainer.bound.wait(10)
+    pcfg = ProducerConfig(endpoint=trainer.bound_endpoint, producer_id="fast", sndhwm=2, max_unacked=64)
+    sender = ReliableSender(pcfg, threading.Event())
+    d, n_eps, per_ep = 32, 6, 20
+    sender.send_hello(wire.Hello("fast", sender.session, 0, "synthetic", d, SH.to_dict()))
+    rng = np.random.default_rng(0)
+    t0 = time.time()
+    for ep in range(n_eps):
+        for i in range(per_ep):
+            sender.send_data(wire.Sample(
+                "fast", sender.session, 0, "libero_spatial", 0, ep, 8 * i,
+                rng.standard_normal(d).astype(np.float32),
+                rng.integers(0, SH.grid_size, SH.codes_shape, dtype=np.uint8),
+                rng.uniform(-1, 1, SH.chunk_shape).astype(np.float32),
+            ))  # fmt: skip
+        sender.send_data(
+            wire.EpisodeEnd("fast", sender.session, 0, "libero_spatial", 0, ep, "failed", per_ep, 8 * per_ep)
+        )
+    assert sender.flush(60)
+    elapsed = time.time() - t0
+    sender.close()
+    trainer.stop.set()
+    thread.join(30)
+    st = trainer.stats["fast"]
+    assert st.accepted == st.archived == n_eps * per_ep and not st.rejected and st.gaps == 0
+    assert trainer.limiter.stats.insert_waits > 0  # the learner held the stream back ...
+    assert sender.stats.blocked_s > 0.1  # ... and the producer felt it through the high-water marks
+    seqs = [s for e in iter_episodes(trainer.archive.path) for s in e.seqs.tolist()]
+    assert len(seqs) == len(set(seqs)) == n_eps * per_ep
+    print(
+        f"\nbackpressure: {n_eps * per_ep} samples in {elapsed:.1f}s, producer blocked {sender.stats.blocked_s:.1f}s"
+    )
