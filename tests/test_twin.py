@@ -97,3 +97,31 @@ def test_bad_calls_raise(policy):
         policy.verify(state, torch.zeros(1, 2, 8, 16, dtype=torch.long))
     with pytest.raises(ValueError, match="bandwidth"):
         memory_floor_s(10, 0.0)
+
+
+def test_bench_forces_accepted_layers_and_expected_speedup(policy):
+    from evaluator.bench_gpu import FixedProposer, corrupt_from, expected_speedups, self_consistent_drafts
+    from evaluator.rsd import Proposal, RSDEngine
+
+    class NoDraft:
+        num_layers = 3
+
+        def propose(self, hidden):
+            return Proposal(codes=torch.zeros(1, 3, 8, 16, dtype=torch.long), confidence=torch.ones(1, 3))
+
+    torch.manual_seed(1)
+    embeds = torch.randn(1, policy.cfg.prefix_len, policy.hidden_dim)
+    drafts = self_consistent_drafts(policy, embeds, 3)
+    for j in range(4):
+        eng = RSDEngine(policy, FixedProposer(NoDraft(), corrupt_from(drafts, j, 7)))
+        state = policy.prefix_from_embeds(embeds)
+        _, k, accepted, _, _ = eng.decode_rsd(state, eng.proposer.propose(state.hidden))
+        assert (k, accepted) == (3, j)
+    chunks = {"baseline": {"median_ms": 10.0}} | {
+        f"rsd_k3_j{j}": {"median_ms": 10.0 - 2 * j} for j in range(4)
+    }
+    results = {"prefixes": {"p280": {"modes": ["graphs"], "chunks_graphs": chunks}}}
+    out = expected_speedups(results, {"d": [0.5, 0.0, 0.0, 0.5]})
+    assert out["d/p280/graphs"]["expected_rsd_ms"] == pytest.approx(7.0)
+    assert out["d/p280/graphs"]["speedup"] == pytest.approx(10 / 7)
+    assert expected_speedups(results, {"d": [0.2] * 5}) == {}  # k = 4 was not measured
