@@ -26,6 +26,7 @@ Layout (N steps of one episode; images exactly as the policy sees them, upright 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import multiprocessing as mp
@@ -40,7 +41,14 @@ from typing import Any
 import numpy as np
 
 from producer.env import SUITES, EnvConfig
-from producer.expert import SUPPORTED_SUITES, EpisodeResult, parse_range, run_episode, worker_env
+from producer.expert import (
+    SUPPORTED_SUITES,
+    EpisodeResult,
+    close_worker_env,
+    parse_range,
+    run_episode,
+    worker_env,
+)
 
 log = logging.getLogger(__name__)
 
@@ -235,8 +243,13 @@ def main(argv: list[str] | None = None) -> int:
     # One rasterizer thread per worker: the workers already fill the cores (images are identical).
     os.environ.setdefault("LP_NUM_THREADS", "1")
     ctx = mp.get_context("spawn")
-    with ctx.Pool(cfg.workers) as pool:
-        bar = tqdm(pool.imap(_worker, jobs), total=len(jobs), desc="demos", unit="ep")
+    with contextlib.ExitStack() as stack:
+        if cfg.workers == 1:  # in this process (simplest to debug); the file is still .partial until done
+            episodes = map(_worker, jobs)
+            stack.callback(close_worker_env)
+        else:
+            episodes = stack.enter_context(ctx.Pool(cfg.workers)).imap(_worker, jobs)
+        bar = tqdm(episodes, total=len(jobs), desc="demos", unit="ep")
         for result, arrays, meta in bar:  # in job order: demo numbering does not depend on timing
             steps += result.steps
             episode_seconds.append(result.seconds)

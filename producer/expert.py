@@ -302,6 +302,14 @@ def worker_env(cfg: EnvConfig) -> LiberoEnv:
     return _worker_env
 
 
+def close_worker_env() -> None:
+    """Close the environment that :func:`worker_env` keeps (when it ran in the main process)."""
+    global _worker_env
+    if _worker_env is not None:
+        _worker_env.close()
+        _worker_env = None
+
+
 def _eval_worker(args: tuple[str, int, int, int, int | None]) -> EpisodeResult:
     from common.logs import setup_logging
 
