@@ -1,0 +1,319 @@
+"""The main job for a new user (`make demo`): stream, train the draft online, evaluate, summarize.
+
+    python -m evaluator.demo --run-dir runs/demo --train-minutes 6
+
+1. starts the trainer (`trainer.online`) and a producer (`producer.produce`) as two processes that
+   talk over a real ZeroMQ socket on 127.0.0.1, with the shipped embedded VLA on libero_spatial;
+2. after the training budget, stops the producer (it says bye), lets the trainer write its final
+   checkpoint and summary;
+3. runs the evaluator (`evaluator.eval`) with the fresh draft: latency of RSD vs baseline on the same
+   observations, acceptance, action deviation, closed-loop success of baseline vs RSD;
+4. prints a short summary and where the report, plots, archive and checkpoint are.
+
+The children's output goes to log files in the run directory; this process shows one progress bar.
+Ctrl-C stops everything cleanly (the trainer still closes its archive and writes a checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.cli import parse_config
+from common.logs import setup_logging
+
+log = logging.getLogger("evaluator.demo")
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class DemoConfig:
+    """Stream producer -> trainer with the shipped embedded VLA, train the draft online, evaluate it."""
+
+    run_dir: Path = field(
+        default=Path("runs/demo"), metadata={"help": "output folder (a timestamped subfolder is made)"}
+    )
+    train_minutes: float = field(
+        default=6.0, metadata={"help": "online training budget (producer + trainer running)"}
+    )
+    producers: int = field(default=1, metadata={"help": "producer processes feeding the trainer"})
+    first_init_state: int = field(
+        default=5, metadata={"help": "producers start at this init state (0-4 are kept for evaluation)"}
+    )
+    eval_tasks: list[int] = field(
+        default_factory=lambda: list(range(10)), metadata={"help": "tasks evaluated"}
+    )
+    eval_init_states: list[int] = field(
+        default_factory=lambda: [0],
+        metadata={"help": "closed-loop init states per task (baseline and RSD arms)"},
+    )
+    eval_max_chunks: int = field(default=120, metadata={"help": "open-loop latency chunks measured"})
+    skip_eval: bool = field(default=False, metadata={"help": "stop after training"})
+    torch_threads: int = field(default=1, metadata={"help": "torch threads of each child process"})
+
+    def __post_init__(self) -> None:
+        if self.train_minutes <= 0:
+            raise ValueError(f"train_minutes must be positive, got {self.train_minutes}")
+        if not 1 <= self.producers <= 8:
+            raise ValueError(f"producers must be in 1..8, got {self.producers}")
+        if self.eval_max_chunks <= 0:
+            raise ValueError(f"eval_max_chunks must be positive, got {self.eval_max_chunks}")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def check_assets() -> None:
+    missing = [p for p in ("assets/embedded_vla", "assets/codec") if not (REPO / p).is_dir()]
+    if missing:
+        raise SystemExit(
+            f"shipped weights missing: {missing}. They are part of the repository; "
+            "re-clone, or train them with `make train-codec` and `make train-vla`."
+        )
+
+
+def _spawn(args: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen:
+    fh = open(log_path, "wb")  # noqa: SIM115 - closed when the process is reaped
+    proc = subprocess.Popen(
+        [sys.executable, "-m", *args], stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO
+    )
+    proc._rsd_log = fh  # type: ignore[attr-defined]
+    return proc
+
+
+def _stop(proc: subprocess.Popen, timeout: float, name: str) -> int | None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop within %.0f s after SIGINT; sending SIGTERM", name, timeout)
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    proc._rsd_log.close()  # type: ignore[attr-defined]
+    return proc.returncode
+
+
+def _tail(path: Path, n: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+def run(cfg: DemoConfig) -> dict:
+    from tqdm import tqdm
+
+    check_assets()
+    run_dir = (cfg.run_dir / time.strftime("%Y%m%d-%H%M%S")).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    latest = cfg.run_dir / "latest"
+    if latest.is_symlink() or not latest.exists():
+        latest.unlink(missing_ok=True)
+        latest.symlink_to(run_dir.name)
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(cfg.torch_threads),
+        "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl"),
+    }
+    log.info("run folder %s, endpoint %s", run_dir, endpoint)
+
+    budget_s = cfg.train_minutes * 60
+    trainer = _spawn(
+        [
+            "trainer.online",
+            "--endpoint",
+            endpoint,
+            "--run-dir",
+            str(run_dir),
+            "--exit-after-byes",
+            str(cfg.producers),
+            "--no-resume",
+            "--threads",
+            str(cfg.torch_threads),
+            "--max-runtime-s",
+            str(int(budget_s + 240)),
+        ],
+        run_dir / "trainer.log",
+        env,
+    )
+    time.sleep(2.0)
+    producers = [
+        _spawn(
+            [
+                "producer.produce",
+                "--endpoint",
+                endpoint,
+                "--producer-id",
+                f"demo-{i}",
+                "--repeat",
+                "--first-init-state",
+                str(cfg.first_init_state + 20 * i),
+                "--episodes-per-task",
+                "20",
+                "--threads",
+                str(cfg.torch_threads),
+            ],
+            run_dir / f"producer-{i}.log",
+            env,
+        )
+        for i in range(cfg.producers)
+    ]
+    interrupted = False
+    t0 = time.time()
+    try:
+        with tqdm(total=int(budget_s), desc="online draft training", unit="s", dynamic_ncols=True) as bar:
+            while (elapsed := time.time() - t0) < budget_s:
+                if trainer.poll() is not None:
+                    raise RuntimeError(
+                        f"the trainer exited early (code {trainer.returncode}):\n{_tail(run_dir / 'trainer.log')}"
+                    )
+                dead = [p for p in producers if p.poll() is not None and p.returncode != 0]
+                if dead:
+                    raise RuntimeError(
+                        f"a producer exited with code {dead[0].returncode}:\n{_tail(run_dir / 'producer-0.log')}"
+                    )
+                bar.n = int(elapsed)
+                bar.set_postfix_str(_progress_hint(run_dir / "trainer.log"))
+                bar.refresh()
+                time.sleep(2.0)
+            bar.n = int(budget_s)
+    except KeyboardInterrupt:
+        interrupted = True
+        log.warning("interrupted: stopping producers and trainer cleanly")
+    finally:
+        for i, p in enumerate(producers):
+            _stop(p, timeout=90, name=f"producer-{i}")
+        code = _stop(trainer, timeout=180, name="trainer")
+        log.info("trainer exited with code %s", code)
+
+    summary = {"run_dir": str(run_dir), "endpoint": endpoint}
+    trainer_summary = run_dir / "summary.json"
+    if trainer_summary.is_file():
+        summary["trainer"] = json.loads(trainer_summary.read_text())
+    ckpt = run_dir / "draft_best.pt"
+    if not ckpt.is_file():
+        raise RuntimeError(
+            f"the trainer wrote no checkpoint; see {run_dir / 'trainer.log'}:\n{_tail(run_dir / 'trainer.log')}"
+        )
+    summary["checkpoint"] = str(ckpt)
+    if interrupted or cfg.skip_eval:
+        return summary
+
+    eval_dir = run_dir / "eval"
+    args = [
+        "evaluator.eval",
+        "--draft",
+        str(ckpt),
+        "--out-dir",
+        str(eval_dir),
+        "--tasks",
+        *map(str, cfg.eval_tasks),
+        "--closed-loop-init-states",
+        *map(str, cfg.eval_init_states),
+        "--max-chunks",
+        str(cfg.eval_max_chunks),
+        "--torch-threads",
+        str(cfg.torch_threads),
+    ]
+    log.info("evaluating: python -m %s", " ".join(args))
+    proc = subprocess.Popen([sys.executable, "-m", *args], env=env, cwd=REPO)
+    try:
+        proc.wait()
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGINT)
+        proc.wait()
+        raise
+    if proc.returncode != 0:
+        raise RuntimeError(f"the evaluator failed with code {proc.returncode}")
+    summary["eval_dir"] = str(eval_dir)
+    eval_json = eval_dir / "eval.json"
+    if eval_json.is_file():
+        summary["eval"] = json.loads(eval_json.read_text())
+    return summary
+
+
+def _progress_hint(log_path: Path) -> str:
+    """The trainer's latest validation accuracy and sample count, read from its log."""
+    try:
+        with open(log_path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - 4000))
+            lines = fh.read().decode(errors="replace").splitlines()
+    except OSError:
+        return ""
+    for line in reversed(lines):
+        if "val" in line and "acc" in line:
+            return line.split(": ", 1)[-1][:90]
+    return ""
+
+
+def print_summary(summary: dict) -> None:
+    out = ["", "=" * 72, "RSD demo summary", "=" * 72]
+    tr = summary.get("trainer", {})
+    if tr:
+        out.append(
+            f"trainer: {json.dumps(_pick(tr, ('received', 'accepted', 'rejected', 'archived', 'updates', 'best_val_accuracy', 'val_acc_per_layer')), default=str)}"
+        )
+    ev = summary.get("eval")
+    if ev:
+        out.extend(_format_eval(ev))
+    out.append("")
+    out.append(f"run folder : {summary['run_dir']}")
+    out.append(f"checkpoint : {summary.get('checkpoint')}")
+    out.append(f"archive    : {Path(summary['run_dir']) / 'archive.hdf5'}")
+    if "eval_dir" in summary:
+        out.append(f"report     : {Path(summary['eval_dir']) / 'report.md'} (plots beside it)")
+    print("\n".join(out))
+
+
+def _pick(d: dict, keys: tuple[str, ...]) -> dict:
+    return {k: d[k] for k in keys if k in d}
+
+
+def _format_eval(ev: dict) -> list[str]:
+    lines = []
+    for key in ("draft_accuracy_per_layer", "draft_accuracy"):
+        if key in ev:
+            lines.append(f"draft accuracy per coarse layer: {ev[key]}")
+            break
+    for key in ("latency", "speedup", "acceptance", "closed_loop", "success"):
+        if key in ev:
+            lines.append(f"{key}: {json.dumps(ev[key], default=str)[:600]}")
+    if not lines:
+        lines.append(json.dumps(ev, default=str)[:2000])
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    setup_logging("demo")
+    cfg = parse_config(DemoConfig, argv)
+    try:
+        summary = run(cfg)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    print_summary(summary)
+
+
+if __name__ == "__main__":
+    main()
