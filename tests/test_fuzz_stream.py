@@ -6,7 +6,8 @@ session: hello, good samples interleaved with malformed messages of every kind (
 truncated msgpack, wrong schema or version, wrong dtypes or shapes, NaN/Inf, absurd sizes,
 out-of-range tokens, duplicated and replayed sequence numbers), then episode_end. The trainer must
 stay up, accept exactly the good samples, reject each bad message once and archive none of them.
-``RSD_FUZZ_EXAMPLES`` raises the number of examples (default 25).
+``RSD_FUZZ_EXAMPLES`` raises the number of live sessions (default 25), ``RSD_FUZZ_DECODE_EXAMPLES`` the
+number of decoder-level examples per property (default 300).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from trainer.online import Trainer, TrainerConfig
 SH = DEFAULT_SHAPE
 D = 16
 EXAMPLES = int(os.environ.get("RSD_FUZZ_EXAMPLES", "25"))
+DECODE_EXAMPLES = int(os.environ.get("RSD_FUZZ_DECODE_EXAMPLES", "300"))
 FUZZED = {"bad": 0, "good": 0, "sessions": 0}
 
 
@@ -60,13 +62,13 @@ def decode_or_reject(frames: list[bytes]) -> None:
     assert msg.kind in ("hello", "sample", "episode_end", "heartbeat", "bye", "ack")
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=DECODE_EXAMPLES, deadline=None)
 @given(st.lists(st.binary(max_size=600), min_size=0, max_size=5))
 def test_decoder_never_crashes_on_random_frames(frames):
     decode_or_reject(frames)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=DECODE_EXAMPLES, deadline=None)
 @given(st.data())
 def test_decoder_never_crashes_on_mutated_messages(data):
     frames = [bytes(f) for f in wire.encode(good_sample(0))]
