@@ -8,6 +8,7 @@ training-curve plot and ``summary.json`` into the run dir.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -44,6 +45,9 @@ class RetrainConfig:
     warmup_steps: int = field(default=1000, metadata={"help": "linear warmup updates"})
     draft_hidden_dim: int = field(default=512, metadata={"help": "draft model width"})
     init_checkpoint: Path | None = field(default=None, metadata={"help": "start from this draft checkpoint"})
+    num_coarse_layers: int | None = field(
+        default=None, metadata={"help": "layers the draft predicts (none: the archive's K; up to L = 8)"}
+    )
     threads: int = field(default=2, metadata={"help": "torch CPU threads"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda or auto"})
     seed: int = field(default=0, metadata={"help": "random seed"})
@@ -85,6 +89,8 @@ def retrain(cfg: RetrainConfig) -> dict[str, Any]:
             f"archives disagree on shape {shapes} or backbone {backbones}; retrain one backbone at a time"
         )
     shape = RFSQShape(**json.loads(shapes.pop()))
+    if cfg.num_coarse_layers is not None:  # deeper drafts (K up to L): the archives hold all L layers
+        shape = dataclasses.replace(shape, num_coarse_layers=cfg.num_coarse_layers)
     K = shape.num_coarse_layers
     h_train, c_train, k_train = load_split(cfg.archives, "train")
     h_val, c_val, k_val = load_split(cfg.archives, "valid")
