@@ -371,10 +371,10 @@ def acceptance_distributions(cfg: BenchGPUConfig) -> dict[str, list[float]]:
     dists: dict[str, list[float]] = {}
     if cfg.eval_json is not None:
         ev = json.loads(Path(cfg.eval_json).read_text())
-        for mode, block in ev.get("rsd", {}).items():
+        for arm, block in ev.get("arms", {}).items():  # every RSD arm of the CPU eval, sweeps included
             hist = block.get("j_histogram")
-            if hist and sum(hist) > 0:
-                dists[f"embedded_vla_{mode}"] = [h / sum(hist) for h in hist]
+            if arm != "baseline" and hist and sum(hist) > 0:
+                dists[f"embedded_vla_{arm}"] = [h / sum(hist) for h in hist]
     if cfg.acceptance is not None:
         dists["given"] = [p / sum(cfg.acceptance) for p in cfg.acceptance]
     return dists
@@ -475,13 +475,24 @@ def render_markdown(results: dict[str, Any]) -> str:
             lines.append("")
     exp = results.get("expected_speedup") or {}
     if exp:
+        best = {
+            pkey: min(res["modes"], key=lambda m, r=res: r[f"chunks_{m}"]["baseline"]["median_ms"])
+            for pkey, res in results["prefixes"].items()
+        }
         lines += [
             "## Expected speedup under measured acceptance",
+            "",
+            "Fastest mode per prefix ("
+            + ", ".join(f"{p}: {m}" for p, m in best.items())
+            + "); all modes in the JSON.",
             "",
             "| distribution / prefix / mode | P(j) | mean j | baseline (ms) | E[RSD] (ms) | speedup |",
             "|---|---|---:|---:|---:|---:|",
         ]
         for name, v in exp.items():
+            _, pkey, mode = name.split("/")
+            if mode != best[pkey]:
+                continue
             probs = ", ".join(f"{p:.2f}" for p in v["probabilities"])
             lines.append(
                 f"| {name} | {probs} | {v['mean_j']:.2f} | {v['baseline_ms']:.2f} | "
