@@ -31,7 +31,9 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import signal
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -78,6 +80,10 @@ class DemosConfig:
         default="gzip", metadata={"help": "image compression", "choices": ["gzip", "lzf", "none"]}
     )
     overwrite: bool = field(default=False, metadata={"help": "replace an existing output file"})
+    max_minutes: float | None = field(
+        default=None,
+        metadata={"help": "stop after this many minutes and finalize the file with the episodes done"},
+    )
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -91,6 +97,8 @@ class DemosConfig:
             raise ValueError(f"workers {self.workers} must be >= 1")
         if self.compression not in ("gzip", "lzf", "none"):
             raise ValueError(f"compression {self.compression!r}; valid: gzip, lzf, none")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ValueError(f"max_minutes {self.max_minutes} must be > 0")
         if self.out.exists() and not self.overwrite:
             raise ValueError(f"{self.out} exists; pass --overwrite to replace it")
 
@@ -123,6 +131,11 @@ def _worker(args: tuple[EnvConfig, int]) -> tuple[EpisodeResult, dict[str, np.nd
     env = worker_env(cfg)
     meta = {"instruction": env.task.instruction, "env_args": env.env_args(), "task_name": env.task.name}
     return result, arrays, meta
+
+
+def _ignore_sigint() -> None:
+    """Pool initializer: Ctrl-C reaches the parent, which stops cleanly and terminates the workers."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _git_revision() -> str:
@@ -219,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("producer").setLevel(logging.WARNING)  # the progress bar says enough
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
     partial = cfg.out.with_name(cfg.out.name + ".partial")
+    # Init-state-major order: every prefix of the run covers all tasks evenly, so a run stopped early
+    # (SIGINT/SIGTERM or --max-minutes) still leaves a balanced, finalized file.
     jobs = [
         (
             EnvConfig(
@@ -231,13 +246,22 @@ def main(argv: list[str] | None = None) -> int:
             ),
             i,
         )
-        for t in cfg.task_ids
         for i in cfg.init_ids
+        for t in cfg.task_ids
     ]
+    stop = threading.Event()
+
+    def request_stop(signum: int, _frame: Any) -> None:
+        log.warning("signal %d: finishing the file with the episodes recorded so far", signum)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, request_stop)
     writer = DemoWriter(partial, cfg.compression)
     env_args: dict[str, Any] | None = None
     failures: list[dict[str, int]] = []
     steps = 0
+    done = 0
     episode_seconds: list[float] = []
     t0 = time.perf_counter()
     # One rasterizer thread per worker: the workers already fill the cores (images are identical).
@@ -248,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
             episodes = map(_worker, jobs)
             stack.callback(close_worker_env)
         else:
-            episodes = stack.enter_context(ctx.Pool(cfg.workers)).imap(_worker, jobs)
+            pool = stack.enter_context(ctx.Pool(cfg.workers, initializer=_ignore_sigint))
+            episodes = pool.imap(_worker, jobs)
         bar = tqdm(episodes, total=len(jobs), desc="demos", unit="ep")
         for result, arrays, meta in bar:  # in job order: demo numbering does not depend on timing
             steps += result.steps
@@ -260,14 +285,25 @@ def main(argv: list[str] | None = None) -> int:
             if result.success or cfg.keep_failures:
                 writer.add(result, arrays, meta)
             bar.set_postfix(kept=writer.num_demos, failed=len(failures))
+            done += 1
+            if cfg.max_minutes is not None and time.perf_counter() - t0 > 60 * cfg.max_minutes:
+                log.warning(
+                    "--max-minutes %.1f reached after %d/%d episodes", cfg.max_minutes, done, len(jobs)
+                )
+                stop.set()
+            if stop.is_set():
+                break  # leaving the ExitStack terminates the pool
     wall = time.perf_counter() - t0
-    assert env_args is not None
+    if env_args is None:  # stopped before the first episode
+        env_args = {}
     writer.finish(
         {
             "schema_version": SCHEMA_VERSION,
             "env_args": json.dumps(env_args),
             "config": json.dumps(config_to_dict(cfg)),
             "num_failures": len(failures),
+            "num_episodes": done,
+            "complete": done == len(jobs),
             "failures": json.dumps(failures),
             "source": "scripted expert (producer/expert.py)",
             "repository_version": _git_revision(),
@@ -275,7 +311,9 @@ def main(argv: list[str] | None = None) -> int:
         }
     )
     os.replace(partial, cfg.out)
-    n = len(jobs)
+    n = done
+    if done < len(jobs):
+        print(f"stopped early: {done} of {len(jobs)} planned episodes recorded")
     print(
         f"{cfg.out}: {writer.num_demos} demos, {writer.total} samples; "
         f"{n - len(failures)}/{n} episodes succeeded, {len(failures)} failed {failures if failures else ''}"
