@@ -72,6 +72,9 @@ class BenchGPUConfig:
     compile: bool = field(
         default=True, metadata={"help": "also measure torch.compile'd layers + CUDA graphs"}
     )
+    probe: bool = field(
+        default=False, metadata={"help": "only compare compile variants of the block pass and profile it"}
+    )
     tiny: bool = field(default=False, metadata={"help": "tiny twin (CPU smoke test of this script)"})
     device: str = field(default="cuda", metadata={"help": "torch device"})
     seed: int = field(default=0, metadata={"help": "weights and inputs seed"})
@@ -504,9 +507,97 @@ def render_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+@torch.no_grad()
+def probe_block_pass(cfg: BenchGPUConfig, device: torch.device) -> dict[str, Any]:
+    """Block pass (and verify k = 3) under several compile variants, plus a kernel profile."""
+    import torch._inductor.config as inductor_config
+
+    from evaluator.twin import layer_step
+
+    twin_cfg = tiny_config() if cfg.tiny else llama7b_config(280)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    policy = TwinPolicy(
+        twin_cfg, device=device, dtype=dtype, cuda_graphs=device.type == "cuda", seed=cfg.seed
+    )
+    embeds = torch.randn(1, twin_cfg.prefix_len, twin_cfg.hidden_size, device=device).to(dtype)
+    s = policy.shape
+    codes = torch.randint(0, s.grid_size, (1, 3, s.chunk_len, s.action_hidden_dim), device=device)
+    out: dict[str, Any] = {}
+
+    def measure(name: str, make_fn, math_attention: bool = False) -> None:
+        torch._dynamo.reset()  # every variant compiles afresh (one dynamo cache per code object)
+        fn = make_fn()
+        policy.model.layer_fn, policy.model.math_attention = layer_step, False
+        policy.reset_graphs()
+        state = policy.prefix_from_embeds(embeds)  # the cache, from the plain layer function
+        policy.decode_block(state, None)
+        policy.model.layer_fn, policy.model.math_attention = fn, math_attention
+        policy.reset_graphs()
+        t0 = time.perf_counter()
+
+        def block():
+            policy.truncate(state, 1)
+            policy.decode_block(state, codes[:, 0])
+
+        def verify():
+            policy.truncate(state, 0)
+            policy.verify(state, codes)
+
+        block()
+        verify()
+        setup = time.perf_counter() - t0
+        b, v = time_events(block, cfg.pass_reps), time_events(verify, cfg.pass_reps)
+        out[name] = {"block": b, "verify_k3": v, "setup_s": setup}
+        log.info(
+            "probe %s: block %.3f ms, verify_k3 %.3f ms (setup %.0f s)",
+            name,
+            b["median_ms"],
+            v["median_ms"],
+            setup,
+        )
+
+    def compiled(**kw):
+        return lambda: torch.compile(layer_step, fullgraph=True, **kw)
+
+    measure("compiled", compiled(dynamic=True))
+    with inductor_config.patch(coordinate_descent_tuning=True):
+        measure("compiled_coordinate_descent", compiled(dynamic=True))
+    measure("compiled_static", compiled(dynamic=False))
+    autotune = compiled(dynamic=False, mode="max-autotune-no-cudagraphs")
+    measure("compiled_static_max_autotune", autotune)
+    measure("compiled_static_max_autotune_math_attn", autotune, math_attention=True)
+    if device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        torch._dynamo.reset()
+        policy.model.layer_fn = torch.compile(layer_step, dynamic=True, fullgraph=True)
+        policy.cuda_graphs = False
+        policy.reset_graphs()
+        state = policy.prefix_from_embeds(embeds)
+        policy.decode_block(state, None)
+        for _ in range(3):
+            policy.truncate(state, 1)
+            policy.decode_block(state, codes[:, 0])
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                policy.truncate(state, 1)
+                policy.decode_block(state, codes[:, 0])
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+        out["profile_compiled_block_x5"] = table
+        print(table)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(BenchGPUConfig, argv)
     setup_logging("bench_gpu")
+    if cfg.probe:
+        res = probe_block_pass(cfg, torch.device(cfg.device))
+        cfg.out.parent.mkdir(parents=True, exist_ok=True)
+        cfg.out.write_text(json.dumps(res, indent=1))
+        return
     if cfg.timings is not None:
         results = json.loads(Path(cfg.timings).read_text())
     else:

@@ -238,6 +238,7 @@ class TwinModel(nn.Module):
         ``math_attention`` spells attention as two matrix products and a softmax instead of
         scaled_dot_product_attention (whichever measures faster).
         """
+        torch._dynamo.reset()  # a fresh cache for layer_step (earlier variants would count as recompiles)
         self.layer_fn = torch.compile(layer_step, dynamic=True, fullgraph=True)
         self.math_attention = math_attention
 
