@@ -17,9 +17,10 @@ SIZE = 32
 @pytest.fixture(scope="module")
 def demo_file(tmp_path_factory):
     out = tmp_path_factory.mktemp("demos") / "tiny.hdf5"
-    # One episode cut at 6 steps (a failure), kept so that the layout can be inspected.
-    argv = ["--out", str(out), "--tasks", "3", "--init-states", "7", "--workers", "1",
-            "--image-size", str(SIZE), "--max-steps", "6", "--keep-failures"]  # fmt: skip
+    # Two planned episodes cut at 6 steps (failures, kept so that the layout can be inspected); the
+    # time limit stops the run after the first one and the file is still finalized.
+    argv = ["--out", str(out), "--tasks", "3", "--init-states", "7-8", "--workers", "1",
+            "--image-size", str(SIZE), "--max-steps", "6", "--keep-failures", "--max-minutes", "0.001"]  # fmt: skip
     assert demos.main(argv) == 0
     return out
 
@@ -31,6 +32,7 @@ def test_demo_file_layout(demo_file):
         data = f["data"]
         assert data.attrs["total"] == 6 and data.attrs["num_demos"] == 1
         assert data.attrs["num_failures"] == 1
+        assert data.attrs["num_episodes"] == 1 and not data.attrs["complete"]
         assert json.loads(data.attrs["failures"]) == [{"task_id": 3, "init_state": 7}]
         env_args = json.loads(data.attrs["env_args"])
         assert env_args["type"] == "libero" and env_args["env_kwargs"]["camera_heights"] == SIZE
