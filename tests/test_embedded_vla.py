@@ -211,7 +211,19 @@ def test_train_vla_smoke(tmp_path) -> None:
     save_codec(RFSQCodec(), tmp_path / "codec")
     packed = tmp_path / "packed.npz"
     common = ["--image-size", "16", "--codec-dir", str(tmp_path / "codec")]
-    main(["--demos", str(demos), "--pack-to", str(packed), "--jpeg-quality", "90", *common])
+    main(
+        [
+            "--demos",
+            str(demos),
+            "--pack-to",
+            str(packed),
+            "--jpeg-quality",
+            "90",
+            "--frame-stride",
+            "2",
+            *common,
+        ]
+    )
     out = tmp_path / "vla"
     main(
         [
@@ -246,3 +258,23 @@ def test_train_vla_smoke(tmp_path) -> None:
     assert (out / "training.png").is_file() and (out / "metrics.json").is_file()
     policy = load_policy("embedded", weights_dir=out, codec_dir=tmp_path / "codec")
     assert policy.act(make_obs(1))[0].codes.shape == policy.shape.codes_shape
+
+
+def test_pack_round_trip(tmp_path) -> None:
+    """Agentview frames come back bit-exact (delta + LZMA); wrist JPEG frames come back close."""
+    from trainer.train_vla import frame_chunks, pack, read_demos, unpack
+
+    demos = tmp_path / "demos.hdf5"
+    _write_demos(demos, episodes=3, steps=9)
+    data = read_demos([demos], 16, frame_stride=2)
+    assert list(data["step"][data["episode"] == 1]) == [1, 3, 5, 7]
+    ramp = np.linspace(0, 255, 16).astype(np.uint8)
+    data["images"][:, 1] = ramp[None, :, None, None]  # a smooth wrist image (JPEG is for photos, not noise)
+    pack(data, tmp_path / "p.npz", jpeg_quality=95)
+    back = unpack(tmp_path / "p.npz")
+    assert np.array_equal(back["images"][:, 0], data["images"][:, 0])
+    assert np.abs(back["images"][:, 1].astype(int) - data["images"][:, 1]).mean() < 3
+    chunks = frame_chunks(back, 8)  # [N, T, A]
+    ep_actions = data["actions"][data["action_episode"] == 1]
+    row = np.flatnonzero(back["episode"] == 1)[-1]  # step 7 of 9: the chunk runs past the end
+    assert np.array_equal(chunks[row], ep_actions[[7, 8, 8, 8, 8, 8, 8, 8]])

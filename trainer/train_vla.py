@@ -59,7 +59,10 @@ class VLATrainConfig:
         default=None, metadata={"help": "packed dataset (.npz from --pack-to) instead of --demos"}
     )
     pack_to: Path | None = field(default=None, metadata={"help": "write the packed dataset here and exit"})
-    jpeg_quality: int = field(default=0, metadata={"help": "JPEG quality of packed images (0: raw uint8)"})
+    jpeg_quality: int = field(
+        default=0, metadata={"help": "JPEG quality of packed wrist images (0: lossless)"}
+    )
+    frame_stride: int = field(default=1, metadata={"help": "use every N-th demo step as a training frame"})
     codec_dir: Path = field(
         default=Path("assets/codec"), metadata={"help": "RFSQ codec giving the target codes"}
     )
@@ -95,6 +98,12 @@ class VLATrainConfig:
     threads: int = field(default=2, metadata={"help": "torch CPU threads"})
     bf16: bool = field(default=True, metadata={"help": "bfloat16 autocast on CUDA"})
     seed: int = field(default=0, metadata={"help": "random seed"})
+    max_minutes: float = field(
+        default=0.0, metadata={"help": "stop training after this wall time (0: no limit)"}
+    )
+    save_dtype: str = field(
+        default="float16", metadata={"help": "dtype of the saved weights", "choices": ["float16", "float32"]}
+    )
 
     def __post_init__(self) -> None:
         if not self.demos and self.packed is None:
@@ -111,6 +120,8 @@ class VLATrainConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.val_every < 2:
             raise ValueError(f"val_every must be >= 2, got {self.val_every}")
+        if self.frame_stride < 1:
+            raise ValueError(f"frame_stride must be >= 1, got {self.frame_stride}")
         if self.shift < 0 or self.shift >= self.image_size // 2:
             raise ValueError(f"shift must be in 0..{self.image_size // 2 - 1}, got {self.shift}")
 
@@ -120,16 +131,20 @@ def _demo_names(group: Any) -> list[str]:
     return sorted(group.keys(), key=lambda n: int(n.split("_")[-1]) if n.split("_")[-1].isdigit() else n)
 
 
-def read_demos(paths: list[Path], image_size: int) -> dict[str, Any]:
+def read_demos(paths: list[Path], image_size: int, frame_stride: int = 1) -> dict[str, Any]:
     """Read HDF5 demos into frame arrays (images downsampled with the run-time function).
 
-    returns images [N, 2, S, S, 3] uint8, proprio [N, 8] f32, actions [N, A] f32, episode [N] i64,
+    Every ``frame_stride``-th step is kept as a training frame (offset alternating per episode);
+    the actions of every step are kept, so chunk targets are exact.
+
+    returns images [N, 2, S, S, 3] uint8, proprio [N, 8] f32, episode [N] i64, step [N] i64 (frame
+    index inside its episode), actions [M, A] f32 (all steps), action_episode [M] i64,
     instruction_of_episode [E] str, task_of_episode [E] i64, episode_names [E] str.
     """
     import h5py
     from tqdm import tqdm
 
-    images, proprio, actions, episode = [], [], [], []
+    images, proprio, episode, steps, actions, action_episode = [], [], [], [], [], []
     instructions, tasks, names = [], [], []
     for path in paths:
         with h5py.File(path, "r") as f:
@@ -137,20 +152,22 @@ def read_demos(paths: list[Path], image_size: int) -> dict[str, Any]:
                 raise ValueError(f"{path}: no 'data' group (expected the robomimic/LIBERO layout)")
             for name in tqdm(_demo_names(f["data"]), desc=f"read {Path(path).name}", unit="demo"):
                 g = f["data"][name]
+                e = len(names)
                 a = np.asarray(g["actions"], dtype=np.float32)  # [n, A]
-                obs = g["obs"]
                 n = a.shape[0]
-                av = downsample_images(np.asarray(obs["agentview_rgb"]), image_size)  # [n, S, S, 3]
-                wr = downsample_images(np.asarray(obs["eye_in_hand_rgb"]), image_size)  # [n, S, S, 3]
+                keep = np.arange(e % frame_stride, n, frame_stride)  # [n']
+                obs = g["obs"]
+                av = downsample_images(np.asarray(obs["agentview_rgb"])[keep], image_size)  # [n', S, S, 3]
+                wr = downsample_images(np.asarray(obs["eye_in_hand_rgb"])[keep], image_size)  # [n', S, S, 3]
                 pr = np.concatenate([np.asarray(obs["ee_states"]), np.asarray(obs["gripper_states"])], axis=1)
-                if pr.shape != (n, 8) or av.shape[0] != n or wr.shape[0] != n:
-                    raise ValueError(
-                        f"{path}: data/{name} has inconsistent lengths or proprio shape {pr.shape}"
-                    )
-                images.append(torch.stack([av, wr], dim=1).numpy())  # [n, 2, S, S, 3]
-                proprio.append(pr.astype(np.float32))
+                if pr.shape != (n, 8):
+                    raise ValueError(f"{path}: data/{name} proprio has shape {pr.shape}, expected ({n}, 8)")
+                images.append(torch.stack([av, wr], dim=1).numpy())  # [n', 2, S, S, 3]
+                proprio.append(pr[keep].astype(np.float32))
+                episode.append(np.full(len(keep), e, dtype=np.int64))
+                steps.append(keep.astype(np.int64))
                 actions.append(a)
-                episode.append(np.full(n, len(names), dtype=np.int64))
+                action_episode.append(np.full(n, e, dtype=np.int64))
                 instr = g.attrs["instruction"]
                 instructions.append(instr.decode() if isinstance(instr, bytes) else str(instr))
                 tasks.append(int(g.attrs.get("task_id", -1)))
@@ -160,37 +177,60 @@ def read_demos(paths: list[Path], image_size: int) -> dict[str, Any]:
     return {
         "images": np.concatenate(images),
         "proprio": np.concatenate(proprio),
-        "actions": np.concatenate(actions),
         "episode": np.concatenate(episode),
+        "step": np.concatenate(steps),
+        "actions": np.concatenate(actions),
+        "action_episode": np.concatenate(action_episode),
         "instruction_of_episode": np.array(instructions),
         "task_of_episode": np.array(tasks, dtype=np.int64),
         "episode_names": np.array(names),
     }
 
 
-def pack(data: dict[str, Any], path: Path, jpeg_quality: int) -> None:
-    """Write ``data`` (from :func:`read_demos`) as one .npz; images as JPEG if ``jpeg_quality`` > 0."""
-    out = {k: v for k, v in data.items() if k != "images"}
-    if jpeg_quality:
-        from PIL import Image
-        from tqdm import tqdm
+def frame_chunks(data: dict[str, Any], chunk_len: int) -> np.ndarray:
+    """The action chunk starting at every training frame: [N, T, A] (past the end: last action repeated)."""
+    out = np.empty((len(data["episode"]), chunk_len, data["actions"].shape[1]), dtype=np.float32)
+    for e in range(len(data["episode_names"])):
+        rows = np.flatnonzero(data["episode"] == e)
+        out[rows] = action_chunks(data["actions"][data["action_episode"] == e], chunk_len)[data["step"][rows]]
+    return out
 
-        flat = data["images"].reshape(-1, *data["images"].shape[2:])  # [N*2, S, S, 3]
-        blobs = []
-        for img in tqdm(flat, desc="jpeg", unit="img"):
-            buf = io.BytesIO()
-            Image.fromarray(img).save(buf, format="JPEG", quality=jpeg_quality)
-            blobs.append(np.frombuffer(buf.getvalue(), dtype=np.uint8))
-        out["jpeg_offsets"] = np.cumsum([0] + [len(b) for b in blobs]).astype(np.int64)
-        out["jpeg_bytes"] = np.concatenate(blobs)
-        out["images_shape"] = np.array(data["images"].shape, dtype=np.int64)
-    else:
-        out["images"] = data["images"]
+
+def pack(data: dict[str, Any], path: Path, jpeg_quality: int) -> None:
+    """Write ``data`` (from :func:`read_demos`) as one .npz.
+
+    Agentview frames are stored losslessly (per-episode temporal difference + LZMA: the scene is
+    mostly static); wrist frames as JPEG of quality ``jpeg_quality`` (0: lossless like agentview).
+    """
+    import lzma
+
+    from tqdm import tqdm
+
+    out = {k: v for k, v in data.items() if k != "images"}
+    imgs = data["images"]  # [N, 2, S, S, 3]
+    out["images_shape"] = np.array(imgs.shape, dtype=np.int64)
+    for cam in range(imgs.shape[1]):
+        blobs: list[bytes] = []
+        if cam == 1 and jpeg_quality:
+            from PIL import Image
+
+            for img in tqdm(imgs[:, cam], desc="wrist jpeg", unit="img"):
+                buf = io.BytesIO()
+                Image.fromarray(img).save(buf, format="JPEG", quality=jpeg_quality)
+                blobs.append(buf.getvalue())
+        else:
+            for e in tqdm(range(len(data["episode_names"])), desc=f"camera {cam} lzma", unit="ep"):
+                x = imgs[data["episode"] == e, cam].astype(np.int16)  # [n, S, S, 3]
+                delta = np.diff(x, axis=0, prepend=0).astype(np.uint8)  # mod-256 difference
+                blobs.append(lzma.compress(delta.tobytes(), preset=6))
+        out[f"cam{cam}_codec"] = np.array("jpeg" if cam == 1 and jpeg_quality else "delta-lzma")
+        out[f"cam{cam}_offsets"] = np.cumsum([0] + [len(b) for b in blobs]).astype(np.int64)
+        out[f"cam{cam}_bytes"] = np.frombuffer(b"".join(blobs), dtype=np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, **out)
     log.info(
         "packed %d frames of %d episodes to %s (%.1f MB)",
-        len(data["actions"]),
+        len(data["episode"]),
         len(data["episode_names"]),
         path,
         path.stat().st_size / 1e6,
@@ -198,19 +238,29 @@ def pack(data: dict[str, Any], path: Path, jpeg_quality: int) -> None:
 
 
 def unpack(path: Path) -> dict[str, Any]:
-    z = np.load(path, allow_pickle=False)
-    data = {k: z[k] for k in z.files if k not in ("jpeg_offsets", "jpeg_bytes", "images_shape")}
-    if "jpeg_bytes" in z.files:
-        from PIL import Image
-        from tqdm import tqdm
+    """Inverse of :func:`pack`."""
+    import lzma
 
-        offsets, blob, shape = z["jpeg_offsets"], z["jpeg_bytes"], tuple(z["images_shape"])
-        flat = np.empty((shape[0] * shape[1], *shape[2:]), dtype=np.uint8)
-        for i in tqdm(range(len(flat)), desc="decode jpeg", unit="img"):
-            flat[i] = np.asarray(
-                Image.open(io.BytesIO(blob[offsets[i] : offsets[i + 1]].tobytes())).convert("RGB")
-            )
-        data["images"] = flat.reshape(shape)
+    from PIL import Image
+    from tqdm import tqdm
+
+    z = np.load(path, allow_pickle=False)
+    data = {k: z[k] for k in z.files if not k.startswith("cam") and k != "images_shape"}
+    shape = tuple(int(v) for v in z["images_shape"])  # (N, 2, S, S, 3)
+    images = np.empty(shape, dtype=np.uint8)
+    for cam in range(shape[1]):
+        codec, offsets, blob = str(z[f"cam{cam}_codec"]), z[f"cam{cam}_offsets"], z[f"cam{cam}_bytes"]
+        if codec == "jpeg":
+            for i in tqdm(range(shape[0]), desc=f"camera {cam} jpeg", unit="img"):
+                raw = blob[offsets[i] : offsets[i + 1]].tobytes()
+                images[i, cam] = np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))
+        else:
+            for e in range(len(data["episode_names"])):
+                rows = np.flatnonzero(data["episode"] == e)
+                raw = lzma.decompress(blob[offsets[e] : offsets[e + 1]].tobytes())
+                delta = np.frombuffer(raw, dtype=np.uint8).reshape(len(rows), *shape[2:])
+                images[rows, cam] = np.cumsum(delta, axis=0, dtype=np.uint8)  # mod-256 running sum
+    data["images"] = images
     return data
 
 
@@ -365,7 +415,11 @@ def train(cfg: VLATrainConfig) -> dict[str, Any]:
     torch.set_num_threads(cfg.threads)
     device = torch.device(cfg.device)
     t0 = time.time()
-    data = unpack(cfg.packed) if cfg.packed is not None else read_demos(cfg.demos, cfg.image_size)
+    data = (
+        unpack(cfg.packed)
+        if cfg.packed is not None
+        else read_demos(cfg.demos, cfg.image_size, cfg.frame_stride)
+    )
     if cfg.pack_to is not None:
         pack(data, cfg.pack_to, cfg.jpeg_quality)
         return {"packed": str(cfg.pack_to)}
@@ -373,13 +427,7 @@ def train(cfg: VLATrainConfig) -> dict[str, Any]:
         raise ValueError(f"data images are {data['images'].shape[2]} px, --image-size is {cfg.image_size}")
     codec = load_codec(cfg.codec_dir)
     shape = codec.shape
-    # target codes of the chunk starting at every step (chunks past the end repeat the last action)
-    chunks = np.concatenate(
-        [
-            action_chunks(data["actions"][data["episode"] == e], shape.chunk_len)
-            for e in range(len(data["episode_names"]))
-        ]
-    )  # [N, T, A]
+    chunks = frame_chunks(data, shape.chunk_len)  # [N, T, A]
     with torch.no_grad():
         codes = torch.cat([codec.encode(torch.from_numpy(c)) for c in np.array_split(chunks, 64)]).to(
             torch.uint8
@@ -431,7 +479,21 @@ def train(cfg: VLATrainConfig) -> dict[str, Any]:
     model.train()
     bar = tqdm(range(cfg.steps), desc="bc", unit="step", dynamic_ncols=True)
     run = {"loss": 0.0, "main": 0.0, "aux": 0.0, "acc0": 0.0}
+    t_train = time.time()
     for step in bar:
+        if cfg.max_minutes and time.time() - t_train > 60 * cfg.max_minutes and step % cfg.eval_interval:
+            log.warning("--max-minutes %.1f reached at step %d: stopping early", cfg.max_minutes, step)
+            ev = evaluate(model, batches, val_idx, codec, actions_t, cfg)
+            ev["step"] = step
+            evals.append(ev)
+            if ev["main"] < best:
+                save_embedded_vla(
+                    model,
+                    out_dir,
+                    extra={"train": config_to_dict(cfg), "held_out": ev},
+                    dtype=getattr(torch, cfg.save_dtype),
+                )
+            break
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         idx = train_idx[torch.randint(0, len(train_idx), (cfg.batch_size,), device=device)]
@@ -449,7 +511,7 @@ def train(cfg: VLATrainConfig) -> dict[str, Any]:
             curve.append(
                 {
                     "step": step,
-                    "loss": float(r["loss"]),
+                    "loss": float(r["loss"].detach()),
                     "main": float(r["main"]),
                     "aux": float(r["aux"]),
                     "layer_acc": acc,
@@ -474,10 +536,27 @@ def train(cfg: VLATrainConfig) -> dict[str, Any]:
             )
             if ev["main"] < best:
                 best = ev["main"]
-                save_embedded_vla(model, out_dir, extra={"train": config_to_dict(cfg), "held_out": ev})
+                save_embedded_vla(
+                    model,
+                    out_dir,
+                    extra={"train": config_to_dict(cfg), "held_out": ev},
+                    dtype=getattr(torch, cfg.save_dtype),
+                )
             model.train()
+    # the figures of the weights as shipped (saved dtype, loaded back)
+    shipped, _ = load_embedded_vla(out_dir)
+    shipped_ev = evaluate(shipped.to(device), batches, val_idx, codec, actions_t, cfg)
+    log.info(
+        "shipped weights held-out: layer acc %s aux acc %s free acc %s arm MAE %.4f grip %.3f",
+        _fmt(shipped_ev["layer_acc"]),
+        _fmt(shipped_ev["aux_acc"]),
+        _fmt(shipped_ev["free_layer_acc"]),
+        shipped_ev["free_arm_mae"],
+        shipped_ev["free_gripper_agreement"],
+    )
     metrics = {
         "config": config_to_dict(cfg),
+        "shipped_held_out": shipped_ev,
         "num_params": n_params,
         "frames": {"train": int(train_mask.sum()), "held_out": int(val_mask.sum())},
         "episodes": {"train": int(len(ep_ids) - len(val_eps)), "held_out": int(len(val_eps))},

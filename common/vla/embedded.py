@@ -480,13 +480,25 @@ class EmbeddedVLAPolicy(LayerwisePolicy):
 
 
 # --------------------------------------------------------------------------------------- files
-def save_embedded_vla(model: EmbeddedVLA, out_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    """Write ``config.json`` and ``model.safetensors`` (float32) into ``out_dir``."""
+def save_embedded_vla(
+    model: EmbeddedVLA,
+    out_dir: str | Path,
+    extra: dict[str, Any] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` into ``out_dir``.
+
+    Floating-point tensors are stored as ``dtype`` (float16 halves the file; loading casts back to
+    float32, and the shipped figures are measured with the weights as loaded).
+    """
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = {
+        k: (v.detach().to(dtype) if v.is_floating_point() else v.detach()).cpu().contiguous()
+        for k, v in model.state_dict().items()
+    }
     save_file(state, str(out / WEIGHTS_FILE))
     meta = {"model": model.config.to_dict(), **(extra or {})}
     (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
