@@ -15,7 +15,9 @@ per-layer accuracy, teacher-forced and free-running (sequential decoding with th
 A packed dataset (``--pack-to``) holds the downsampled images (raw or JPEG), proprio, actions and
 instructions in one ``.npz``: small enough to train on another machine without h5py or LIBERO.
 
-Outputs in ``--out-dir``: ``config.json`` + ``model.safetensors`` (best validation loss),
+Outputs in ``--out-dir``: ``config.json`` + ``model.safetensors`` (lowest held-out cross-entropy of
+the coarse layers 0..K-1, the ones that shape the action; the fine layers' targets are small
+residuals that a policy cannot predict beyond chance and only memorizes),
 ``metrics.json`` (curves and final held-out figures), ``training.png``.
 """
 
@@ -85,6 +87,7 @@ class VLATrainConfig:
     lr: float = field(default=5e-4, metadata={"help": "AdamW peak learning rate (warmup, cosine decay)"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     warmup: int = field(default=200, metadata={"help": "linear warmup steps"})
+    fine_weight: float = field(default=0.5, metadata={"help": "loss weight of the fine layers K..L-1"})
     aux_weight: float = field(
         default=1.0, metadata={"help": "weight of the coarse-code loss on the hidden state"}
     )
@@ -334,16 +337,32 @@ class Batches:
         }
 
 
-def losses(model: EmbeddedVLA, batch: dict[str, torch.Tensor], aux_weight: float) -> dict[str, torch.Tensor]:
+def losses(
+    model: EmbeddedVLA, batch: dict[str, torch.Tensor], aux_weight: float, fine_weight: float = 1.0
+) -> dict[str, torch.Tensor]:
+    """Cross-entropy per RFSQ layer (layers >= K weighted by ``fine_weight``) + aux coarse CE."""
     out = model.forward_train(**batch)
     tgt = batch["codes"].permute(0, 3, 1, 2)  # [B, L, T, H]
-    g = out["logits"].shape[-1]
+    n_layers, g = out["logits"].shape[1], out["logits"].shape[-1]
     k = out["aux_logits"].shape[1]
-    main = F.cross_entropy(out["logits"].float().reshape(-1, g), tgt.reshape(-1))
+    per_layer = (
+        F.cross_entropy(
+            out["logits"].float().flatten(0, 1).flatten(1, 2).transpose(1, 2),
+            tgt.flatten(0, 1).flatten(1),
+            reduction="none",
+        )
+        .view(tgt.shape[0], n_layers, -1)
+        .mean(dim=(0, 2))
+    )  # [L]
+    weights = torch.ones(n_layers, device=per_layer.device)
+    weights[k:] = fine_weight
+    main = (per_layer * weights).sum() / weights.sum()
     aux = F.cross_entropy(out["aux_logits"].float().reshape(-1, g), tgt[:, :k].reshape(-1))
     return {
         "loss": main + aux_weight * aux,
-        "main": main.detach(),
+        "main": per_layer.mean().detach(),
+        "coarse": per_layer[:k].mean().detach(),
+        "layer_ce": per_layer.detach(),
         "aux": aux.detach(),
         "layer_acc": (out["logits"].argmax(-1) == tgt).float().mean(dim=(0, 2, 3)).detach(),  # [L]
         "aux_acc": (out["aux_logits"].argmax(-1) == tgt[:, :k]).float().mean(dim=(0, 2, 3)).detach(),  # [K]
@@ -362,12 +381,19 @@ def evaluate(
     """Held-out figures: teacher-forced loss and per-layer accuracy, aux accuracy, and free-running
     sequential decoding (KV cache) on a subset: per-layer accuracy and action error."""
     model.eval()
-    tot: dict[str, Any] = {"main": 0.0, "aux": 0.0, "layer_acc": 0.0, "aux_acc": 0.0}
+    tot: dict[str, Any] = {
+        "main": 0.0,
+        "coarse": 0.0,
+        "layer_ce": 0.0,
+        "aux": 0.0,
+        "layer_acc": 0.0,
+        "aux_acc": 0.0,
+    }
     n = 0
     for start in range(0, len(val_idx), 256):
         idx = val_idx[start : start + 256]
         with _autocast(cfg):
-            r = losses(model, batches.get(idx), cfg.aux_weight)
+            r = losses(model, batches.get(idx), cfg.aux_weight, cfg.fine_weight)
         for key in tot:
             tot[key] = tot[key] + r[key].float() * len(idx)
         n += len(idx)
@@ -486,7 +512,7 @@ def train(cfg: VLATrainConfig) -> dict[str, Any]:
             ev = evaluate(model, batches, val_idx, codec, actions_t, cfg)
             ev["step"] = step
             evals.append(ev)
-            if ev["main"] < best:
+            if ev["coarse"] < best:
                 save_embedded_vla(
                     model,
                     out_dir,
@@ -498,7 +524,7 @@ def train(cfg: VLATrainConfig) -> dict[str, Any]:
             group["lr"] = lr_at(step)
         idx = train_idx[torch.randint(0, len(train_idx), (cfg.batch_size,), device=device)]
         with _autocast(cfg):
-            r = losses(model, batches.get(idx, cfg.shift), cfg.aux_weight)
+            r = losses(model, batches.get(idx, cfg.shift), cfg.aux_weight, cfg.fine_weight)
         opt.zero_grad(set_to_none=True)
         r["loss"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -525,17 +551,18 @@ def train(cfg: VLATrainConfig) -> dict[str, Any]:
             ev["step"] = step + 1
             evals.append(ev)
             log.info(
-                "step %d held-out: loss %.4f layer acc %s aux acc %s free acc %s arm MAE %.4f grip %.3f",
+                "step %d held-out: CE %.4f coarse CE %.4f layer acc %s aux acc %s free acc %s arm MAE %.4f grip %.3f",
                 step + 1,
                 ev["main"],
+                ev["coarse"],
                 _fmt(ev["layer_acc"]),
                 _fmt(ev["aux_acc"]),
                 _fmt(ev["free_layer_acc"]),
                 ev["free_arm_mae"],
                 ev["free_gripper_agreement"],
             )
-            if ev["main"] < best:
-                best = ev["main"]
+            if ev["coarse"] < best:
+                best = ev["coarse"]
                 save_embedded_vla(
                     model,
                     out_dir,
@@ -562,7 +589,7 @@ def train(cfg: VLATrainConfig) -> dict[str, Any]:
         "episodes": {"train": int(len(ep_ids) - len(val_eps)), "held_out": int(len(val_eps))},
         "curve": curve,
         "evals": evals,
-        "best_held_out": min(evals, key=lambda e: e["main"]),
+        "best_held_out": min(evals, key=lambda e: e["coarse"]),
         "wall_s": time.time() - t0,
         "device": str(device) + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else ""),
     }
@@ -591,6 +618,9 @@ def plot_metrics(metrics: dict[str, Any], path: Path) -> None:
     ax[0].plot(steps, [c["main"] for c in curve], label="train CE (all layers)", alpha=0.7)
     ax[0].plot(steps, [c["aux"] for c in curve], label="train CE aux (coarse from hidden)", alpha=0.7)
     ax[0].plot([e["step"] for e in evals], [e["main"] for e in evals], "o-", label="held-out CE")
+    ax[0].plot(
+        [e["step"] for e in evals], [e["coarse"] for e in evals], "D-", label="held-out CE layers 0..K-1"
+    )
     ax[0].plot([e["step"] for e in evals], [e["aux"] for e in evals], "s-", label="held-out CE aux")
     ax[0].set_xlabel("step")
     ax[0].set_ylabel("cross-entropy")
