@@ -125,3 +125,48 @@ def test_trainer_kill9_restart_and_producer_kill9(tmp_path):
     assert sorted(seqs) == list(range(max(seqs) + 1)), "a message the producer handed over was lost"
     _, ckpt = load_checkpoint(run / "draft_last.pt")
     assert math.isfinite(ckpt["val_accuracy"]) and ckpt["config"]["updates"] > 0
+
+
+@pytest.mark.slow
+def test_soak_repeated_trainer_kills(tmp_path):
+    """Overnight in miniature: kill -9 the trainer again and again while a producer streams.
+
+    ``RSD_SOAK_KILLS`` (default 5) kills at random moments; at the end the producer finishes cleanly and
+    every sample it sent is in the archive exactly once.
+    """
+    import random
+
+    from tests.stream_helpers import producer_summary
+
+    kills = int(os.environ.get("RSD_SOAK_KILLS", "5"))
+    rng = random.Random(0)
+    run = tmp_path / "run"
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    log_p = tmp_path / "producer.log"
+    trainer, _ = start_trainer(run, tmp_path / "trainer_0.log", TRAINER_ARGS, endpoint=endpoint)
+    producer = None
+    try:
+        producer = spawn("producer.produce", producer_args(endpoint, "soak", 0, 6 + 2 * kills, 16), log_p)
+        wait_for(log_p, r"connected to trainer session", producer, timeout=150)
+        for k in range(kills):
+            time.sleep(rng.uniform(3, 12))
+            os.kill(trainer.pid, signal.SIGKILL)
+            trainer.wait()
+            assert producer.poll() is None, "the producer must survive trainer crashes"
+            episode_attrs(run / "archive.hdf5")  # opens after every crash
+            args = TRAINER_ARGS + (["--exit-after-byes", "1"] if k == kills - 1 else [])
+            trainer, _ = start_trainer(run, tmp_path / f"trainer_{k + 1}.log", args, endpoint=endpoint)
+        out_p = finish(producer, log_p, 600)
+        out_t = finish(trainer, tmp_path / f"trainer_{kills}.log", 120)
+    finally:
+        kill_all(producer, trainer)
+    assert producer.returncode == 0, out_p[-2000:]
+    assert trainer.returncode == 0, out_t[-2000:]
+    s = producer_summary(out_p)
+    assert s["unacked"] == 0
+    sample_seqs = [q for ep in iter_episodes(run / "archive.hdf5") for q in ep.seqs.tolist()]
+    assert len(sample_seqs) == len(set(sample_seqs)) == s["samples_sent"], "lost or duplicated samples"
+    print(
+        f"\nsoak: {kills} trainer kills survived; {s['samples_sent']} samples sent, {len(sample_seqs)} archived "
+        f"exactly once, {s['resent']} resent after restarts, {s['trainer_sessions']} trainer sessions seen"
+    )
