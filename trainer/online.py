@@ -42,7 +42,7 @@ from common.cli import config_to_dict, parse_config
 from common.curve import check_bind_endpoint, server_curve
 from common.logs import setup_logging
 from common.shapes import DEFAULT_SHAPE, RFSQShape
-from trainer.archive import ArchiveWriter, EpisodeRecord, archived_seqs, iter_episodes
+from trainer.archive import ArchiveWriter, EpisodeRecord, archived_seqs, episode_attrs, iter_episodes
 from trainer.buffer import RateLimiter, ReplayBuffer
 from trainer.learner import Learner, OptimConfig
 from trainer.plots import plot_curves
@@ -667,12 +667,18 @@ class Trainer:
 
     def summary(self) -> dict[str, Any]:
         elapsed = time.time() - self.t_start
+        in_archive: dict[str, int] = {}
+        for a in episode_attrs(self.archive.path):  # all sessions, also those before a restart
+            in_archive[a["producer_id"]] = in_archive.get(a["producer_id"], 0) + int(a["num_samples"])
         stream_s = time.time() - (self.first_sample_at or time.time())
         lags = np.asarray(self.lags) if self.lags else np.zeros(1)
         return {
             "trainer_session": self.session,
             "elapsed_s": elapsed,
-            "producers": {pid: vars(st) for pid, st in sorted(self.stats.items())},
+            "producers": {
+                pid: {**vars(st), "in_archive": in_archive.get(pid, 0)}
+                for pid, st in sorted(self.stats.items())
+            },
             "rejected_unattributed": dict(self.unattributed),
             "accepted_total": self.accepted_total,
             "archive": {
@@ -723,16 +729,17 @@ class _Progress:
 
 
 def print_summary(summary: dict[str, Any]) -> None:
-    lines = ["", "=== trainer summary ==="]
+    lines = ["", "=== trainer summary (this trainer session; 'in archive' counts all sessions) ==="]
     lines.append(
-        f"{'producer':<16}{'sent':>8}{'received':>10}{'accepted':>10}{'rejected':>10}{'archived':>10}{'gaps':>6}  episodes"
+        f"{'producer':<16}{'sent':>8}{'received':>10}{'accepted':>10}{'rejected':>10}{'archived':>10}{'gaps':>6}"
+        f"{'in archive':>12}  episodes"
     )
     for pid, st in summary["producers"].items():
         sent = "?" if st["reported_sent"] is None else st["reported_sent"]
         rej = sum(st["rejected"].values())
         lines.append(
             f"{pid:<16}{sent!s:>8}{st['samples_received']:>10}{st['accepted']:>10}{rej:>10}{st['archived']:>10}"
-            f"{st['gaps']:>6}  {st['episodes_archived']} ({st['episodes_incomplete']} incomplete, "
+            f"{st['gaps']:>6}{st['in_archive']:>12}  {st['episodes_archived']} ({st['episodes_incomplete']} incomplete, "
             f"{st['episodes_errored']} errored)" + (f"  rejected: {st['rejected']}" if rej else "")
         )
     if summary["rejected_unattributed"]:
