@@ -123,3 +123,14 @@ def test_real_libero_episode_random_policy() -> None:
     finally:
         env.close()
     assert PolicyActFactory().name == "embedded"
+
+
+@pytest.mark.parametrize("module", ["evaluator.rollout", "trainer.train_vla"])
+def test_commands_have_help(module: str) -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0 and "--" in out.stdout and "usage" in out.stdout
