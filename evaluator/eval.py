@@ -93,6 +93,10 @@ class EvalConfig:
         default_factory=lambda: [0.1, 0.5, 0.9],
         metadata={"help": "extra strict arms with confidence-gated proposal length (open loop only)"},
     )
+    sweep_max_proposals: list[int] = field(
+        default_factory=lambda: [3],
+        metadata={"help": "extra strict arms proposing at most this many layers (open loop only)"},
+    )
     warmup: int = field(default=3, metadata={"help": "warm-up queries (all arms) before measuring"})
     max_chunks: int | None = field(
         default=None, metadata={"help": "stop the open loop after this many chunks"}
@@ -110,6 +114,8 @@ class EvalConfig:
         for c in [self.confidence_threshold, *self.sweep_confidence]:
             if not 0.0 <= c <= 1.0:
                 raise ValueError(f"confidence thresholds must be in [0, 1], got {c}")
+        if any(m < 1 for m in self.sweep_max_proposals):
+            raise ValueError(f"sweep_max_proposals must be >= 1, got {self.sweep_max_proposals}")
         if self.warmup < 0 or self.torch_threads < 1 or self.workers < 1:
             raise ValueError("warmup must be >= 0, torch_threads and workers >= 1")
         if not self.tasks or not self.init_states:
@@ -131,6 +137,9 @@ class EvalConfig:
             )
         for c in self.sweep_confidence:
             arms.setdefault(f"strict_conf{c:g}", RSDConfig(AcceptanceConfig("strict"), cap, c))
+        for m in self.sweep_max_proposals:
+            if m < num_drafted:
+                arms.setdefault(f"strict_k{m}", RSDConfig(AcceptanceConfig("strict"), m, 0.0))
         return arms
 
 
@@ -294,13 +303,13 @@ def summarize_arm(lg: ArmLog, base: ArmLog, max_j: int) -> dict[str, Any]:
 def summarize_open_loop(rec: OpenLoopRecorder) -> dict[str, Any]:
     if rec.chunks == 0:
         raise ValueError("no chunks were measured (increase episodes or lower --warmup)")
-    max_j = min(rec.K, rec.policy.shape.num_layers - 1)
-    if any(c is not None and c.max_proposals is not None for c in rec.arms.values()):
-        max_j = min(
-            max_j, max(c.max_proposals for c in rec.arms.values() if c and c.max_proposals is not None)
-        )
     base = rec.logs["baseline"]
-    arms = {name: summarize_arm(lg, base, max_j) for name, lg in rec.logs.items()}
+
+    def max_j(cfg: RSDConfig | None) -> int:  # the largest j this arm can accept
+        m = min(rec.K, rec.policy.shape.num_layers - 1)
+        return m if cfg is None or cfg.max_proposals is None else min(m, cfg.max_proposals)
+
+    arms = {name: summarize_arm(lg, base, max_j(rec.arms[name])) for name, lg in rec.logs.items()}
     out: dict[str, Any] = {
         "chunks": rec.chunks,
         "arms": arms,

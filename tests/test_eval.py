@@ -62,6 +62,7 @@ def make_cfg(draft: Path, out: Path, **kw) -> ev.EvalConfig:
         policy="twin-tiny",
         sweep_tau=[1.0],
         sweep_confidence=[0.5],
+        sweep_max_proposals=[2],
         warmup=1,
         **kw,
     )
@@ -87,6 +88,7 @@ def test_open_loop_eval_writes_json_report_and_plots(draft_ckpt, tmp_path):
     assert strict["identical_fraction"] == 1.0  # strict decoding reproduces the baseline's codes
     assert strict["action_deviation"]["max_abs_max"] == 0.0
     assert len(strict["j_histogram"]) == 4  # j = 0..K with K = 3
+    assert len(loaded["arms"]["strict_k2"]["j_histogram"]) == 3  # at most 2 proposed layers
     # relaxed with tau = 1 accepts exactly what strict accepts, chunk by chunk
     assert loaded["per_chunk"]["relaxed_tau1"]["accepted"] == loaded["per_chunk"]["rsd_strict"]["accepted"]
     assert loaded["arms"]["relaxed_tau1"]["identical_fraction"] == 1.0
