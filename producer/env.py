@@ -425,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
 
     bench = parse_config(EnvBenchConfig, argv, prog="python -m producer.env")
     setup_logging("env-bench")
+    ensure_libero()  # picks the GL backend (EGL, or OSMesa as the fallback)
     rng = np.random.default_rng(bench.seed)
     actions = rng.uniform(-0.3, 0.3, size=(bench.steps, ACTION_DIM))  # [steps, 7], small moves
     actions[:, 6] = -1.0
@@ -435,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         ("on demand, no observation", False, lambda i: False),
     ]
     print(f"{bench.suite} task {bench.task_id}, {bench.image_size} px, {bench.steps} steps per mode, MUJOCO_GL="
-          f"{os.environ.get('MUJOCO_GL')}")  # fmt: skip
+          f"{os.environ.get('MUJOCO_GL')}, LP_NUM_THREADS={os.environ.get('LP_NUM_THREADS', 'default')}")  # fmt: skip
     for name, every, observe in modes:
         cfg = EnvConfig(
             suite=bench.suite, task_id=bench.task_id, image_size=bench.image_size, render_every_step=every
