@@ -78,7 +78,7 @@ class EvalConfig:
         default=None, metadata={"help": "policy steps per episode (none: suite limit)"}
     )
     image_size: int = field(default=128, metadata={"help": "camera image size rendered by the env"})
-    tau: float = field(default=0.95, metadata={"help": "relaxed arm: minimum token agreement per layer"})
+    tau: float = field(default=0.8, metadata={"help": "relaxed arm: minimum token agreement per layer"})
     epsilon: float | None = field(
         default=None, metadata={"help": "relaxed arm: also accept layers whose action change is <= this"}
     )
@@ -87,11 +87,15 @@ class EvalConfig:
     )
     max_proposals: int | None = field(default=None, metadata={"help": "cap on proposed layers (none: K)"})
     sweep_tau: list[float] = field(
-        default_factory=lambda: [0.9, 0.8], metadata={"help": "extra relaxed arms (open loop only)"}
+        default_factory=lambda: [0.9, 0.6, 0.0],
+        metadata={"help": "extra relaxed arms (open loop only; 0 accepts every proposed layer)"},
     )
     sweep_confidence: list[float] = field(
-        default_factory=lambda: [0.1, 0.5, 0.9],
-        metadata={"help": "extra strict arms with confidence-gated proposal length (open loop only)"},
+        default_factory=lambda: [0.7, 0.8],
+        metadata={
+            "help": "extra relaxed arms (tau of --tau) proposing only layers whose expected token agreement "
+            "(the draft's mean token probability) reaches this (open loop only)"
+        },
     )
     sweep_max_proposals: list[int] = field(
         default_factory=lambda: [3],
@@ -135,8 +139,9 @@ class EvalConfig:
             arms.setdefault(
                 f"relaxed_tau{t:g}", RSDConfig(AcceptanceConfig("relaxed", t, self.epsilon), cap, gate)
             )
+        relaxed = AcceptanceConfig("relaxed", self.tau, self.epsilon)
         for c in self.sweep_confidence:
-            arms.setdefault(f"strict_conf{c:g}", RSDConfig(AcceptanceConfig("strict"), cap, c))
+            arms.setdefault(f"relaxed_conf{c:g}", RSDConfig(relaxed, cap, c, confidence_kind="token"))
         for m in self.sweep_max_proposals:
             if m < num_drafted:
                 arms.setdefault(f"strict_k{m}", RSDConfig(AcceptanceConfig("strict"), m, 0.0))

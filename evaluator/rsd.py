@@ -65,9 +65,12 @@ class RSDConfig:
     acceptance: AcceptanceConfig = STRICT
     #: propose at most this many layers (None: all the draft predicts, capped at L-1)
     max_proposals: int | None = None
-    #: propose only the leading layers whose confidence (the draft's probability that the whole
-    #: layer is right) is at least this; 0 proposes every drafted layer
+    #: propose only the leading layers whose confidence is at least this; 0 proposes every drafted layer
     confidence_threshold: float = 0.0
+    #: which confidence gates: "layer" = the draft's probability that the whole layer is right
+    #: (product of token probabilities; fits strict acceptance), "token" = its expected token
+    #: agreement (mean of token probabilities; fits relaxed acceptance with tau)
+    confidence_kind: str = "layer"
     #: synchronize the device and time each stage (prefix, draft, verify, decode, actions)
     stage_timing: bool = True
 
@@ -76,14 +79,18 @@ class RSDConfig:
             raise ValueError(f"max_proposals must be >= 0 or None, got {self.max_proposals}")
         if not 0.0 <= self.confidence_threshold <= 1.0:
             raise ValueError(f"confidence_threshold must be in [0, 1], got {self.confidence_threshold}")
+        if self.confidence_kind not in ("layer", "token"):
+            raise ValueError(f"confidence_kind must be 'layer' or 'token', got {self.confidence_kind!r}")
 
 
 @dataclass
 class Proposal:
-    """codes [B, K, T, H] long (argmax), confidence [B, K] float (P(whole layer right) by the draft)."""
+    """codes [B, K, T, H] long (argmax); confidence [B, K]: P(whole layer right) by the draft;
+    token_confidence [B, K]: the draft's expected fraction of right tokens (defaults to confidence)."""
 
     codes: torch.Tensor
     confidence: torch.Tensor
+    token_confidence: torch.Tensor | None = None
 
 
 class Proposer(Protocol):
@@ -118,7 +125,7 @@ class DraftProposer:
     def propose(self, hidden: torch.Tensor) -> Proposal:
         ids, probs = self.model.propose(hidden.to(device=self.device, dtype=self.dtype))  # [B, K, T, H] x2
         conf = probs.clamp_min(1e-12).log().sum(dim=(2, 3)).exp()  # [B, K]
-        return Proposal(codes=ids, confidence=conf)
+        return Proposal(codes=ids, confidence=conf, token_confidence=probs.mean(dim=(2, 3)))
 
 
 @dataclass
@@ -210,7 +217,10 @@ class RSDEngine:
             k = min(k, self.config.max_proposals)
         thr = self.config.confidence_threshold
         if thr > 0 and k > 0:
-            confident = (proposal.confidence[:, :k] >= thr).all(0).tolist()  # [k]
+            conf = proposal.confidence
+            if self.config.confidence_kind == "token" and proposal.token_confidence is not None:
+                conf = proposal.token_confidence
+            confident = (conf[:, :k] >= thr).all(0).tolist()  # [k]
             k = next((i for i, c in enumerate(confident) if not c), k)
         return k
 

@@ -167,3 +167,24 @@ def test_config_validation():
         AcceptanceConfig(mode="relaxed", tau=1.5)
     with pytest.raises(ValueError, match="confidence_threshold"):
         RSDConfig(confidence_threshold=-0.1)
+
+
+def test_token_confidence_gating(policy):
+    obs = [make_obs(31)]
+    base = engine(policy, None).baseline(obs)
+    prop = OracleProposer(base.codes, num_layers=3, good=3, conf=1e-6)  # P(whole layer right) tiny
+    prop_tokens = Proposal(
+        codes=prop.codes, confidence=prop.conf, token_confidence=torch.tensor([[0.9, 0.8, 0.5]])
+    )
+
+    class Fixed:
+        num_layers = 3
+
+        def propose(self, hidden):
+            return prop_tokens
+
+    by_layer = engine(policy, Fixed(), confidence_threshold=0.7).rsd(obs)
+    by_token = engine(policy, Fixed(), confidence_threshold=0.7, confidence_kind="token").rsd(obs)
+    assert by_layer.stats.proposed == 0
+    assert by_token.stats.proposed == 2 and by_token.stats.accepted == 2
+    assert torch.equal(by_token.codes, base.codes)
