@@ -416,7 +416,8 @@ class Producer:
                 if episode >= len(schedule) and not cfg.repeat:
                     break
                 task_id, init_state = schedule[episode % len(schedule)]
-                init_state %= 50
+                # with --repeat, every pass over the tasks moves on to the next initial states
+                init_state = (init_state + (episode // len(schedule)) * cfg.episodes_per_task) % 50
                 if env is None or env_task != task_id:
                     if env is not None:
                         env.close()
