@@ -79,7 +79,9 @@ class EnvConfig:
     max_steps: int | None = field(
         default=None, metadata={"help": "policy steps per episode (none: the suite's limit)"}
     )
-    seed: int = field(default=0, metadata={"help": "environment seed"})
+    seed: int = field(
+        default=0, metadata={"help": "seed of the scene randomness (fixture placement), per init state"}
+    )
     render_every_step: bool = field(
         default=False,
         metadata={"help": "let robosuite render the cameras on every step (slow; for comparison)"},
@@ -197,7 +199,6 @@ class LiberoEnv:
             camera_names=list(cfg.cameras),
             use_camera_obs=True,
         )
-        self._env.seed(cfg.seed)
         log.debug("built %s task %d in %.1fs", cfg.suite, cfg.task_id, time.perf_counter() - t0)
         self._raw: dict[str, Any] = {}
         self._want_images = True  # gate of the camera sensors (always open if render_every_step)
@@ -221,10 +222,20 @@ class LiberoEnv:
         if init_state is not None:
             self._check_init_state(init_state)
             self.init_state = init_state
-        self._env.reset()  # hard reset: rebuilds the MuJoCo model, the sim and the camera sensors
+        # Hard reset: rebuilds the MuJoCo model, the sim and the camera sensors. It also re-samples the
+        # placement of the fixed fixtures (cabinet, stove: static bodies that the init state does not
+        # restore) from NumPy's global RNG, so seed it per episode (and leave the caller's RNG as it
+        # was): the same (seed, init_state) always gives the same scene.
+        rng_state = np.random.get_state()
+        np.random.seed(self.episode_seed(self.init_state))
+        try:
+            self._env.reset()
+        finally:
+            np.random.set_state(rng_state)
         self._gate_camera_sensors()
         self._want_images = self.cfg.settle_steps == 0
         self._raw = self._env.set_init_state(self._init_states[self.init_state])
+        self._restart_sampling_clocks()
         for i in range(self.cfg.settle_steps):
             self._want_images = i == self.cfg.settle_steps - 1  # images of the last settle step only
             self._raw, _, _, _ = self._env.step(SETTLE_ACTION)
@@ -255,6 +266,22 @@ class LiberoEnv:
         self._done = success or truncated
         info = {"success": success, "step": self._steps, "truncated": truncated}
         return (self.observe() if observe else None), float(reward), self._done, info
+
+    def episode_seed(self, init_state: int) -> int:
+        """The seed of the scene randomness of one episode, from the config's seed and the init state."""
+        return int(np.random.SeedSequence([self.cfg.seed, init_state]).generate_state(1)[0])
+
+    def _restart_sampling_clocks(self) -> None:
+        """Put every observable's sampling clock in the same state at the start of each episode.
+
+        robosuite's ``Observable.reset()`` clears the timer but not the "sampled" flag, so without
+        this the substep at which observations are taken (and hence the images, the proprio and the
+        expert's actions) would depend on what the environment did before the reset. From here on,
+        observations are sampled after the first physics substep of each step.
+        """
+        for observable in self._env.env._observables.values():
+            observable._time_since_last_sample = 0.0
+            observable._sampled = False
 
     def _gate_camera_sensors(self) -> None:
         """Wrap robosuite's camera sensors so they render only while ``self._want_images`` is set.

