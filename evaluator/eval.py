@@ -475,6 +475,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     )
     result = build_result(cfg, policy, draft_info, rec, episodes, time.time() - t0)
     if cfg.closed_loop:
+        write_outputs(result, cfg.out_dir)  # the open-loop part, readable while the closed loop runs
         result["closed_loop"] = run_closed_loop(cfg, arms)
     return result
 
