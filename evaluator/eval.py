@@ -118,6 +118,11 @@ class EvalConfig:
         for c in [self.confidence_threshold, *self.sweep_confidence]:
             if not 0.0 <= c <= 1.0:
                 raise ValueError(f"confidence thresholds must be in [0, 1], got {c}")
+        bad = set(self.closed_loop_arms) - {"baseline", "rsd_strict", "rsd_relaxed"}
+        if bad or not self.closed_loop_arms:
+            raise ValueError(
+                f"closed_loop_arms must be among baseline, rsd_strict, rsd_relaxed, got {self.closed_loop_arms}"
+            )
         if any(m < 1 for m in self.sweep_max_proposals):
             raise ValueError(f"sweep_max_proposals must be >= 1, got {self.sweep_max_proposals}")
         if self.warmup < 0 or self.torch_threads < 1 or self.workers < 1:
@@ -226,6 +231,7 @@ class OpenLoopRecorder:
         self.draft_correct: list[np.ndarray] = []  # per chunk [K] token accuracy vs the baseline
         self.draft_exact: list[np.ndarray] = []  # per chunk [K] whole layer right
         self.draft_conf: list[np.ndarray] = []  # per chunk [K] layer confidence
+        self.draft_token_conf: list[np.ndarray] = []  # per chunk [K] mean token confidence
         self.warmup = warmup
         self.queries = 0
 
@@ -267,6 +273,10 @@ class OpenLoopRecorder:
             self.draft_correct.append(eq.float().mean(dim=(1, 2)).numpy())
             self.draft_exact.append(eq.flatten(1).all(-1).float().numpy())
             self.draft_conf.append(strict.draft.confidence[0].float().cpu().numpy())
+            tc = strict.draft.token_confidence
+            self.draft_token_conf.append(
+                (strict.draft.confidence if tc is None else tc)[0].float().cpu().numpy()
+            )
 
     @property
     def chunks(self) -> int:
@@ -328,6 +338,7 @@ def summarize_open_loop(rec: OpenLoopRecorder) -> dict[str, Any]:
             "token_per_layer": np.mean(rec.draft_correct, axis=0).tolist(),
             "exact_per_layer": np.mean(rec.draft_exact, axis=0).tolist(),
             "confidence_per_layer_mean": np.mean(rec.draft_conf, axis=0).tolist(),
+            "token_confidence_per_layer_mean": np.mean(rec.draft_token_conf, axis=0).tolist(),
         }
     return out
 
@@ -416,7 +427,7 @@ def run_closed_loop(cfg: EvalConfig, arms: dict[str, RSDConfig | None]) -> dict[
     }
     jobs = [(t, i) for t in cfg.tasks for i in cfg.closed_loop_init_states]
     out: dict[str, Any] = {}
-    for name in ("baseline", "rsd_strict", "rsd_relaxed"):
+    for name in cfg.closed_loop_arms:
         c = arms[name]
         factory = RSDActFactory(
             draft=str(cfg.draft),
@@ -538,8 +549,8 @@ def write_outputs(result: dict[str, Any], out_dir: Path) -> Path:
     if "closed_loop" in result:
         cl = result["closed_loop"]
         log.info(
-            "closed loop success: baseline %.2f, strict %.2f, relaxed %.2f",
-            *(cl[a]["success_rate"] for a in ("baseline", "rsd_strict", "rsd_relaxed")),
+            "closed loop success: %s",
+            ", ".join(f"{a} {v['success_rate']:.2f}" for a, v in cl.items() if isinstance(v, dict)),
         )
     log.info("wrote %s and report.md", path)
     return path

@@ -158,13 +158,15 @@ def render_markdown(result: dict[str, Any], plots: list[str]) -> str:
         for name in MAIN_ARMS:
             if name in cl:
                 s = cl[name]
+                if not isinstance(s, dict):
+                    continue
                 lines.append(
                     f"| {name} | {100 * s['success_rate']:.1f}% ({s['successes']}/{s['episodes']}) | {s['episodes']} | "
                     f"{s['mean_steps']:.0f} | {s['mean_act_ms']:.1f} |"
                 )
-        base = cl["baseline"]["success"]
+        base = cl["baseline"]["success"] if "baseline" in cl else None
         for name in ("rsd_strict", "rsd_relaxed"):
-            if name in cl:
+            if name in cl and base is not None:
                 same = sum(a == b for a, b in zip(base, cl[name]["success"]))
                 lines.append(f"\n{name}: same outcome as the baseline in {same}/{n} episodes.")
     else:
