@@ -74,6 +74,10 @@ class EvalConfig:
         default_factory=lambda: [0, 1, 2, 3, 4],
         metadata={"help": "initial states of the closed-loop episodes"},
     )
+    closed_loop_arms: list[str] = field(
+        default_factory=lambda: ["baseline", "rsd_strict", "rsd_relaxed"],
+        metadata={"help": "arms run closed loop (any of baseline, rsd_strict, rsd_relaxed)"},
+    )
     max_steps: int | None = field(
         default=None, metadata={"help": "policy steps per episode (none: suite limit)"}
     )
