@@ -146,3 +146,24 @@ def test_eval_on_libero_with_random_embedded_vla(tmp_path):
     result = json.loads((tmp_path / "out" / "eval.json").read_text())
     assert result["chunks"] == 4
     assert result["rsd"]["strict"]["identical_fraction"] == 1.0
+
+
+def test_fit_draft_reads_demonstration_frames(tmp_path):
+    import h5py
+
+    from evaluator.fit_draft import demo_observations
+
+    path = tmp_path / "demos.hdf5"
+    with h5py.File(path, "w") as f:
+        for i, n in enumerate((5, 3)):
+            g = f.create_group(f"data/demo_{i}")
+            g.attrs["num_samples"], g.attrs["instruction"] = n, f"task {i}"
+            g["obs/agentview_rgb"] = np.full((n, 16, 16, 3), i, np.uint8)
+            g["obs/eye_in_hand_rgb"] = np.zeros((n, 16, 16, 3), np.uint8)
+            g["obs/ee_states"] = np.arange(n * 6, dtype=np.float64).reshape(n, 6)
+            g["obs/gripper_states"] = np.ones((n, 2))
+    episodes = demo_observations(path, stride=2)
+    assert [len(frames) for _, frames in episodes] == [3, 2]
+    obs = episodes[0][1][1]  # demo_0, frame 2
+    assert obs.instruction == "task 0" and obs.proprio.dtype == np.float32
+    assert np.allclose(obs.proprio, [12, 13, 14, 15, 16, 17, 1, 1])
