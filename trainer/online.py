@@ -634,9 +634,14 @@ class Trainer:
                 self._validate_and_save()
         if self.tb is not None:
             self.tb.close()
-        if self.history:
+        hist_file = self.cfg.run_dir / "history.jsonl"  # kept across restarts of the same run
+        with open(hist_file, "a") as fh:
+            for h in self.history:
+                fh.write(json.dumps({**h, "trainer_session": self.session}) + "\n")
+        history = [json.loads(line) for line in hist_file.read_text().splitlines() if line.strip()]
+        if history:
             try:
-                plot_curves(self.history, self.cfg.run_dir / "training_curve.png")
+                plot_curves(history, self.cfg.run_dir / "training_curve.png")
             except Exception as exc:
                 log.warning("could not plot the training curve: %s", exc)
         summary = self.summary()
