@@ -12,6 +12,8 @@ import dataclasses
 import json
 import logging
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,7 +74,9 @@ def targets_from_codes(codes: np.ndarray, k: int) -> np.ndarray:
     return np.ascontiguousarray(codes[..., :k].transpose(0, 3, 1, 2)).reshape(n, k, -1)
 
 
-def retrain(cfg: RetrainConfig) -> dict[str, Any]:
+def retrain(cfg: RetrainConfig, stop: threading.Event | None = None) -> dict[str, Any]:
+    """Train for ``cfg.epochs`` (or until ``stop`` is set: then the checkpoints of the epochs done are kept)."""
+    stop = stop or threading.Event()
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -138,6 +142,8 @@ def retrain(cfg: RetrainConfig) -> dict[str, Any]:
         order = rng.permutation(len(h_train))
         losses = []
         for i in range(0, len(order), cfg.batch_size):
+            if stop.is_set():
+                break
             idx = order[i : i + cfg.batch_size]
             m = learner.train_step(h_train[idx], y_train[idx])  # [B, D], [B, K, S]
             losses.append(m["loss"])
@@ -161,13 +167,17 @@ def retrain(cfg: RetrainConfig) -> dict[str, Any]:
         else:
             acc = float("nan")
         bar.set_postfix(loss=f"{np.mean(losses):.4f}", val_acc=f"{acc:.4f}")
+        if stop.is_set():
+            log.info("stopped after epoch %d of %d", epoch + 1, cfg.epochs)
+            break
     bar.close()
     final_val = last_val["val_accuracy"] if last_val else 0.0
     if last_val is None:
         log.warning("no held-out episodes in the archives: val_accuracy of the checkpoint is 0.0 (unknown)")
-    learner.save(cfg.run_dir / "draft_last.pt", cfg.epochs, final_val, run_config)
+    epochs_done = last_val["epoch"] if last_val else cfg.epochs
+    learner.save(cfg.run_dir / "draft_last.pt", epochs_done, final_val, run_config)
     if last_val is None:
-        learner.save(cfg.run_dir / "draft_best.pt", cfg.epochs, final_val, run_config)
+        learner.save(cfg.run_dir / "draft_best.pt", epochs_done, final_val, run_config)
     plot_curves(history, cfg.run_dir / "training_curve.png", title="draft retraining")
     summary = {
         "train_samples": len(h_train),
@@ -192,7 +202,15 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(RetrainConfig, argv, prog="python -m trainer.retrain")
     setup_logging("retrain")
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    retrain(cfg)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("%s: finishing the current batch, then saving", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    retrain(cfg, stop)
     return 0
 
 
