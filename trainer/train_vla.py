@@ -100,6 +100,13 @@ class VLATrainConfig:
     threads: int = field(default=2, metadata={"help": "torch CPU threads"})
     bf16: bool = field(default=True, metadata={"help": "bfloat16 autocast on CUDA"})
     seed: int = field(default=0, metadata={"help": "random seed"})
+    select: str = field(
+        default="action",
+        metadata={
+            "help": "checkpoint criterion: held-out free-running action error, or coarse-layer CE",
+            "choices": ["action", "coarse"],
+        },
+    )
     max_minutes: float = field(
         default=0.0, metadata={"help": "stop training after this wall time (0: no limit)"}
     )
@@ -511,7 +518,7 @@ def train(cfg: VLATrainConfig) -> dict[str, Any]:
             ev = evaluate(model, batches, val_idx, codec, actions_t, cfg)
             ev["step"] = step
             evals.append(ev)
-            if action_score(ev) < best:
+            if select_score(ev, cfg.select) < best:
                 save_embedded_vla(
                     model,
                     out_dir,
@@ -560,8 +567,8 @@ def train(cfg: VLATrainConfig) -> dict[str, Any]:
                 ev["free_arm_mae"],
                 ev["free_gripper_agreement"],
             )
-            if action_score(ev) < best:
-                best = action_score(ev)
+            if select_score(ev, cfg.select) < best:
+                best = select_score(ev, cfg.select)
                 save_embedded_vla(
                     model,
                     out_dir,
@@ -588,7 +595,7 @@ def train(cfg: VLATrainConfig) -> dict[str, Any]:
         "episodes": {"train": int(len(ep_ids) - len(val_eps)), "held_out": int(len(val_eps))},
         "curve": curve,
         "evals": evals,
-        "best_held_out": min(evals, key=action_score),
+        "best_held_out": min(evals, key=lambda e: select_score(e, cfg.select)),
         "wall_s": time.time() - t0,
         "device": str(device) + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else ""),
     }
@@ -602,6 +609,10 @@ def action_score(ev: dict[str, Any]) -> float:
     gripper-sign disagreement). Cross-entropy is not used: it rises with over-confidence while the
     decoded actions keep improving."""
     return ev["free_arm_mae"] + 0.1 * (1.0 - ev["free_gripper_agreement"])
+
+
+def select_score(ev: dict[str, Any], select: str) -> float:
+    return action_score(ev) if select == "action" else ev["coarse"]
 
 
 def _fmt(xs: list[float]) -> str:
