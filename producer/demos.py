@@ -257,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, request_stop)
+    revision = _git_revision()  # the code that records the episodes (at the start of the run)
     writer = DemoWriter(partial, cfg.compression)
     env_args: dict[str, Any] | None = None
     failures: list[dict[str, int]] = []
@@ -306,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
             "complete": done == len(jobs),
             "failures": json.dumps(failures),
             "source": "scripted expert (producer/expert.py)",
-            "repository_version": _git_revision(),
+            "repository_version": revision,
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
     )
