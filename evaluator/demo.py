@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -55,7 +56,17 @@ class DemoConfig:
         default_factory=lambda: [0],
         metadata={"help": "closed-loop init states per task (baseline and RSD arms)"},
     )
+    eval_arms: list[str] = field(
+        default_factory=lambda: ["baseline", "rsd_relaxed"],
+        metadata={
+            "help": "arms run closed loop (baseline, rsd_strict, rsd_relaxed); strict equals baseline by construction"
+        },
+    )
     eval_max_chunks: int = field(default=120, metadata={"help": "open-loop latency chunks measured"})
+    warmup_steps: int = field(
+        default=200,
+        metadata={"help": "learning-rate warmup of the short online run (make train's default is 1000)"},
+    )
     skip_eval: bool = field(default=False, metadata={"help": "stop after training"})
     torch_threads: int = field(default=1, metadata={"help": "torch threads of each child process"})
 
@@ -64,6 +75,9 @@ class DemoConfig:
             raise ValueError(f"train_minutes must be positive, got {self.train_minutes}")
         if not 1 <= self.producers <= 8:
             raise ValueError(f"producers must be in 1..8, got {self.producers}")
+            bad = sorted(set(self.eval_arms) - {"baseline", "rsd_strict", "rsd_relaxed"})
+        if bad:
+            raise ValueError(f"unknown eval arms {bad}; valid: baseline, rsd_strict, rsd_relaxed")
         if self.eval_max_chunks <= 0:
             raise ValueError(f"eval_max_chunks must be positive, got {self.eval_max_chunks}")
 
@@ -259,8 +273,9 @@ def _progress_hint(log_path: Path) -> str:
     except OSError:
         return ""
     for line in reversed(lines):
-        if "val" in line and "acc" in line:
-            return line.split(": ", 1)[-1][:90]
+        found = dict(re.findall(r"(episodes|updates|val_acc)=([0-9.]+)", line))
+        if found:
+            return ", ".join(f"{k}={v}" for k, v in found.items())
     return ""
 
 
