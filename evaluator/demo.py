@@ -75,7 +75,7 @@ class DemoConfig:
             raise ValueError(f"train_minutes must be positive, got {self.train_minutes}")
         if not 1 <= self.producers <= 8:
             raise ValueError(f"producers must be in 1..8, got {self.producers}")
-            bad = sorted(set(self.eval_arms) - {"baseline", "rsd_strict", "rsd_relaxed"})
+        bad = sorted(set(self.eval_arms) - {"baseline", "rsd_strict", "rsd_relaxed"})
         if bad:
             raise ValueError(f"unknown eval arms {bad}; valid: baseline, rsd_strict, rsd_relaxed")
         if self.eval_max_chunks <= 0:
