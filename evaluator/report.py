@@ -187,13 +187,18 @@ def write_report(result: dict[str, Any], out_dir: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1 or args[0] in ("-h", "--help"):
-        print(__doc__)
-        raise SystemExit(0 if args and args[0] in ("-h", "--help") else 2)
-    path = Path(args[0])
-    result = json.loads(path.read_text())
-    print(write_report(result, path.parent))
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m evaluator.report",
+        description="Re-render report.md and the plots from an eval.json (written beside it).",
+    )
+    parser.add_argument("eval_json", type=Path, help="eval.json written by `python -m evaluator.eval`")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if not args.eval_json.is_file():
+        parser.error(f"no such file: {args.eval_json}")
+    result = json.loads(args.eval_json.read_text())
+    print(write_report(result, args.eval_json.parent))
 
 
 if __name__ == "__main__":
