@@ -280,12 +280,22 @@ def _progress_hint(log_path: Path) -> str:
 
 
 def print_summary(summary: dict) -> None:
+    """A short human summary of the trainer's and the evaluator's JSON outputs."""
     out = ["", "=" * 72, "RSD demo summary", "=" * 72]
     tr = summary.get("trainer", {})
     if tr:
+        prods = tr.get("producers", {})
+        sent = sum(p.get("reported_sent", 0) for p in prods.values())
+        archived = sum(p.get("archived", 0) for p in prods.values())
+        rejected = sum(sum(p.get("rejected", {}).values()) for p in prods.values())
         out.append(
-            f"trainer: {json.dumps(_pick(tr, ('received', 'accepted', 'rejected', 'archived', 'updates', 'best_val_accuracy', 'val_acc_per_layer')), default=str)}"
+            f"stream      : {sent} samples sent, {archived} archived, {rejected} rejected, "
+            f"{tr.get('archive', {}).get('episodes', '?')} episodes, {tr.get('updates', '?')} draft updates"
         )
+        last = tr.get("last_validation", {})
+        if last:
+            acc = ", ".join(f"L{i} {a:.3f}" for i, a in enumerate(last.get("val_acc_per_layer", [])))
+            out.append(f"draft (held-out episodes, online): mean {last.get('val_accuracy', 0):.3f} ({acc})")
     ev = summary.get("eval")
     if ev:
         out.extend(_format_eval(ev))
@@ -294,25 +304,45 @@ def print_summary(summary: dict) -> None:
     out.append(f"checkpoint : {summary.get('checkpoint')}")
     out.append(f"archive    : {Path(summary['run_dir']) / 'archive.hdf5'}")
     if "eval_dir" in summary:
-        out.append(f"report     : {Path(summary['eval_dir']) / 'report.md'} (plots beside it)")
+        out.append(f"report     : {Path(summary['eval_dir']) / 'report.md'} (plots and eval.json beside it)")
     print("\n".join(out))
-
-
-def _pick(d: dict, keys: tuple[str, ...]) -> dict:
-    return {k: d[k] for k in keys if k in d}
 
 
 def _format_eval(ev: dict) -> list[str]:
     lines = []
-    for key in ("draft_accuracy_per_layer", "draft_accuracy"):
-        if key in ev:
-            lines.append(f"draft accuracy per coarse layer: {ev[key]}")
-            break
-    for key in ("latency", "speedup", "acceptance", "closed_loop", "success"):
-        if key in ev:
-            lines.append(f"{key}: {json.dumps(ev[key], default=str)[:600]}")
-    if not lines:
-        lines.append(json.dumps(ev, default=str)[:2000])
+    acc = ev.get("draft_accuracy", {})
+    if acc.get("token_per_layer"):
+        tok = ", ".join(f"L{i} {a:.3f}" for i, a in enumerate(acc["token_per_layer"]))
+        exact = ", ".join(f"{a:.2f}" for a in acc.get("exact_per_layer", []))
+        lines.append(f"draft (eval episodes): token accuracy {tok}; whole layer exact {exact}")
+    arms = ev.get("arms", {})
+    if arms:
+        lines.append(f"latency on {ev.get('chunks', '?')} chunks (same observations, one process):")
+        lines.append(
+            f"  {'arm':<18}{'median ms':>10}{'p90 ms':>9}{'speedup':>9}{'mean j':>8}{'mean |da|':>10}{'same codes':>11}"
+        )
+        for name, arm in arms.items():
+            lat = arm.get("latency_ms", {})
+            j = arm.get("mean_j")
+            dev = arm.get("action_deviation", {})
+            dmax = dev.get("mean_abs_mean") if isinstance(dev, dict) else None
+            lines.append(
+                f"  {name:<18}{lat.get('median', float('nan')):>10.1f}{lat.get('p90', float('nan')):>9.1f}"
+                f"{arm.get('speedup_median', float('nan')):>8.2f}x"
+                f"{(f'{j:.2f}' if isinstance(j, (int, float)) else '-'):>8}"
+                f"{(f'{dmax:.3f}' if isinstance(dmax, (int, float)) else '-'):>10}"
+                f"{100 * arm.get('identical_fraction', 1.0):>10.0f}%"
+            )
+    cl = ev.get("closed_loop", {})
+    rates = {k: v for k, v in cl.items() if isinstance(v, dict) and "success_rate" in v}
+    if rates:
+        lines.append(
+            "closed-loop success: "
+            + ", ".join(
+                f"{k} {v['successes']}/{v['episodes']} ({100 * v['success_rate']:.0f}%)"
+                for k, v in rates.items()
+            )
+        )
     return lines
 
 
