@@ -37,6 +37,7 @@ class SenderStats:
     acked_seq: int = -1
     trainer_sessions: int = 0
     blocked_s: float = 0.0
+    hwm_waits: int = 0  # sends that found the high-water mark reached and had to wait
 
 
 class TrainerRefused(RuntimeError):
@@ -80,6 +81,7 @@ class ReliableSender:
             except zmq.Again:
                 if not block:
                     return False
+                self.stats.hwm_waits += 1
                 self.poll_acks(timeout_ms=100)
                 self._maybe_heartbeat()
 
