@@ -254,31 +254,61 @@ def _attr(value: Any) -> Any:
     return value
 
 
+_READ_ATTEMPTS = 60
+
+
+def _read_retrying(path: Path, read: Any) -> Any:
+    """Run ``read(open file)``, retrying while a concurrent writer has the file mid-episode.
+
+    The writer appends one whole episode per open/close; a reader that opens the file during those
+    milliseconds can see half-updated HDF5 metadata (OSError, KeyError, RuntimeError or ValueError from h5py). Such a read is
+    retried on a fresh open; a missing file is reported at once.
+    """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no archive at {path}")
+    for attempt in range(_READ_ATTEMPTS):
+        try:
+            with open_archive(path) as f:
+                return read(f)
+        except (OSError, KeyError, RuntimeError, ValueError) as exc:  # h5py's mapping of HDF5 errors
+            if attempt == _READ_ATTEMPTS - 1:
+                raise OSError(f"{path}: unreadable after {_READ_ATTEMPTS} attempts: {exc}") from exc
+            time.sleep(0.05)
+
+
 def iter_episodes(path: str | Path, split: str | None = None) -> Iterator[ArchiveEpisode]:
-    """Complete episodes of an archive, in write order, optionally only one split."""
-    with open_archive(path) as f:
+    """Complete episodes of an archive, in write order, optionally only one split.
+
+    Safe to call while the trainer is writing the file (see :func:`_read_retrying`).
+    """
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"split {split!r} not in {SPLITS}")
+
+    def list_names(f: h5py.File) -> list[str]:
         names = [n for n in f["data"] if f["data"][n].attrs.get("complete", False)]
         names.sort(key=lambda n: int(n.split("_")[1]))
         if split is not None:
-            if split not in SPLITS:
-                raise ValueError(f"split {split!r} not in {SPLITS}")
             keep = {_attr(x) for x in f["mask"][split][()]}
             names = [n for n in names if n in keep]
-        for name in names:
-            g = f["data"][name]
-            yield ArchiveEpisode(
-                name=name,
-                attrs={k: _attr(v) for k, v in g.attrs.items()},
-                hidden=g["hidden"][()].astype(np.float32),
-                codes=g["codes"][()],
-                actions=g["actions"][()],
-                seqs=g["seqs"][()],
-            )
+        return names
+
+    def read_episode(f: h5py.File, name: str) -> ArchiveEpisode:
+        g = f["data"][name]
+        return ArchiveEpisode(
+            name=name,
+            attrs={k: _attr(v) for k, v in g.attrs.items()},
+            hidden=g["hidden"][()].astype(np.float32),
+            codes=g["codes"][()],
+            actions=g["actions"][()],
+            seqs=g["seqs"][()],
+        )
+
+    for name in _read_retrying(Path(path), list_names):
+        yield _read_retrying(Path(path), lambda f, name=name: read_episode(f, name))
 
 
 def archive_meta(path: str | Path) -> dict[str, Any]:
-    with open_archive(path) as f:
-        return {k: _attr(v) for k, v in f["data"].attrs.items()}
+    return _read_retrying(Path(path), lambda f: {k: _attr(v) for k, v in f["data"].attrs.items()})
 
 
 def load_split(paths: Sequence[str | Path], split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
