@@ -42,13 +42,13 @@ from typing import Any
 
 import numpy as np
 
-from producer.env import SUITES, EnvConfig
+from producer.env import EnvConfig
 from producer.expert import (
     SUPPORTED_SUITES,
     EpisodeResult,
     close_worker_env,
-    parse_range,
     run_episode,
+    validate_episode_selection,
     worker_env,
 )
 
@@ -87,14 +87,9 @@ class DemosConfig:
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
-        if self.suite not in SUITES:
-            raise ValueError(f"unknown suite {self.suite!r}; valid suites: {list(SUITES)}")
-        if self.suite not in SUPPORTED_SUITES:
-            raise ValueError(f"the scripted expert supports {list(SUPPORTED_SUITES)}, not {self.suite!r}")
-        self.task_ids = parse_range(self.tasks, SUITES[self.suite], "task id")
-        self.init_ids = parse_range(self.init_states, 50, "init state")
-        if self.workers < 1:
-            raise ValueError(f"workers {self.workers} must be >= 1")
+        self.task_ids, self.init_ids = validate_episode_selection(
+            self.suite, self.tasks, self.init_states, self.workers
+        )
         if self.compression not in ("gzip", "lzf", "none"):
             raise ValueError(f"compression {self.compression!r}; valid: gzip, lzf, none")
         if self.max_minutes is not None and self.max_minutes <= 0:

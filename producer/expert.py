@@ -215,6 +215,24 @@ def parse_range(text: str, upper: int, what: str) -> list[int]:
     return sorted(out)
 
 
+def validate_episode_selection(
+    suite: str, tasks: str, init_states: str, workers: int
+) -> tuple[list[int], list[int]]:
+    """Check a suite / task range / init-state range / worker count for the expert's commands.
+
+    Returns (task ids, init-state ids); raises ValueError naming the bad value and the valid ones.
+    """
+    if suite not in SUITES:
+        raise ValueError(f"unknown suite {suite!r}; valid suites: {list(SUITES)}")
+    if suite not in SUPPORTED_SUITES:
+        raise ValueError(f"the scripted expert supports {list(SUPPORTED_SUITES)}, not {suite!r}")
+    task_ids = parse_range(tasks, SUITES[suite], "task id")
+    init_ids = parse_range(init_states, 50, "init state")
+    if workers < 1:
+        raise ValueError(f"workers {workers} must be >= 1")
+    return task_ids, init_ids
+
+
 @dataclass
 class EpisodeResult:
     task_id: int
@@ -277,14 +295,9 @@ class ExpertEvalConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.suite not in SUITES:
-            raise ValueError(f"unknown suite {self.suite!r}; valid suites: {list(SUITES)}")
-        if self.suite not in SUPPORTED_SUITES:
-            raise ValueError(f"the scripted expert supports {list(SUPPORTED_SUITES)}, not {self.suite!r}")
-        self.task_ids = parse_range(self.tasks, SUITES[self.suite], "task id")
-        self.init_ids = parse_range(self.init_states, 50, "init state")
-        if self.workers < 1:
-            raise ValueError(f"workers {self.workers} must be >= 1")
+        self.task_ids, self.init_ids = validate_episode_selection(
+            self.suite, self.tasks, self.init_states, self.workers
+        )
 
 
 _worker_env: LiberoEnv | None = None
