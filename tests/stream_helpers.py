@@ -13,6 +13,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+# Trainer flags that make a tiny run train and validate within seconds (tests only).
+FAST_TRAINER_ARGS = [
+    "--min-size", "2", "--warmup-steps", "5", "--val-interval", "5", "--samples-per-insert", "8",
+    "--error-buffer", "200", "--batch-size", "8",
+]  # fmt: skip
+
+
 def env() -> dict[str, str]:
     e = dict(os.environ)
     e.setdefault("MUJOCO_GL", "egl")

@@ -21,29 +21,20 @@ import time
 import pytest
 
 from common.draft import load_checkpoint
-from tests.stream_helpers import finish, kill_all, producer_args, spawn, start_trainer, wait_for
+from tests.stream_helpers import (
+    FAST_TRAINER_ARGS,
+    finish,
+    kill_all,
+    producer_args,
+    spawn,
+    start_trainer,
+    wait_for,
+)
 from trainer.archive import episode_attrs, iter_episodes
 
 pytestmark = pytest.mark.sim
 
-TRAINER_ARGS = [
-    "--min-size",
-    "2",
-    "--warmup-steps",
-    "5",
-    "--val-interval",
-    "5",
-    "--samples-per-insert",
-    "8",
-    "--error-buffer",
-    "200",
-    "--batch-size",
-    "8",
-    "--valid-every",
-    "4",
-    "--producer-timeout-s",
-    "4",
-]
+TRAINER_ARGS = [*FAST_TRAINER_ARGS, "--valid-every", "4", "--producer-timeout-s", "4"]
 
 
 def free_port() -> int:

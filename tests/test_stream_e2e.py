@@ -17,7 +17,15 @@ import numpy as np
 import pytest
 
 from common.draft import load_checkpoint
-from tests.stream_helpers import finish, kill_all, producer_args, producer_summary, spawn, start_trainer
+from tests.stream_helpers import (
+    FAST_TRAINER_ARGS,
+    finish,
+    kill_all,
+    producer_args,
+    producer_summary,
+    spawn,
+    start_trainer,
+)
 from trainer.archive import episode_attrs, iter_episodes
 
 pytestmark = pytest.mark.sim
@@ -28,24 +36,7 @@ def test_two_producers_one_trainer(tmp_path):
     trainer, endpoint = start_trainer(
         run,
         tmp_path / "trainer.log",
-        [
-            "--exit-after-byes",
-            "2",
-            "--min-size",
-            "2",
-            "--warmup-steps",
-            "5",
-            "--val-interval",
-            "5",
-            "--samples-per-insert",
-            "8",
-            "--error-buffer",
-            "200",
-            "--batch-size",
-            "8",
-            "--valid-every",
-            "3",
-        ],
+        ["--exit-after-byes", "2", *FAST_TRAINER_ARGS, "--valid-every", "3"],
     )
     p1 = p2 = None
     try:
