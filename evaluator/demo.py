@@ -163,6 +163,8 @@ def run(cfg: DemoConfig) -> dict:
             str(cfg.torch_threads),
             "--max-runtime-s",
             str(int(budget_s + 240)),
+            "--warmup-steps",
+            str(cfg.warmup_steps),
         ],
         run_dir / "trainer.log",
         env,
@@ -245,6 +247,8 @@ def run(cfg: DemoConfig) -> dict:
         str(cfg.eval_max_chunks),
         "--torch-threads",
         str(cfg.torch_threads),
+        "--closed-loop-arms",
+        *cfg.eval_arms,
     ]
     log.info("evaluating: python -m %s", " ".join(args))
     proc = subprocess.Popen([sys.executable, "-m", *args], env=env, cwd=REPO)
