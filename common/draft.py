@@ -144,16 +144,30 @@ def coarse_targets(codes: torch.Tensor, num_coarse_layers: int) -> torch.Tensor:
     return codes[..., :num_coarse_layers].permute(0, 3, 1, 2).reshape(B, num_coarse_layers, T * H).long()
 
 
-def draft_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+def draft_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    soft_targets: torch.Tensor | None = None,
+    soft_weight: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, Any]]:
     """Cross-entropy over all K*T*H coarse tokens, and token accuracy per layer.
 
     logits [B, K, N, G], targets [B, K, N] -> (loss, {"acc_per_layer": [K floats], "accuracy": float,
     "layer_exact": [K floats] (fraction of chunks whose whole layer is right)}).
+    soft_targets [B, K, N, G]: the policy's own probabilities per token (knowledge distillation); the
+    loss is then ``(1 - soft_weight) * CE(hard codes) + soft_weight * CE(soft_targets)``.
     """
     if logits.shape[:3] != targets.shape:
         raise ValueError(f"logits {list(logits.shape)} and targets {list(targets.shape)} disagree")
     G = logits.shape[-1]
     loss = F.cross_entropy(logits.float().reshape(-1, G), targets.reshape(-1))
+    if soft_targets is not None and soft_weight > 0:
+        if soft_targets.shape != logits.shape:
+            raise ValueError(
+                f"soft targets {list(soft_targets.shape)} and logits {list(logits.shape)} disagree"
+            )
+        soft = -(soft_targets.float() * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
+        loss = (1.0 - soft_weight) * loss + soft_weight * soft
     with torch.no_grad():
         correct = logits.argmax(-1) == targets  # [B, K, N]
         acc = correct.float().mean(dim=(0, 2))  # [K]

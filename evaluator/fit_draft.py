@@ -1,15 +1,21 @@
 """Fit a draft of any depth K offline on a policy's own (hidden state, codes) over demonstration frames.
 
-    python -m evaluator.fit_draft --demos data/demos/libero_spatial_small.hdf5 --weights-dir runs/vla_small \
-        --codec-dir runs/codec_small --num-coarse-layers 8 --out runs/drafts/draft_k8.pt
+    python -m evaluator.fit_draft --demos data/demos/libero_spatial_expert.hdf5 --num-coarse-layers 3 \
+        --out runs/drafts/draft_k3.pt
+    # on a GPU machine without h5py: pack once with `python -m trainer.train_vla --demos FILE
+    # --pack-to packed.npz --jpeg-quality 0`, then
+    python -m evaluator.fit_draft --packed packed.npz --augment 16 --device cuda --epochs 60 \
+        --batch-size 256 --out runs/drafts/draft_k3.pt
 
 The streaming pipeline (`make produce` + `make train`) trains the draft on the policy's own closed-loop
-states; this command is the quick offline route used by the evaluator for deeper drafts (K up to
-L = 8, issue part 4) and when no streamed archive exists yet: every frame of the demonstrations is
-run through the policy's baseline decoding (prefix pass + L block passes), and the draft learns to
-map the prefix hidden state to the policy's own first K layers. Validation is on whole held-out
-demonstrations. Same model, loss, optimizer and checkpoint format as the trainer
-(trainer/learner.py, DESIGN §4).
+states; this command is the offline route (knowledge distillation from the policy into the draft) used
+for deeper drafts (K up to L = 8) and when no streamed archive exists: every demonstration frame is
+run through the policy's baseline decoding (prefix pass + L block passes, batched), and the draft learns
+to map the prefix hidden state to the policy's own first K layers. ``--augment N`` adds N randomly
+shifted views of every *training* frame (the shift augmentation the VLA was trained with), each run
+through the policy for its own hidden state and codes: more distillation pairs from the same
+demonstrations. Validation is on whole held-out demonstrations, never augmented. Same model, loss,
+optimizer and checkpoint format as the trainer (trainer/learner.py, DESIGN §4).
 """
 
 from __future__ import annotations
@@ -23,14 +29,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from common.cli import config_to_dict, parse_config
 from common.logs import setup_logging
-from common.policy import Observation
+from common.vla.embedded import normalize_images
 from evaluator.eval import load_eval_policy
 
 log = logging.getLogger("evaluator.fit_draft")
@@ -40,18 +45,46 @@ log = logging.getLogger("evaluator.fit_draft")
 class FitDraftConfig:
     """Fit a draft (any K) on the policy's own hidden states and codes over demonstration frames."""
 
-    demos: list[Path] = field(metadata={"help": "demonstration HDF5 files (producer/demos.py layout)"})
     out: Path = field(metadata={"help": "draft checkpoint to write"})
+    demos: list[Path] = field(
+        default_factory=list, metadata={"help": "demonstration HDF5 files (producer/demos.py layout)"}
+    )
+    packed: Path | None = field(
+        default=None,
+        metadata={"help": "packed demonstrations (.npz of `trainer.train_vla --pack-to`) instead of --demos"},
+    )
     weights_dir: Path | None = field(default=None, metadata={"help": "embedded VLA weights (none: assets)"})
     codec_dir: Path | None = field(default=None, metadata={"help": "RFSQ codec (none: assets/codec)"})
     num_coarse_layers: int = field(default=3, metadata={"help": "K: layers the draft predicts (1..8)"})
     frame_stride: int = field(default=1, metadata={"help": "use every n-th frame of each demonstration"})
     val_fraction: float = field(default=0.15, metadata={"help": "fraction of demonstrations held out"})
-    epochs: int = field(default=40, metadata={"help": "passes over the training frames"})
+    augment: int = field(
+        default=0, metadata={"help": "extra randomly shifted views of every training frame (0: none)"}
+    )
+    shift: int = field(default=4, metadata={"help": "largest shift of an augmented view, in pixels"})
+    epochs: int = field(default=40, metadata={"help": "passes over the training pairs"})
     batch_size: int = field(default=64, metadata={"help": "batch size"})
     lr: float = field(default=3e-4, metadata={"help": "AdamW learning rate"})
     draft_hidden_dim: int = field(default=512, metadata={"help": "draft model width"})
+    extract_batch: int = field(default=64, metadata={"help": "frames per batched policy pass"})
+    device: str = field(default="auto", metadata={"help": "torch device: auto (cuda if present), cpu, cuda"})
     cache: Path | None = field(default=None, metadata={"help": "npz cache of extracted (hidden, codes)"})
+    soft_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "weight of the policy's own token probabilities in the loss (knowledge distillation)"
+        },
+    )
+    bf16: bool = field(default=True, metadata={"help": "bfloat16 autocast on CUDA"})
+    slim: bool = field(
+        default=False,
+        metadata={"help": "write the checkpoint without optimizer state (inference only, 3x smaller)"},
+    )
+    evaluate: Path | None = field(
+        default=None,
+        metadata={"help": "only score this draft checkpoint on its held-out demonstrations, decoded on this "
+                  "machine; writes the figures to --out (JSON)"},
+    )  # fmt: skip
     threads: int = field(default=2, metadata={"help": "torch CPU threads"})
     seed: int = field(default=0, metadata={"help": "random seed"})
 
@@ -60,94 +93,246 @@ class FitDraftConfig:
             raise ValueError(f"num_coarse_layers must be in 1..8, got {self.num_coarse_layers}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        if self.frame_stride < 1 or self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("frame_stride, epochs and batch_size must be >= 1")
-        for d in self.demos:
+        if min(self.frame_stride, self.epochs, self.batch_size, self.extract_batch) < 1:
+            raise ValueError("frame_stride, epochs, batch_size and extract_batch must be >= 1")
+        if self.augment < 0 or self.shift < 0:
+            raise ValueError("augment and shift must be >= 0")
+        if not 0.0 <= self.soft_weight <= 1.0:
+            raise ValueError(f"soft_weight must be in [0, 1], got {self.soft_weight}")
+        if bool(self.demos) == (self.packed is not None):
+            raise ValueError("give either --demos (HDF5) or --packed (npz), not both or neither")
+        for d in [*self.demos, *([self.packed] if self.packed else [])]:
             if not Path(d).is_file():
                 raise ValueError(f"demonstration file {d} does not exist")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be auto, cpu or cuda[:n], got {self.device!r}")
 
 
-def demo_observations(path: Path, stride: int) -> list[tuple[str, list[Observation]]]:
-    """(episode key, observations) of every demonstration in ``path``."""
-    out = []
-    with h5py.File(path, "r") as f:
-        for key in sorted(f["data"].keys(), key=lambda k: int(k.split("_")[-1])):
-            g = f["data"][key]
-            obs = g["obs"]
-            n = int(g.attrs["num_samples"])
-            instr = str(g.attrs["instruction"])
-            av, wr = obs["agentview_rgb"][:n:stride], obs["eye_in_hand_rgb"][:n:stride]  # [n, h, w, 3]
-            proprio = np.concatenate([obs["ee_states"][:n:stride], obs["gripper_states"][:n:stride]], axis=1)
-            frames = [
-                Observation(
-                    agentview=av[i], wrist=wr[i], proprio=proprio[i].astype(np.float32), instruction=instr
-                )
-                for i in range(len(av))
-            ]
-            out.append((f"{path.name}:{key}", frames))
-    return out
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda given but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def load_frames(cfg: FitDraftConfig, image_size: int) -> dict[str, Any]:
+    """Demonstration frames as arrays: images [N, 2, S, S, 3] uint8 (run-time downsampling), proprio
+    [N, 8], episode [N], instruction_of_episode [E], episode_names [E] (trainer.train_vla layout)."""
+    from trainer.train_vla import read_demos, unpack
+
+    if cfg.packed is not None:
+        data = unpack(cfg.packed)
+        if data["images"].shape[2] != image_size:
+            raise ValueError(
+                f"{cfg.packed} holds {data['images'].shape[2]}-pixel frames, the policy reads {image_size}"
+            )
+        if cfg.frame_stride > 1:
+            keep = np.flatnonzero(data["step"] % cfg.frame_stride == 0)
+            data = {**data, **{k: data[k][keep] for k in ("images", "proprio", "episode", "step")}}
+        return data
+    return read_demos(list(cfg.demos), image_size, cfg.frame_stride)
 
 
 @torch.no_grad()
 def extract(
-    policy, episodes: list[tuple[str, list[Observation]]]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """hidden [N, D] float32, codes [N, T, H, L] uint8, episode index [N] of every frame."""
-    hs, cs, es = [], [], []
-    total = sum(len(f) for _, f in episodes)
-    bar = tqdm(total=total, desc="policy frames", unit="frame", dynamic_ncols=True)
-    for e, (_, frames) in enumerate(episodes):
-        for obs in frames:
-            state = policy.prefix([obs])
-            codes = policy.decode_sequential(state)  # [1, T, H, L]
-            hs.append(state.hidden[0].float().cpu().numpy())
-            cs.append(codes[0].to(torch.uint8).cpu().numpy())
-            es.append(e)
-            bar.update(1)
+    policy,
+    data: dict[str, Any],
+    rows: np.ndarray,
+    shift: int = 0,
+    batch: int = 64,
+    generator: torch.Generator | None = None,
+    desc: str = "policy frames",
+    soft_layers: int = 0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Run the policy's baseline decoding on frames ``rows`` (optionally randomly shifted).
+
+    Frames are batched per instruction, so no batch is padded and every frame sees exactly the inputs
+    it sees at run time (batch of one). returns hidden [n, D] float32, codes [n, T, H, L] uint8 and,
+    with ``soft_layers`` = k > 0, the policy's probabilities of layers 0..k-1, [n, k, T*H, G] float16
+    (else None), in the order of ``rows``.
+    """
+    from trainer.train_vla import random_shift
+
+    model, dev = policy.model, policy.device
+    dtype = model.queries.dtype
+    instr_of_row = data["instruction_of_episode"][data["episode"][rows]]  # [n]
+    hidden = np.empty((len(rows), policy.hidden_dim), np.float32)
+    shape = policy.shape
+    codes = np.empty((len(rows), *shape.codes_shape), np.uint8)
+    probs = (
+        np.empty((len(rows), soft_layers, shape.tokens_per_layer, shape.grid_size), np.float16)
+        if soft_layers
+        else None
+    )
+    bar = tqdm(total=len(rows), desc=desc, unit="frame", dynamic_ncols=True)
+    for instr in np.unique(instr_of_row):
+        pos = np.flatnonzero(instr_of_row == instr)
+        ids, valid = model.tokenize([str(instr)], dev)  # [1, Lt]
+        for i in range(0, len(pos), batch):
+            p = pos[i : i + batch]
+            r = rows[p]
+            img = normalize_images(torch.from_numpy(data["images"][r]).to(dev))  # [b, 2, 3, S, S]
+            if shift:
+                img = random_shift(img.flatten(0, 1), shift, generator).view_as(img)
+            state = model.prefix_pass(
+                images=img.to(dtype),
+                proprio=torch.from_numpy(data["proprio"][r]).to(dev, dtype),
+                text_ids=ids.expand(len(r), -1),
+                text_valid=valid.expand(len(r), -1),
+            )
+            prev, layers = None, []
+            for layer in range(shape.num_layers):  # the baseline decoding (LayerwisePolicy.decode_sequential)
+                logits = policy.decode_block(state, prev)  # [b, T, H, G]
+                prev = logits.argmax(-1)
+                layers.append(prev)
+                if layer < soft_layers:
+                    probs[p, layer] = logits.float().softmax(-1).flatten(1, 2).cpu().numpy()
+            hidden[p] = state.hidden.float().cpu().numpy()
+            codes[p] = torch.stack(layers, dim=-1).to(torch.uint8).cpu().numpy()  # [b, T, H, L]
+            bar.update(len(r))
     bar.close()
-    return np.stack(hs), np.stack(cs), np.asarray(es)
+    return hidden, codes, probs
+
+
+def evaluate(cfg: FitDraftConfig, policy, device: torch.device) -> dict[str, Any]:
+    """Token accuracy per layer of a draft on the held-out demonstrations named in its checkpoint, with
+    the codes decoded by the policy on this machine (for example a draft fitted on a GPU, scored on
+    the CPU the evaluator runs on)."""
+    from common.draft import load_checkpoint
+    from trainer.retrain import targets_from_codes
+
+    model, ckpt = load_checkpoint(cfg.evaluate, map_location=device)
+    names = ckpt["config"].get("valid_episodes")
+    if not names:
+        raise ValueError(
+            f"{cfg.evaluate} names no held-out demonstrations (not written by evaluator.fit_draft)"
+        )
+    if ckpt["config"].get("backbone_id") != policy.backbone_id:
+        raise ValueError(
+            f"{cfg.evaluate} was fitted on {ckpt['config'].get('backbone_id')}, not {policy.backbone_id}"
+        )
+    data = load_frames(cfg, policy.model.config.image_size)
+    known = [str(n) for n in data["episode_names"]]
+    missing = sorted(set(names) - set(known))
+    if missing:
+        raise ValueError(f"held-out demonstrations {missing[:3]} are not in the given demonstration file")
+    rows = np.flatnonzero(np.isin(data["episode"], [known.index(n) for n in names]))
+    hidden, codes, _ = extract(policy, data, rows, batch=cfg.extract_batch, desc="held-out frames")
+    K = model.num_coarse_layers
+    y = torch.from_numpy(targets_from_codes(codes, K)).long()  # [N, K, S]
+    with torch.no_grad():
+        pred = torch.cat([model(torch.from_numpy(hidden[i : i + 256]).to(device)).argmax(-1).cpu()
+                          for i in range(0, len(hidden), 256)])  # fmt: skip
+    hit = pred == y  # [N, K, S]
+    out = {
+        "checkpoint": str(cfg.evaluate),
+        "decoded_on": str(device),
+        "valid_frames": int(len(rows)),
+        "valid_episodes": len(names),
+        "val_accuracy": float(hit.float().mean()),
+        "val_acc_per_layer": hit.float().mean(dim=(0, 2)).tolist(),
+        "val_layer_exact": hit.all(-1).float().mean(0).tolist(),
+        "checkpoint_val_accuracy": float(ckpt["val_accuracy"]),
+    }
+    cfg.out.parent.mkdir(parents=True, exist_ok=True)
+    cfg.out.write_text(json.dumps(out, indent=1))
+    log.info("%s on %d held-out frames decoded on %s: token accuracy %.3f, per layer %s, whole layer %s",
+             cfg.evaluate, len(rows), device, out["val_accuracy"],
+             [round(a, 3) for a in out["val_acc_per_layer"]], [round(a, 3) for a in out["val_layer_exact"]])  # fmt: skip
+    return out
 
 
 def fit(cfg: FitDraftConfig) -> dict[str, Any]:
+    from common.draft import save_checkpoint
     from trainer.learner import Learner, OptimConfig
     from trainer.retrain import targets_from_codes
 
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":  # full fp32 matmuls: the policy's codes must match its CPU decoding
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     policy = load_eval_policy(
         "embedded",
         str(cfg.weights_dir) if cfg.weights_dir else None,
         str(cfg.codec_dir) if cfg.codec_dir else None,
+        device=str(device),
     )
+    if cfg.evaluate is not None:
+        return evaluate(cfg, policy, device)
+    t0 = time.time()
+    soft_layers = cfg.num_coarse_layers if cfg.soft_weight > 0 else 0
     if cfg.cache is not None and cfg.cache.is_file():
         z = np.load(cfg.cache)
-        hidden, codes, ep, names = z["hidden"], z["codes"], z["episode"], list(z["names"])
         if str(z["backbone"]) != policy.backbone_id:
             raise ValueError(f"cache {cfg.cache} was made with {z['backbone']}, not {policy.backbone_id}")
-    else:
-        episodes = [e for d in cfg.demos for e in demo_observations(Path(d), cfg.frame_stride)]
-        names = [k for k, _ in episodes]
-        hidden, codes, ep = extract(policy, episodes)
-        if cfg.cache is not None:
-            cfg.cache.parent.mkdir(parents=True, exist_ok=True)
-            np.savez(
-                cfg.cache,
-                hidden=hidden,
-                codes=codes,
-                episode=ep,
-                names=np.asarray(names),
-                backbone=policy.backbone_id,
+        hidden, codes, ep, names = z["hidden"], z["codes"], z["episode"], [str(n) for n in z["names"]]
+        view = z["view"] if "view" in z.files else np.zeros(len(ep), np.int64)  # caches before --augment
+        if int(view.max()) < cfg.augment:
+            raise ValueError(
+                f"cache {cfg.cache} holds {int(view.max())} augmented views, --augment {cfg.augment}"
             )
+        keep = view <= cfg.augment
+        hidden, codes, ep, view = hidden[keep], codes[keep], ep[keep], view[keep]
+        soft = None
+        if cfg.soft_weight > 0:
+            if "soft" not in z.files or z["soft"].shape[1] < cfg.num_coarse_layers:
+                raise ValueError(f"cache {cfg.cache} holds no policy probabilities for {cfg.num_coarse_layers} "
+                                 "layers; extract again (new --cache) to use --soft-weight")  # fmt: skip
+            soft = z["soft"][keep][:, : cfg.num_coarse_layers]
+    else:
+        data = load_frames(cfg, policy.model.config.image_size)
+        names = [str(n) for n in data["episode_names"]]
+        rows = np.arange(len(data["episode"]))
+        hidden, codes, soft = extract(policy, data, rows, batch=cfg.extract_batch, soft_layers=soft_layers)
+        ep, view = data["episode"].copy(), np.zeros(len(rows), np.int64)
     n_ep = len(names)
     n_val = max(1, int(round(cfg.val_fraction * n_ep)))
-    val_eps = set(rng.permutation(n_ep)[:n_val].tolist())
-    is_val = np.isin(ep, list(val_eps))
+    val_eps = sorted(rng.permutation(n_ep)[:n_val].tolist())
+    if not (cfg.cache is not None and cfg.cache.is_file()) and cfg.augment:
+        gen = torch.Generator(device=device).manual_seed(cfg.seed)
+        train_rows = np.flatnonzero(~np.isin(data["episode"], val_eps))  # augment training frames only
+        parts_h, parts_c, parts_s = [hidden], [codes], [soft]
+        for a in range(1, cfg.augment + 1):
+            h_a, c_a, s_a = extract(
+                policy,
+                data,
+                train_rows,
+                cfg.shift,
+                cfg.extract_batch,
+                gen,
+                f"view {a}/{cfg.augment}",
+                soft_layers,
+            )
+            parts_h.append(h_a)
+            parts_c.append(c_a)
+            parts_s.append(s_a)
+            ep = np.concatenate([ep, data["episode"][train_rows]])
+            view = np.concatenate([view, np.full(len(train_rows), a, np.int64)])
+        hidden, codes = np.concatenate(parts_h), np.concatenate(parts_c)
+        soft = np.concatenate(parts_s) if soft_layers else None
+    extract_s = time.time() - t0
+    if cfg.cache is not None and not cfg.cache.is_file():
+        cfg.cache.parent.mkdir(parents=True, exist_ok=True)
+        extra = {"soft": soft} if soft is not None else {}
+        np.savez(cfg.cache, hidden=hidden, codes=codes, episode=ep, view=view, names=np.asarray(names),
+                 backbone=policy.backbone_id, **extra)  # fmt: skip
+    is_val = np.isin(ep, val_eps)
+    if (view[is_val] != 0).any():
+        raise ValueError("augmented views of held-out demonstrations in the data: the split is inconsistent")
     K = cfg.num_coarse_layers
     shape = dataclasses.replace(policy.shape, num_coarse_layers=K)
     y = targets_from_codes(codes, K)  # [N, K, T*H]
     h_tr, y_tr, h_va, y_va = hidden[~is_val], y[~is_val], hidden[is_val], y[is_val]
-    log.info("frames: %d train, %d validation (%d held-out demonstrations)", len(h_tr), len(h_va), n_val)
+    s_tr = soft[~is_val] if soft is not None else None  # [N_tr, K, T*H, G]
+    log.info(
+        "pairs: %d train (%d frames x %d views), %d validation frames (%d held-out demonstrations); "
+        "extraction %.0f s on %s",
+        len(h_tr), int((view[~is_val] == 0).sum()), cfg.augment + 1, len(h_va), n_val, extract_s, device,
+    )  # fmt: skip
     steps = math.ceil(len(h_tr) / cfg.batch_size) * cfg.epochs
     optim = OptimConfig(
         lr=cfg.lr,
@@ -156,41 +341,52 @@ def fit(cfg: FitDraftConfig) -> dict[str, Any]:
         batch_size=cfg.batch_size,
         draft_hidden_dim=cfg.draft_hidden_dim,
     )
-    learner = Learner(hidden.shape[1], shape, optim)
+    learner = Learner(hidden.shape[1], shape, optim, device=device)
+    learner.autocast = learner.autocast and cfg.bf16
     run_config = {
         "run": config_to_dict(cfg),
         "source": "evaluator.fit_draft (offline, the policy's own codes on demonstration frames)",
         "backbone_id": policy.backbone_id,
-        "train_frames": int(len(h_tr)),
+        "train_pairs": int(len(h_tr)),
         "valid_frames": int(len(h_va)),
-        "valid_episodes": sorted(names[i] for i in val_eps),
+        "valid_episodes": [names[i] for i in val_eps],
         "optim": vars(optim),
     }
-    best, best_res, t0 = -1.0, None, time.time()
+    best, best_res, t1 = -1.0, None, time.time()
+    history = []
     bar = tqdm(range(cfg.epochs), desc=f"draft K={K}", unit="epoch", dynamic_ncols=True)
     for epoch in bar:
         order = rng.permutation(len(h_tr))
-        losses = [
-            learner.train_step(h_tr[order[i : i + cfg.batch_size]], y_tr[order[i : i + cfg.batch_size]])[
-                "loss"
-            ]
-            for i in range(0, len(order), cfg.batch_size)
-        ]
+        losses = []
+        for i in range(0, len(order), cfg.batch_size):
+            b = order[i : i + cfg.batch_size]
+            r = learner.train_step(h_tr[b], y_tr[b], s_tr[b] if s_tr is not None else None, cfg.soft_weight)
+            losses.append(r["loss"])
         res = learner.validate(h_va, y_va)
+        history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_loss": res.loss,
+                        "val_acc_per_layer": res.acc_per_layer})  # fmt: skip
         if res.accuracy > best:
             best, best_res = res.accuracy, res
             learner.best_val = best
-            learner.save(cfg.out, epoch + 1, res.accuracy, run_config)
+            if cfg.slim:
+                save_checkpoint(cfg.out, learner.model, None, epoch + 1, res.accuracy,
+                                {**run_config, "updates": learner.updates, "shape": shape.to_dict()})  # fmt: skip
+            else:
+                learner.save(cfg.out, epoch + 1, res.accuracy, run_config)
         bar.set_postfix(loss=f"{np.mean(losses):.3f}", val_acc=f"{res.accuracy:.3f}")
     bar.close()
     summary = {
         "checkpoint": str(cfg.out),
+        "device": str(device),
         "best_val_accuracy": best,
         "val_acc_per_layer": best_res.acc_per_layer,
         "val_layer_exact": best_res.layer_exact,
-        "train_frames": int(len(h_tr)),
+        "train_pairs": int(len(h_tr)),
+        "augment": cfg.augment,
         "valid_frames": int(len(h_va)),
-        "elapsed_s": time.time() - t0,
+        "extract_s": extract_s,
+        "train_s": time.time() - t1,
+        "history": history,
     }
     cfg.out.with_suffix(".json").write_text(json.dumps(summary, indent=1))
     log.info("K=%d: best val token accuracy %.3f; per layer %s; whole layer %s", K, best,

@@ -105,3 +105,22 @@ def test_load_rejects_wrong_files(tmp_path) -> None:
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="not a loadable"):
         load_checkpoint(tmp_path / "junk.pt")
+
+
+def test_draft_loss_with_soft_targets_is_cross_entropy_to_the_policy_distribution():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 128, 7)
+    targets = torch.randint(0, 7, (2, 3, 128))
+    soft = torch.softmax(torch.randn(2, 3, 128, 7), -1)
+    hard, _ = draft_loss(logits, targets)
+    assert torch.allclose(draft_loss(logits, targets, soft, 0.0)[0], hard)
+    full, _ = draft_loss(logits, targets, soft, 1.0)
+    expected = -(soft * torch.log_softmax(logits, -1)).sum(-1).mean()
+    assert torch.allclose(full, expected)
+    half, _ = draft_loss(logits, targets, soft, 0.5)
+    assert torch.allclose(half, 0.5 * hard + 0.5 * expected)
+    # one-hot soft targets equal the hard loss
+    onehot = torch.nn.functional.one_hot(targets, 7).float()
+    assert torch.allclose(draft_loss(logits, targets, onehot, 1.0)[0], hard, atol=1e-6)
+    with pytest.raises(ValueError, match="soft targets"):
+        draft_loss(logits, targets, soft[..., :5], 1.0)

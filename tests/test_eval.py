@@ -148,22 +148,95 @@ def test_eval_on_libero_with_random_embedded_vla(tmp_path):
     assert result["rsd"]["strict"]["identical_fraction"] == 1.0
 
 
-def test_fit_draft_reads_demonstration_frames(tmp_path):
+def _write_demos(path, lengths, size=64):
     import h5py
 
-    from evaluator.fit_draft import demo_observations
-
-    path = tmp_path / "demos.hdf5"
+    rng = np.random.default_rng(0)
     with h5py.File(path, "w") as f:
-        for i, n in enumerate((5, 3)):
+        for i, n in enumerate(lengths):
             g = f.create_group(f"data/demo_{i}")
-            g.attrs["num_samples"], g.attrs["instruction"] = n, f"task {i}"
-            g["obs/agentview_rgb"] = np.full((n, 16, 16, 3), i, np.uint8)
-            g["obs/eye_in_hand_rgb"] = np.zeros((n, 16, 16, 3), np.uint8)
-            g["obs/ee_states"] = np.arange(n * 6, dtype=np.float64).reshape(n, 6)
-            g["obs/gripper_states"] = np.ones((n, 2))
-    episodes = demo_observations(path, stride=2)
-    assert [len(frames) for _, frames in episodes] == [3, 2]
-    obs = episodes[0][1][1]  # demo_0, frame 2
-    assert obs.instruction == "task 0" and obs.proprio.dtype == np.float32
-    assert np.allclose(obs.proprio, [12, 13, 14, 15, 16, 17, 1, 1])
+            g.attrs["num_samples"] = n
+            g.attrs["instruction"] = "pick up the bowl" if i % 2 else "put the black bowl on the plate now"
+            g["actions"] = rng.uniform(-1, 1, (n, 7)).astype(np.float32)
+            g["obs/agentview_rgb"] = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+            g["obs/eye_in_hand_rgb"] = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+            g["obs/ee_states"] = rng.normal(size=(n, 6))
+            g["obs/gripper_states"] = rng.normal(size=(n, 2)) * 0.02
+
+
+def test_fit_draft_batched_extraction_equals_run_time_decoding(tmp_path):
+    """Distillation pairs are exactly what the policy computes at run time, one observation at a time."""
+    import torch
+
+    from common.policy import Observation
+    from evaluator.eval import load_eval_policy
+    from evaluator.fit_draft import extract
+    from trainer.train_vla import read_demos
+
+    _write_demos(tmp_path / "d.hdf5", (3, 4))
+    policy = load_eval_policy("embedded")
+    data = read_demos([tmp_path / "d.hdf5"], policy.model.config.image_size)
+    rows = np.arange(len(data["episode"]))[::-1].copy()  # any order, instructions interleaved
+    hidden, codes, probs = extract(policy, data, rows, batch=3, soft_layers=2)
+    # the soft targets are the policy's own distributions: their argmax is its code
+    assert probs.shape == (len(rows), 2, 128, 7) and np.allclose(
+        probs.astype(np.float32).sum(-1), 1, atol=1e-2
+    )
+    first = codes[..., :2].transpose(0, 3, 1, 2).reshape(len(rows), 2, 128, 1).astype(np.int64)
+    assert np.array_equal(np.take_along_axis(probs, first, -1)[..., 0], probs.max(-1))  # float16 ties allowed
+    for k, r in enumerate(rows):
+        e = data["episode"][r]
+        obs = Observation(agentview=data["images"][r, 0], wrist=data["images"][r, 1], proprio=data["proprio"][r],
+                          instruction=str(data["instruction_of_episode"][e]))  # fmt: skip
+        state = policy.prefix([obs])
+        ref = policy.decode_sequential(state)[0].to(torch.uint8).numpy()
+        assert np.array_equal(codes[k], ref)
+        assert np.allclose(hidden[k], state.hidden[0].float().numpy(), atol=1e-4)
+
+
+def test_fit_draft_end_to_end_with_augmented_views(tmp_path):
+    import torch
+
+    from common.draft import load_checkpoint
+    from evaluator.fit_draft import main
+
+    _write_demos(tmp_path / "d.hdf5", (4, 3, 5, 2))
+    out = tmp_path / "draft.pt"
+    main(["--demos", str(tmp_path / "d.hdf5"), "--out", str(out), "--augment", "2", "--epochs", "2",
+          "--val-fraction", "0.25", "--batch-size", "4", "--draft-hidden-dim", "32", "--cache", str(tmp_path / "c.npz")])  # fmt: skip
+    summary = json.loads(out.with_suffix(".json").read_text())
+    held_out = summary["valid_frames"]
+    assert summary["train_pairs"] == 3 * (14 - held_out)  # every training frame + 2 shifted views
+    model, ckpt = load_checkpoint(out)
+    assert ckpt["val_accuracy"] == summary["best_val_accuracy"] and model.num_coarse_layers == 3
+    z = np.load(tmp_path / "c.npz")
+    assert (z["view"] > 0).sum() == 2 * (14 - held_out) and z["hidden"].dtype == np.float32
+    # the shifted views are new inputs: their codes or hidden states differ from the unshifted frame's
+    assert not np.allclose(z["hidden"][z["view"] == 1], z["hidden"][z["view"] == 0][: (z["view"] == 1).sum()])
+    # reuse of the cache with fewer views
+    main(["--demos", str(tmp_path / "d.hdf5"), "--out", str(out), "--augment", "1", "--epochs", "1",
+          "--val-fraction", "0.25", "--batch-size", "4", "--draft-hidden-dim", "32", "--cache", str(tmp_path / "c.npz")])  # fmt: skip
+    assert json.loads(out.with_suffix(".json").read_text())["train_pairs"] == 2 * (14 - held_out)
+    assert torch.load(out, weights_only=True)["config"]["run"]["augment"] == 1
+    with pytest.raises(ValueError, match="no policy probabilities"):  # cache made without soft targets
+        main(["--demos", str(tmp_path / "d.hdf5"), "--out", str(out), "--soft-weight", "0.5", "--cache", str(tmp_path / "c.npz")])  # fmt: skip
+    # knowledge distillation from the policy's probabilities, slim checkpoint, then scoring on this machine
+    main(["--demos", str(tmp_path / "d.hdf5"), "--out", str(out), "--augment", "1", "--epochs", "1", "--soft-weight", "0.5",
+          "--slim", "--val-fraction", "0.25", "--batch-size", "4", "--draft-hidden-dim", "32"])  # fmt: skip
+    ckpt = torch.load(out, weights_only=True)
+    assert ckpt["optimizer_state_dict"] == {} and ckpt["config"]["run"]["soft_weight"] == 0.5
+    main(["--demos", str(tmp_path / "d.hdf5"), "--evaluate", str(out), "--out", str(tmp_path / "score.json")])
+    score = json.loads((tmp_path / "score.json").read_text())
+    assert score["valid_frames"] == held_out
+    assert score["val_accuracy"] == pytest.approx(ckpt["val_accuracy"], abs=1e-6)  # same machine, same figure
+
+
+def test_fit_draft_rejects_bad_inputs(tmp_path):
+    from evaluator.fit_draft import FitDraftConfig
+
+    with pytest.raises(ValueError, match="either --demos"):
+        FitDraftConfig(out=tmp_path / "x.pt")
+    with pytest.raises(ValueError, match="does not exist"):
+        FitDraftConfig(out=tmp_path / "x.pt", demos=[tmp_path / "missing.hdf5"])
+    with pytest.raises(ValueError, match="augment"):
+        FitDraftConfig(out=tmp_path / "x.pt", packed=tmp_path / "missing.npz", augment=-1)

@@ -82,14 +82,24 @@ class Learner:
         self.autocast = self.device.type == "cuda"
 
     # ------------------------------------------------------------------ training
-    def train_step(self, hidden: np.ndarray, targets: np.ndarray) -> dict[str, Any]:
-        """hidden [B, D] float32, targets [B, K, S] uint8 -> loss and per-layer accuracy."""
+    def train_step(
+        self,
+        hidden: np.ndarray,
+        targets: np.ndarray,
+        soft_targets: np.ndarray | None = None,
+        soft_weight: float = 0.0,
+    ) -> dict[str, Any]:
+        """hidden [B, D] float32, targets [B, K, S] uint8 -> loss and per-layer accuracy.
+
+        soft_targets [B, K, S, G] (optional): the policy's probabilities, mixed in with ``soft_weight``.
+        """
         self.model.train()
         h = torch.from_numpy(hidden).to(self.device)  # [B, D]
         y = torch.from_numpy(targets).to(self.device).long()  # [B, K, S]
+        soft = torch.from_numpy(soft_targets).to(self.device) if soft_targets is not None else None
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             logits = self.model(h)  # [B, K, S, G]
-        loss, metrics = draft_loss(logits, y)
+        loss, metrics = draft_loss(logits, y, soft, soft_weight)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim.grad_clip)
