@@ -75,6 +75,9 @@ class BenchGPUConfig:
     probe: bool = field(
         default=False, metadata={"help": "only compare compile variants of the block pass and profile it"}
     )
+    sliced: bool = field(
+        default=True, metadata={"help": "also measure single-block passes with mask-free sliced attention"}
+    )
     tiny: bool = field(default=False, metadata={"help": "tiny twin (CPU smoke test of this script)"})
     device: str = field(default="cuda", metadata={"help": "torch device"})
     seed: int = field(default=0, metadata={"help": "weights and inputs seed"})
@@ -335,11 +338,16 @@ def bench_prefix(
 
     # Modes, fastest last: eager kernels; the same kernels replayed from CUDA graphs; the layer
     # function compiled by torch.compile (fused elementwise work) and replayed from CUDA graphs.
+    # "_sliced": single-block passes attend to the filled part of the cache without a mask (one graph
+    # per block index) instead of masking the whole preallocated cache.
     compiled = ["compiled_graphs", "compiled_graphs_math_attn"] if cfg.compile else []
+    if cfg.compile and cfg.sliced:
+        compiled += ["compiled_graphs_sliced", "compiled_graphs_math_attn_sliced"]
     modes = ["eager"] + (["graphs"] + compiled if graphs_ok else [])
     for mode in modes:
         if mode.startswith("compiled"):
-            policy.model.compile_layers(math_attention=mode.endswith("math_attn"))
+            policy.model.compile_layers(math_attention="math_attn" in mode)
+        policy.sliced_attention = mode.endswith("_sliced")
         policy.reset_graphs()
         policy.cuda_graphs = mode != "eager"
         t0 = time.perf_counter()

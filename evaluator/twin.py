@@ -165,8 +165,14 @@ def layer_step(
     eps: float,
     num_heads: int,
     math_attention: bool = False,
+    kv_len: int | None = None,
 ) -> torch.Tensor:
-    """One Llama decoder layer (a free function, so that one compiled graph serves all layers)."""
+    """One Llama decoder layer (a free function, so that one compiled graph serves all layers).
+
+    ``kv_len`` (with ``mask`` None): attend to cache slots 0..kv_len-1 without a mask. Exact for one
+    block whose last slot is kv_len - 1 (it sees the prefix, the earlier blocks and itself in full),
+    and lets scaled_dot_product_attention take its mask-free kernels.
+    """
     B, N, D = x.shape
     hd = D // num_heads
     h = rms_norm(x, input_norm, eps)
@@ -177,8 +183,12 @@ def layer_step(
     v = qkv[:, :, 2].transpose(1, 2)  # [B, nh, N, hd]
     k_cache.index_copy_(2, positions, k)
     v_cache.index_copy_(2, positions, v)
+    if kv_len is not None:
+        k_cache, v_cache = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]  # [B, nh, kv_len, hd]
     if math_attention:  # two batched products and a softmax that the compiler can fuse
-        scores = torch.matmul(q, k_cache.transpose(-1, -2)) * hd**-0.5 + mask  # [B, nh, N, S]
+        scores = torch.matmul(q, k_cache.transpose(-1, -2)) * hd**-0.5  # [B, nh, N, S]
+        if mask is not None:
+            scores = scores + mask
         attn = torch.matmul(scores.float().softmax(-1).to(q.dtype), v_cache)  # [B, nh, N, hd]
     else:
         attn = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask)  # [B, nh, N, hd]
@@ -302,15 +312,32 @@ class TwinModel(nn.Module):
         return (kb < qb) | (same & ((qb >= 0) | causal_in_prefix))
 
     def forward(
-        self, x: torch.Tensor, start: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
+        self,
+        x: torch.Tensor,
+        start: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        kv_len: int | None = None,
     ) -> torch.Tensor:
-        """x [B, N, D] at cache slots start..start+N-1 (start: 0-dim long tensor) -> final-norm hidden [B, N, D]."""
+        """x [B, N, D] at cache slots start..start+N-1 (start: 0-dim long tensor) -> final-norm hidden [B, N, D].
+
+        kv_len: for a single block ending at slot kv_len - 1, attend to slots < kv_len with no mask.
+        """
         N = x.shape[1]
         positions = start + torch.arange(N, device=x.device)  # [N]
         cos = self.rope_cos[positions].to(x.dtype)  # [N, hd]
         sin = self.rope_sin[positions].to(x.dtype)
-        allowed = self.attention_mask(positions)  # [N, S]
-        mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(~allowed, float("-inf"))
+        if kv_len is None:
+            allowed = self.attention_mask(positions)  # [N, S]
+            mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(
+                ~allowed, float("-inf")
+            )
+        else:
+            if N != self.cfg.block_width:
+                raise ValueError(
+                    f"kv_len serves single-block passes of {self.cfg.block_width} positions, got {N}"
+                )
+            mask = None
         eps, nh = self.cfg.rms_eps, self.cfg.num_heads
         for i, layer in enumerate(self.layers):
             x = self.layer_fn(
@@ -325,6 +352,7 @@ class TwinModel(nn.Module):
                 eps,
                 nh,
                 self.math_attention,
+                kv_len,
             )
         return rms_norm(x, self.final_norm, self.cfg.rms_eps)
 
@@ -347,8 +375,12 @@ class TwinPolicy(LayerwisePolicy):
         dtype: torch.dtype = torch.float32,
         cuda_graphs: bool = False,
         seed: int = 0,
+        sliced_attention: bool = False,
     ):
+        """sliced_attention: single-block passes attend to the filled part of the cache without a mask
+        (one pass shape, and one CUDA graph, per block index) instead of masking the whole cache."""
         self.cfg = cfg
+        self.sliced_attention = sliced_attention
         self.shape = cfg.shape
         self.hidden_dim = cfg.hidden_size
         self.device = torch.device(device)
@@ -404,12 +436,13 @@ class TwinPolicy(LayerwisePolicy):
                 return h[:, -1].float()  # [B, D]
 
             return run
-        _, with_query, k = key
+        _, with_query, k, kv_len = key
         codes = self._codes_buffer(k)
 
         def run() -> torch.Tensor:
             x = m.embed_blocks(codes, self._first_block, with_query)  # [B, N, D]
-            return m.block_logits(m(x, self._start, self.k_cache, self.v_cache))  # [B, nb, T, H, G]
+            h = m(x, self._start, self.k_cache, self.v_cache, kv_len)  # [B, N, D]
+            return m.block_logits(h)  # [B, nb, T, H, G]
 
         return run
 
@@ -446,7 +479,10 @@ class TwinPolicy(LayerwisePolicy):
         """Capture (or warm up) every pass shape up to ``max_drafted`` drafted layers."""
         state = self.prefix_from_embeds(torch.zeros_like(self._prefix_in))
         self.decode_block(state, None)
-        self.decode_block(state, torch.zeros_like(self._codes_buffer(1)[:, 0]))
+        for _ in range(1, self.shape.num_layers):  # one shape per block index with sliced attention
+            self.decode_block(state, torch.zeros_like(self._codes_buffer(1)[:, 0]))
+            if not self.sliced_attention:
+                break
         for k in range(1, max_drafted + 1):
             self.truncate(state, 0)
             self.verify(state, torch.zeros_like(self._codes_buffer(k)))
@@ -494,6 +530,12 @@ class TwinPolicy(LayerwisePolicy):
         hidden = self._run(("prefix",))  # [B, D]
         return PrefixState(hidden=hidden, cache=None, prefix_len=self.cfg.prefix_len, num_blocks=0)
 
+    def _kv_len(self, block: int) -> int | None:
+        """Filled cache length after single block ``block`` (sliced attention), else None (masked)."""
+        if not self.sliced_attention:
+            return None
+        return self.cfg.prefix_len + (block + 1) * self.cfg.block_width
+
     def _block_start(self, block: int) -> None:
         self._start.fill_(self.cfg.prefix_len + block * self.cfg.block_width)
 
@@ -503,16 +545,17 @@ class TwinPolicy(LayerwisePolicy):
         if nb >= self.shape.num_layers:
             raise ValueError(f"all {self.shape.num_layers} layers are decoded already")
         self._block_start(nb)
+        kv_len = self._kv_len(nb)
         if prev_codes is None:
             if nb != 0:
                 raise ValueError("prev_codes=None (the query block) is only valid for block 0")
-            logits = self._run(("blocks", True, 0))
+            logits = self._run(("blocks", True, 0, kv_len))
         else:
             if nb == 0:
                 raise ValueError("block 0 takes the learned queries: pass prev_codes=None")
             self._codes_buffer(1).copy_(prev_codes[:, None])
             self._first_block.fill_(nb)
-            logits = self._run(("blocks", False, 1))
+            logits = self._run(("blocks", False, 1, kv_len))
         state.num_blocks = nb + 1
         return logits[:, 0]  # [B, T, H, G]
 
@@ -527,7 +570,7 @@ class TwinPolicy(LayerwisePolicy):
         if k:
             self._codes_buffer(k).copy_(drafted)
         self._first_block.fill_(1)
-        logits = self._run(("blocks", True, k))  # [B, k+1, T, H, G]
+        logits = self._run(("blocks", True, k, self._kv_len(0) if k == 0 else None))  # [B, k+1, T, H, G]
         state.num_blocks = k + 1
         return logits
 

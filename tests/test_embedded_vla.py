@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -252,10 +254,14 @@ def test_train_vla_smoke(tmp_path) -> None:
             "2",
             "--free-running-samples",
             "4",
+            "--consistency-weight",
+            "0.5",
             *common,
         ]
     )
     assert (out / "training.png").is_file() and (out / "metrics.json").is_file()
+    held_out = json.loads((out / "config.json").read_text())["held_out"]
+    assert len(held_out["free_aux_agreement"]) == 3 and held_out["cons"] > 0
     policy = load_policy("embedded", weights_dir=out, codec_dir=tmp_path / "codec")
     assert policy.act(make_obs(1))[0].codes.shape == policy.shape.codes_shape
 
@@ -278,3 +284,25 @@ def test_pack_round_trip(tmp_path) -> None:
     ep_actions = data["actions"][data["action_episode"] == 1]
     row = np.flatnonzero(back["episode"] == 1)[-1]  # step 7 of 9: the chunk runs past the end
     assert np.array_equal(chunks[row], ep_actions[[7, 8, 8, 8, 8, 8, 8, 8]])
+
+
+def test_consistency_term_is_cross_entropy_from_aux_to_decoder() -> None:
+    from trainer.train_vla import losses
+
+    torch.manual_seed(0)
+    model = EmbeddedVLA(small_config())
+    b, size = 3, model.config.image_size
+    batch = {
+        "images": torch.rand(b, 2, 3, size, size) * 2 - 1,
+        "proprio": torch.randn(b, 8),
+        "text_ids": torch.ones(b, 4, dtype=torch.long),
+        "text_valid": torch.ones(b, 4, dtype=torch.bool),
+        "codes": torch.randint(0, 7, (b, 8, 16, 8)),
+    }
+    r0, r1 = losses(model, batch, 1.0, 0.5, 0.0), losses(model, batch, 1.0, 0.5, 2.0)
+    assert torch.allclose(r1["loss"] - r0["loss"], 2.0 * r1["cons"], atol=1e-5)
+    out = model.forward_train(**batch)
+    k = out["aux_logits"].shape[1]
+    p = out["aux_logits"].softmax(-1)
+    expected = -(p * out["logits"][:, :k].log_softmax(-1)).sum(-1).mean()
+    assert torch.allclose(r1["cons"], expected, atol=1e-5)

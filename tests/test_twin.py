@@ -125,3 +125,34 @@ def test_bench_forces_accepted_layers_and_expected_speedup(policy):
     assert out["d/p280/graphs"]["expected_rsd_ms"] == pytest.approx(7.0)
     assert out["d/p280/graphs"]["speedup"] == pytest.approx(10 / 7)
     assert expected_speedups(results, {"d": [0.2] * 5}) == {}  # k = 4 was not measured
+
+
+@pytest.mark.parametrize("math_attention", [False, True])
+def test_sliced_attention_equals_masked_attention(math_attention):
+    """Single-block passes over the filled part of the cache (no mask) give the masked passes' logits,
+    also after a truncation leaves stale blocks behind and for RSD chunks mixing verify and blocks."""
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    masked = TwinPolicy(cfg, seed=3)
+    sliced = TwinPolicy(cfg, seed=3, sliced_attention=True)
+    for p in (masked, sliced):
+        p.model.math_attention = math_attention
+    embeds = torch.randn(1, cfg.prefix_len, masked.hidden_dim)
+    runs = []
+    for p in (masked, sliced):
+        state = p.prefix_from_embeds(embeds)
+        out, prev = [], None
+        for _ in range(p.shape.num_layers):
+            out.append(p.decode_block(state, prev))
+            prev = out[-1].argmax(-1)
+        p.truncate(state, 0)  # an RSD chunk over the same prefix: verify 2 drafted layers, accept 1
+        ver = p.verify(state, torch.stack([o.argmax(-1) for o in out[:2]], dim=1))
+        p.truncate(state, 2)
+        out.append(p.decode_block(state, ver[:, 1].argmax(-1)))
+        runs.append((torch.stack(out, 1), ver))
+    assert torch.allclose(runs[0][0], runs[1][0], atol=1e-5)
+    assert torch.allclose(runs[0][1], runs[1][1], atol=1e-5)
+    assert torch.allclose(runs[1][0][:, -1], runs[1][0][:, 2], atol=1e-5)  # same as the sequential layer 2
+    with pytest.raises(ValueError, match="single-block"):
+        sliced.model(torch.zeros(1, 2 * cfg.block_width, cfg.hidden_size), torch.tensor(0), sliced.k_cache,
+                     sliced.v_cache, kv_len=cfg.prefix_len)  # fmt: skip

@@ -87,6 +87,12 @@ class VLATrainConfig:
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     warmup: int = field(default=200, metadata={"help": "linear warmup steps"})
     fine_weight: float = field(default=0.5, metadata={"help": "loss weight of the fine layers K..L-1"})
+    consistency_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "pull the decoder's coarse layers toward the aux head's (hidden-state) distributions"
+        },
+    )
     aux_weight: float = field(
         default=1.0, metadata={"help": "weight of the coarse-code loss on the hidden state"}
     )
@@ -344,9 +350,16 @@ class Batches:
 
 
 def losses(
-    model: EmbeddedVLA, batch: dict[str, torch.Tensor], aux_weight: float, fine_weight: float = 1.0
+    model: EmbeddedVLA,
+    batch: dict[str, torch.Tensor],
+    aux_weight: float,
+    fine_weight: float = 1.0,
+    consistency_weight: float = 0.0,
 ) -> dict[str, torch.Tensor]:
-    """Cross-entropy per RFSQ layer (layers >= K weighted by ``fine_weight``) + aux coarse CE."""
+    """Cross-entropy per RFSQ layer (layers >= K weighted by ``fine_weight``) + aux coarse CE
+    (+ ``consistency_weight`` x the cross-entropy from the aux head's distributions, held fixed, to the
+    decoder's coarse-layer distributions: the decoder's coarse layers follow what the last prompt
+    token's hidden state says, the state a draft model reads)."""
     out = model.forward_train(**batch)
     tgt = batch["codes"].permute(0, 3, 1, 2)  # [B, L, T, H]
     n_layers, g = out["logits"].shape[1], out["logits"].shape[-1]
@@ -364,8 +377,11 @@ def losses(
     weights[k:] = fine_weight
     main = (per_layer * weights).sum() / weights.sum()
     aux = F.cross_entropy(out["aux_logits"].float().reshape(-1, g), tgt[:, :k].reshape(-1))
+    aux_p = out["aux_logits"].detach().float().softmax(-1)  # [B, K, T, H, G]
+    cons = -(aux_p * out["logits"][:, :k].float().log_softmax(-1)).sum(-1).mean()
     return {
-        "loss": main + aux_weight * aux,
+        "loss": main + aux_weight * aux + (consistency_weight * cons if consistency_weight else 0.0),
+        "cons": cons.detach(),
         "main": per_layer.mean().detach(),
         "coarse": per_layer[:k].mean().detach(),
         "layer_ce": per_layer.detach(),
@@ -392,6 +408,7 @@ def evaluate(
         "coarse": 0.0,
         "layer_ce": 0.0,
         "aux": 0.0,
+        "cons": 0.0,
         "layer_acc": 0.0,
         "aux_acc": 0.0,
     }
@@ -399,7 +416,7 @@ def evaluate(
     for start in range(0, len(val_idx), 256):
         idx = val_idx[start : start + 256]
         with _autocast(cfg):
-            r = losses(model, batches.get(idx), cfg.aux_weight, cfg.fine_weight)
+            r = losses(model, batches.get(idx), cfg.aux_weight, cfg.fine_weight, cfg.consistency_weight)
         for key in tot:
             tot[key] = tot[key] + r[key].float() * len(idx)
         n += len(idx)
@@ -408,19 +425,26 @@ def evaluate(
     policy = EmbeddedVLAPolicy(model, codec, device=batches.device)
     g = torch.Generator().manual_seed(0)
     sub = val_idx[torch.randperm(len(val_idx), generator=g)[: cfg.free_running_samples].to(val_idx.device)]
-    accs, arm_err, grip_ok = [], [], []
+    accs, arm_err, grip_ok, agree = [], [], [], []
     for start in range(0, len(sub), 256):
         idx = sub[start : start + 256]
         b = batches.get(idx)
         with _autocast(cfg):
             state = model.prefix_pass(b["images"], b["proprio"], b["text_ids"], b["text_valid"])
             codes = policy.decode_sequential(state)  # [B, T, H, L]
+            k = model.shape.num_coarse_layers
+            aux = model.aux_head(state.hidden).view(len(idx), k, *codes.shape[1:3], -1)  # [B, K, T, H, G]
+        # how far a linear readout of the hidden state already reproduces the decoded coarse layers
+        agree.append(
+            (aux.argmax(-1) == codes[..., :k].permute(0, 3, 1, 2)).float().mean(dim=(2, 3))
+        )  # [B, K]
         accs.append((codes == b["codes"]).float().mean(dim=(1, 2)))  # [B, L]
         pred = policy.codes_to_actions(codes)  # [B, T, A]
         gt = actions[idx.cpu()].to(pred.device)  # [B, T, A]
         arm_err.append((pred[..., :6] - gt[..., :6]).abs().mean(dim=(1, 2)))
         grip_ok.append((torch.sign(pred[..., 6]) == torch.sign(gt[..., 6])).float().mean(1))
     res["free_layer_acc"] = torch.cat(accs).mean(0).tolist()
+    res["free_aux_agreement"] = torch.cat(agree).mean(0).tolist()
     res["free_arm_mae"] = float(torch.cat(arm_err).mean())
     res["free_gripper_agreement"] = float(torch.cat(grip_ok).mean())
     model.train()
@@ -530,7 +554,9 @@ def train(cfg: VLATrainConfig) -> dict[str, Any]:
             group["lr"] = lr_at(step)
         idx = train_idx[torch.randint(0, len(train_idx), (cfg.batch_size,), device=device)]
         with _autocast(cfg):
-            r = losses(model, batches.get(idx, cfg.shift), cfg.aux_weight, cfg.fine_weight)
+            r = losses(
+                model, batches.get(idx, cfg.shift), cfg.aux_weight, cfg.fine_weight, cfg.consistency_weight
+            )
         opt.zero_grad(set_to_none=True)
         r["loss"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -557,13 +583,15 @@ def train(cfg: VLATrainConfig) -> dict[str, Any]:
             ev["step"] = step + 1
             evals.append(ev)
             log.info(
-                "step %d held-out: CE %.4f coarse CE %.4f layer acc %s aux acc %s free acc %s arm MAE %.4f grip %.3f",
+                "step %d held-out: CE %.4f coarse CE %.4f layer acc %s aux acc %s free acc %s "
+                "aux/decoder agreement %s arm MAE %.4f grip %.3f",
                 step + 1,
                 ev["main"],
                 ev["coarse"],
                 _fmt(ev["layer_acc"]),
                 _fmt(ev["aux_acc"]),
                 _fmt(ev["free_layer_acc"]),
+                _fmt(ev["free_aux_agreement"]),
                 ev["free_arm_mae"],
                 ev["free_gripper_agreement"],
             )
