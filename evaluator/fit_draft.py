@@ -53,6 +53,11 @@ class FitDraftConfig:
         default=None,
         metadata={"help": "packed demonstrations (.npz of `trainer.train_vla --pack-to`) instead of --demos"},
     )
+    archives: list[Path] = field(
+        default_factory=list,
+        metadata={"help": "streamed archives (`make train`) of the same policy: their training episodes join "
+                  "the pairs and their held-out episodes (on-policy states) become the validation set"},
+    )  # fmt: skip
     weights_dir: Path | None = field(default=None, metadata={"help": "embedded VLA weights (none: assets)"})
     codec_dir: Path | None = field(default=None, metadata={"help": "RFSQ codec (none: assets/codec)"})
     num_coarse_layers: int = field(default=3, metadata={"help": "K: layers the draft predicts (1..8)"})
@@ -101,7 +106,7 @@ class FitDraftConfig:
             raise ValueError(f"soft_weight must be in [0, 1], got {self.soft_weight}")
         if bool(self.demos) == (self.packed is not None):
             raise ValueError("give either --demos (HDF5) or --packed (npz), not both or neither")
-        for d in [*self.demos, *([self.packed] if self.packed else [])]:
+        for d in [*self.demos, *([self.packed] if self.packed else []), *self.archives]:
             if not Path(d).is_file():
                 raise ValueError(f"demonstration file {d} does not exist")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -328,6 +333,29 @@ def fit(cfg: FitDraftConfig) -> dict[str, Any]:
     y = targets_from_codes(codes, K)  # [N, K, T*H]
     h_tr, y_tr, h_va, y_va = hidden[~is_val], y[~is_val], hidden[is_val], y[is_val]
     s_tr = soft[~is_val] if soft is not None else None  # [N_tr, K, T*H, G]
+    h_demo_va, y_demo_va, n_streamed = h_va, y_va, 0
+    if cfg.archives:  # on-policy pairs streamed by the producer: train on them, validate on their held-out
+        from trainer.archive import archive_meta, load_split
+
+        for a in cfg.archives:
+            if archive_meta(a).get("backbone_id") != policy.backbone_id:
+                raise ValueError(
+                    f"archive {a} holds {archive_meta(a).get('backbone_id')}, not {policy.backbone_id}"
+                )
+        ha_tr, ca_tr, _ = load_split(cfg.archives, "train")
+        ha_va, ca_va, keys_va = load_split(cfg.archives, "valid")
+        if len(ha_va) == 0:
+            raise ValueError(f"archives {cfg.archives} hold no held-out episodes")
+        n_streamed = len(ha_tr)
+        if n_streamed:
+            ya_tr = targets_from_codes(ca_tr, K)
+            h_tr, y_tr = np.concatenate([h_tr, ha_tr]), np.concatenate([y_tr, ya_tr])
+            if s_tr is not None:  # streamed pairs carry codes only: their soft targets are one-hot
+                onehot = np.eye(shape.grid_size, dtype=s_tr.dtype)[ya_tr]  # [n, K, T*H, G]
+                s_tr = np.concatenate([s_tr, onehot])
+        h_va, y_va = ha_va, targets_from_codes(ca_va, K)
+        log.info("streamed pairs: %d train, %d held-out (%d episodes, the validation set)",
+                 n_streamed, len(ha_va), len(keys_va))  # fmt: skip
     log.info(
         "pairs: %d train (%d frames x %d views), %d validation frames (%d held-out demonstrations); "
         "extraction %.0f s on %s",
@@ -350,6 +378,8 @@ def fit(cfg: FitDraftConfig) -> dict[str, Any]:
         "train_pairs": int(len(h_tr)),
         "valid_frames": int(len(h_va)),
         "valid_episodes": [names[i] for i in val_eps],
+        "archives": [str(a) for a in cfg.archives],
+        "streamed_train_pairs": n_streamed,
         "optim": vars(optim),
     }
     best, best_res, t1 = -1.0, None, time.time()
@@ -365,6 +395,8 @@ def fit(cfg: FitDraftConfig) -> dict[str, Any]:
         res = learner.validate(h_va, y_va)
         history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_loss": res.loss,
                         "val_acc_per_layer": res.acc_per_layer})  # fmt: skip
+        if cfg.archives:  # the held-out demonstrations too, for comparison with demonstration-only fits
+            history[-1]["demo_val_acc_per_layer"] = learner.validate(h_demo_va, y_demo_va).acc_per_layer
         if res.accuracy > best:
             best, best_res = res.accuracy, res
             learner.best_val = best
@@ -384,6 +416,8 @@ def fit(cfg: FitDraftConfig) -> dict[str, Any]:
         "train_pairs": int(len(h_tr)),
         "augment": cfg.augment,
         "valid_frames": int(len(h_va)),
+        "validation": "held-out streamed episodes" if cfg.archives else "held-out demonstrations",
+        "streamed_train_pairs": n_streamed,
         "extract_s": extract_s,
         "train_s": time.time() - t1,
         "history": history,

@@ -240,3 +240,49 @@ def test_fit_draft_rejects_bad_inputs(tmp_path):
         FitDraftConfig(out=tmp_path / "x.pt", demos=[tmp_path / "missing.hdf5"])
     with pytest.raises(ValueError, match="augment"):
         FitDraftConfig(out=tmp_path / "x.pt", packed=tmp_path / "missing.npz", augment=-1)
+
+
+def test_fit_draft_trains_on_streamed_archives_and_validates_on_their_held_out_episodes(tmp_path):
+    """Streamed (on-policy) pairs join the distillation pairs; the archive's held-out episodes are the
+    validation set; an archive of another backbone is refused."""
+    import time
+
+    from evaluator.eval import load_eval_policy
+    from evaluator.fit_draft import main
+    from trainer.archive import ArchiveWriter, EpisodeRecord
+
+    _write_demos(tmp_path / "d.hdf5", (4, 3, 5))
+    policy = load_eval_policy("embedded")
+
+    def write_archive(path, backbone):
+        w = ArchiveWriter(path, policy.shape)
+        w.set_provenance(backbone_id=backbone, hidden_dim=policy.hidden_dim, codec_sha256="",
+                         producer_id="p0", producer_config="{}")  # fmt: skip
+        rng = np.random.default_rng(0)
+        for i, (split, n) in enumerate((("train", 3), ("valid", 2), ("train", 4))):
+            ep = EpisodeRecord("p0", "s0", "libero_spatial", 0, i, split, status="success", num_steps=8 * n)
+            for j in range(n):
+                ep.hidden.append(rng.standard_normal(policy.hidden_dim).astype(np.float32))
+                ep.codes.append(rng.integers(0, 7, policy.shape.codes_shape, dtype=np.uint8))
+                ep.actions.append(np.zeros(policy.shape.chunk_shape, np.float32))
+                ep.steps.append(8 * j)
+                ep.seqs.append(10 * i + j)
+                ep.sent_at.append(time.time())
+                ep.received_at.append(time.time())
+            ep.end_seq = 10 * i + n
+            w.write_episode(ep)
+        del w
+
+    write_archive(tmp_path / "a.hdf5", policy.backbone_id)
+    out = tmp_path / "draft.pt"
+    args = ["--demos", str(tmp_path / "d.hdf5"), "--out", str(out), "--epochs", "2", "--val-fraction", "0.34",
+            "--batch-size", "4", "--draft-hidden-dim", "32", "--soft-weight", "0.5"]  # fmt: skip
+    main([*args, "--archives", str(tmp_path / "a.hdf5")])
+    summary = json.loads(out.with_suffix(".json").read_text())
+    assert summary["validation"] == "held-out streamed episodes" and summary["valid_frames"] == 2
+    assert summary["streamed_train_pairs"] == 7
+    assert summary["train_pairs"] - 7 in (12 - 3, 12 - 4, 12 - 5)  # the demonstrations less one held out
+    assert len(summary["history"][0]["demo_val_acc_per_layer"]) == 3
+    write_archive(tmp_path / "b.hdf5", "embedded-vla@another")
+    with pytest.raises(ValueError, match="holds embedded-vla@another"):
+        main([*args, "--archives", str(tmp_path / "b.hdf5")])
