@@ -357,9 +357,11 @@ def fit(cfg: FitDraftConfig) -> dict[str, Any]:
         log.info("streamed pairs: %d train, %d held-out (%d episodes, the validation set)",
                  n_streamed, len(ha_va), len(keys_va))  # fmt: skip
     log.info(
-        "pairs: %d train (%d frames x %d views), %d validation frames (%d held-out demonstrations); "
+        "pairs: %d train (%d demonstration frames x %d views + %d streamed); validation: %d %s; "
         "extraction %.0f s on %s",
-        len(h_tr), int((view[~is_val] == 0).sum()), cfg.augment + 1, len(h_va), n_val, extract_s, device,
+        len(h_tr), int((view[~is_val] == 0).sum()), cfg.augment + 1, n_streamed, len(h_va),
+        "held-out streamed samples" if cfg.archives else f"frames of {n_val} held-out demonstrations",
+        extract_s, device,
     )  # fmt: skip
     steps = math.ceil(len(h_tr) / cfg.batch_size) * cfg.epochs
     optim = OptimConfig(
