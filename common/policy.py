@@ -125,12 +125,19 @@ class LayerwisePolicy(ChunkPolicy):
     def codes_to_actions(self, codes: torch.Tensor) -> torch.Tensor:
         """[B, T, H, L] long codes -> [B, T, A] float actions in the env's action space."""
 
-    def decode_sequential(self, state: PrefixState) -> torch.Tensor:
-        """Baseline: L block passes after the prefix. Returns [B, T, H, L] long codes."""
+    def decode_sequential(
+        self, state: PrefixState, logits_out: list[torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Baseline: L block passes after the prefix. Returns [B, T, H, L] long codes.
+
+        logits_out: if given, each layer's logits [B, T, H, G] are appended to it (layer order).
+        """
         codes: list[torch.Tensor] = []
         prev = None
         for _ in range(self.shape.num_layers):
             logits = self.decode_block(state, prev)  # [B, T, H, G]
+            if logits_out is not None:
+                logits_out.append(logits)
             prev = logits.argmax(-1)
             codes.append(prev)
         return torch.stack(codes, dim=-1)

@@ -109,6 +109,8 @@ class FitDraftConfig:
         for d in [*self.demos, *([self.packed] if self.packed else []), *self.archives]:
             if not Path(d).is_file():
                 raise ValueError(f"demonstration file {d} does not exist")
+        if self.evaluate is not None and not Path(self.evaluate).is_file():
+            raise ValueError(f"draft checkpoint {self.evaluate} does not exist")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu or cuda[:n], got {self.device!r}")
 
@@ -186,15 +188,12 @@ def extract(
                 text_ids=ids.expand(len(r), -1),
                 text_valid=valid.expand(len(r), -1),
             )
-            prev, layers = None, []
-            for layer in range(shape.num_layers):  # the baseline decoding (LayerwisePolicy.decode_sequential)
-                logits = policy.decode_block(state, prev)  # [b, T, H, G]
-                prev = logits.argmax(-1)
-                layers.append(prev)
-                if layer < soft_layers:
-                    probs[p, layer] = logits.float().softmax(-1).flatten(1, 2).cpu().numpy()
+            logits: list[torch.Tensor] = []
+            c = policy.decode_sequential(state, logits if soft_layers else None)  # [b, T, H, L]
+            for layer, lg in enumerate(logits[:soft_layers]):  # [b, T, H, G] each
+                probs[p, layer] = lg.float().softmax(-1).flatten(1, 2).cpu().numpy()
             hidden[p] = state.hidden.float().cpu().numpy()
-            codes[p] = torch.stack(layers, dim=-1).to(torch.uint8).cpu().numpy()  # [b, T, H, L]
+            codes[p] = c.to(torch.uint8).cpu().numpy()
             bar.update(len(r))
     bar.close()
     return hidden, codes, probs
@@ -204,7 +203,7 @@ def evaluate(cfg: FitDraftConfig, policy, device: torch.device) -> dict[str, Any
     """Token accuracy per layer of a draft on the held-out demonstrations named in its checkpoint, with
     the codes decoded by the policy on this machine (for example a draft fitted on a GPU, scored on
     the CPU the evaluator runs on)."""
-    from common.draft import load_checkpoint
+    from common.draft import draft_loss, load_checkpoint
     from trainer.retrain import targets_from_codes
 
     model, ckpt = load_checkpoint(cfg.evaluate, map_location=device)
@@ -227,17 +226,17 @@ def evaluate(cfg: FitDraftConfig, policy, device: torch.device) -> dict[str, Any
     K = model.num_coarse_layers
     y = torch.from_numpy(targets_from_codes(codes, K)).long()  # [N, K, S]
     with torch.no_grad():
-        pred = torch.cat([model(torch.from_numpy(hidden[i : i + 256]).to(device)).argmax(-1).cpu()
-                          for i in range(0, len(hidden), 256)])  # fmt: skip
-    hit = pred == y  # [N, K, S]
+        logits = torch.cat([model(torch.from_numpy(hidden[i : i + 256]).to(device)).cpu()
+                            for i in range(0, len(hidden), 256)])  # fmt: skip
+        _, m = draft_loss(logits, y)
     out = {
         "checkpoint": str(cfg.evaluate),
         "decoded_on": str(device),
         "valid_frames": int(len(rows)),
         "valid_episodes": len(names),
-        "val_accuracy": float(hit.float().mean()),
-        "val_acc_per_layer": hit.float().mean(dim=(0, 2)).tolist(),
-        "val_layer_exact": hit.all(-1).float().mean(0).tolist(),
+        "val_accuracy": m["accuracy"],
+        "val_acc_per_layer": m["acc_per_layer"],
+        "val_layer_exact": m["layer_exact"],
         "checkpoint_val_accuracy": float(ckpt["val_accuracy"]),
     }
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
@@ -249,7 +248,6 @@ def evaluate(cfg: FitDraftConfig, policy, device: torch.device) -> dict[str, Any
 
 
 def fit(cfg: FitDraftConfig) -> dict[str, Any]:
-    from common.draft import save_checkpoint
     from trainer.learner import Learner, OptimConfig
     from trainer.retrain import targets_from_codes
 
@@ -270,7 +268,8 @@ def fit(cfg: FitDraftConfig) -> dict[str, Any]:
         return evaluate(cfg, policy, device)
     t0 = time.time()
     soft_layers = cfg.num_coarse_layers if cfg.soft_weight > 0 else 0
-    if cfg.cache is not None and cfg.cache.is_file():
+    from_cache = cfg.cache is not None and cfg.cache.is_file()
+    if from_cache:
         z = np.load(cfg.cache)
         if str(z["backbone"]) != policy.backbone_id:
             raise ValueError(f"cache {cfg.cache} was made with {z['backbone']}, not {policy.backbone_id}")
@@ -297,7 +296,7 @@ def fit(cfg: FitDraftConfig) -> dict[str, Any]:
     n_ep = len(names)
     n_val = max(1, int(round(cfg.val_fraction * n_ep)))
     val_eps = sorted(rng.permutation(n_ep)[:n_val].tolist())
-    if not (cfg.cache is not None and cfg.cache.is_file()) and cfg.augment:
+    if not from_cache and cfg.augment:
         gen = torch.Generator(device=device).manual_seed(cfg.seed)
         train_rows = np.flatnonzero(~np.isin(data["episode"], val_eps))  # augment training frames only
         parts_h, parts_c, parts_s = [hidden], [codes], [soft]
@@ -320,7 +319,7 @@ def fit(cfg: FitDraftConfig) -> dict[str, Any]:
         hidden, codes = np.concatenate(parts_h), np.concatenate(parts_c)
         soft = np.concatenate(parts_s) if soft_layers else None
     extract_s = time.time() - t0
-    if cfg.cache is not None and not cfg.cache.is_file():
+    if cfg.cache is not None and not from_cache:
         cfg.cache.parent.mkdir(parents=True, exist_ok=True)
         extra = {"soft": soft} if soft is not None else {}
         np.savez(cfg.cache, hidden=hidden, codes=codes, episode=ep, view=view, names=np.asarray(names),
@@ -402,11 +401,7 @@ def fit(cfg: FitDraftConfig) -> dict[str, Any]:
         if res.accuracy > best:
             best, best_res = res.accuracy, res
             learner.best_val = best
-            if cfg.slim:
-                save_checkpoint(cfg.out, learner.model, None, epoch + 1, res.accuracy,
-                                {**run_config, "updates": learner.updates, "shape": shape.to_dict()})  # fmt: skip
-            else:
-                learner.save(cfg.out, epoch + 1, res.accuracy, run_config)
+            learner.save(cfg.out, epoch + 1, res.accuracy, run_config, optimizer_state=not cfg.slim)
         bar.set_postfix(loss=f"{np.mean(losses):.3f}", val_acc=f"{res.accuracy:.3f}")
     bar.close()
     summary = {

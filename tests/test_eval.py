@@ -240,6 +240,9 @@ def test_fit_draft_rejects_bad_inputs(tmp_path):
         FitDraftConfig(out=tmp_path / "x.pt", demos=[tmp_path / "missing.hdf5"])
     with pytest.raises(ValueError, match="augment"):
         FitDraftConfig(out=tmp_path / "x.pt", packed=tmp_path / "missing.npz", augment=-1)
+    (tmp_path / "d.hdf5").touch()
+    with pytest.raises(ValueError, match="draft checkpoint .* does not exist"):
+        FitDraftConfig(out=tmp_path / "s.json", demos=[tmp_path / "d.hdf5"], evaluate=tmp_path / "none.pt")
 
 
 def test_fit_draft_trains_on_streamed_archives_and_validates_on_their_held_out_episodes(tmp_path):
