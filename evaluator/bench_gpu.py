@@ -78,6 +78,13 @@ class BenchGPUConfig:
     sliced: bool = field(
         default=True, metadata={"help": "also measure single-block passes with mask-free sliced attention"}
     )
+    skinny: bool = field(
+        default=True,
+        metadata={"help": "also measure the Triton skinny-product kernels (evaluator/twin_triton.py)"},
+    )
+    modes: list[str] | None = field(
+        default=None, metadata={"help": "measure only these modes (default: every mode enabled)"}
+    )
     tiny: bool = field(default=False, metadata={"help": "tiny twin (CPU smoke test of this script)"})
     device: str = field(default="cuda", metadata={"help": "torch device"})
     seed: int = field(default=0, metadata={"help": "weights and inputs seed"})
@@ -199,15 +206,26 @@ def corrupt_from(drafted: torch.Tensor, j: int, grid: int) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------ bench
 @torch.no_grad()
-def gemm_only_ms(policy: TwinPolicy, reps: int) -> dict[str, float]:
-    """The 4 x 32 matrix products of one block pass (W rows) alone, from a CUDA graph: what cuBLAS allows."""
+def gemm_only_ms(policy: TwinPolicy, reps: int, skinny: bool = False) -> dict[str, float]:
+    """The 4 x 32 matrix products of one block pass (W rows) alone, from a CUDA graph: what cuBLAS
+    (or, with ``skinny``, the Triton kernels with their fused residual/SwiGLU) allows."""
     cfg = policy.cfg
     W, D, I = cfg.block_width, cfg.hidden_size, cfg.intermediate_size
     xd = torch.randn(1, W, D, device=policy.device, dtype=policy.dtype)
     xi = torch.randn(1, W, I, device=policy.device, dtype=policy.dtype)
+    if skinny:
+        from evaluator.twin_triton import launch
+
+        xd, x2i = xd[0], torch.randn(W, 2 * I, device=policy.device, dtype=policy.dtype)
 
     def run():
         for layer in policy.model.layers:
+            if skinny:
+                launch(xd, layer.wqkv)
+                launch(xd, layer.wo, xd)
+                launch(xd, layer.wgu)
+                launch(x2i, layer.wdown, xd, True)
+                continue
             F.linear(xd, layer.wqkv)
             F.linear(xd, layer.wo)
             F.linear(xd, layer.wgu)
@@ -340,14 +358,27 @@ def bench_prefix(
     # function compiled by torch.compile (fused elementwise work) and replayed from CUDA graphs.
     # "_sliced": single-block passes attend to the filled part of the cache without a mask (one graph
     # per block index) instead of masking the whole preallocated cache.
+    # "_skinny": the weight products as Triton kernels that stream each weight once, with the residual
+    # adds and SwiGLU fused in (evaluator/twin_triton.py).
     compiled = ["compiled_graphs", "compiled_graphs_math_attn"] if cfg.compile else []
     if cfg.compile and cfg.sliced:
         compiled += ["compiled_graphs_sliced", "compiled_graphs_math_attn_sliced"]
+    if cfg.compile and cfg.sliced and cfg.skinny and graphs_ok:
+        compiled += ["compiled_graphs_sliced_skinny"]
     modes = ["eager"] + (["graphs"] + compiled if graphs_ok else [])
+    if cfg.modes:
+        unknown = sorted(set(cfg.modes) - set(modes))
+        if unknown:
+            raise ValueError(f"unknown or disabled modes {unknown}; available: {modes}")
+        modes = [m for m in modes if m in cfg.modes]
+    if any(m.endswith("_skinny") for m in modes):
+        res["skinny_check"] = check_skinny(policy)
     for mode in modes:
         if mode.startswith("compiled"):
-            policy.model.compile_layers(math_attention="math_attn" in mode)
-        policy.sliced_attention = mode.endswith("_sliced")
+            policy.model.compile_layers(math_attention="math_attn" in mode, skinny=mode.endswith("_skinny"))
+        else:
+            policy.model.use_skinny(False)
+        policy.sliced_attention = "_sliced" in mode
         policy.reset_graphs()
         policy.cuda_graphs = mode != "eager"
         t0 = time.perf_counter()
@@ -373,7 +404,46 @@ def bench_prefix(
     res["modes"] = modes
     if graphs_ok:
         res["gemm_only_block_ms"] = gemm_only_ms(policy, cfg.pass_reps)
+        if "skinny_check" in res:
+            res["skinny_only_block_ms"] = gemm_only_ms(policy, cfg.pass_reps, skinny=True)
+            from evaluator.twin_triton import best_configs
+
+            res["skinny_configs"] = best_configs()
+        for key in ("gemm_only_block_ms", "skinny_only_block_ms"):
+            if key in res:
+                res[key]["x_floor_weights"] = res[key]["median_ms"] / res["floor_weights_only_ms"]
+                log.info("%s: %.3f ms (%.2fx the weights' floor)", key, res[key]["median_ms"],
+                         res[key]["x_floor_weights"])  # fmt: skip
     return res
+
+
+@torch.no_grad()
+def check_skinny(policy: TwinPolicy) -> dict[str, float]:
+    """The Triton products against F.linear on the twin's real shapes (bf16): largest relative error."""
+    from evaluator.twin_triton import launch, reference
+
+    cfg, layer = policy.cfg, policy.model.layers[0]
+    W, D, I = cfg.block_width, cfg.hidden_size, cfg.intermediate_size
+    gen = torch.Generator(device=policy.device).manual_seed(0)
+
+    def rnd(*shape):
+        return torch.randn(*shape, device=policy.device, generator=gen).to(policy.dtype)
+
+    out = {}
+    for name, x, w, r, sw in [
+        ("qkv", rnd(W, D), layer.wqkv, None, False),
+        ("o_residual", rnd(W, D), layer.wo, rnd(W, D), False),
+        ("gate_up", rnd(W, D), layer.wgu, None, False),
+        ("down_swiglu_residual", rnd(W, 2 * I), layer.wdown, rnd(W, D), True),
+        ("verify_rows64", rnd(64, D), layer.wqkv, None, False),
+    ]:
+        ref = reference(x, w, r, sw).float()
+        err = ((launch(x, w, r, sw).float() - ref).abs().max() / ref.abs().max()).item()
+        out[name] = err
+        if err > 2e-2:
+            raise RuntimeError(f"skinny product {name}: relative error {err:.3g} against F.linear")
+    log.info("skinny products match F.linear: %s", {k: f"{v:.1e}" for k, v in out.items()})
+    return out
 
 
 # ------------------------------------------------------------------------------------------ speedup

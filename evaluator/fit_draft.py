@@ -333,28 +333,34 @@ def fit(cfg: FitDraftConfig) -> dict[str, Any]:
     h_tr, y_tr, h_va, y_va = hidden[~is_val], y[~is_val], hidden[is_val], y[is_val]
     s_tr = soft[~is_val] if soft is not None else None  # [N_tr, K, T*H, G]
     h_demo_va, y_demo_va, n_streamed = h_va, y_va, 0
+    h_all_va = y_all_va = None
     if cfg.archives:  # on-policy pairs streamed by the producer: train on them, validate on their held-out
-        from trainer.archive import archive_meta, load_split
+        from trainer.archive import archive_meta, load_keyed
 
         for a in cfg.archives:
             if archive_meta(a).get("backbone_id") != policy.backbone_id:
                 raise ValueError(
                     f"archive {a} holds {archive_meta(a).get('backbone_id')}, not {policy.backbone_id}"
                 )
-        ha_tr, ca_tr, _ = load_split(cfg.archives, "train")
-        ha_va, ca_va, keys_va = load_split(cfg.archives, "valid")
-        if len(ha_va) == 0:
+        # Trajectories are keyed by (task, initial state) across archives: one held out anywhere is held
+        # out everywhere. Validation: the held-out acting queries (what RSD sees at run time); their
+        # observing queries (producer --sample-every) are tracked beside them.
+        sp = load_keyed(cfg.archives)
+        if len(sp.valid_hidden) == 0:
             raise ValueError(f"archives {cfg.archives} hold no held-out episodes")
-        n_streamed = len(ha_tr)
+        if len(sp.valid_all_hidden) > len(sp.valid_hidden):
+            h_all_va, y_all_va = sp.valid_all_hidden, targets_from_codes(sp.valid_all_codes, K)
+        n_streamed = len(sp.train_hidden)
         if n_streamed:
-            ya_tr = targets_from_codes(ca_tr, K)
-            h_tr, y_tr = np.concatenate([h_tr, ha_tr]), np.concatenate([y_tr, ya_tr])
+            ya_tr = targets_from_codes(sp.train_codes, K)
+            h_tr, y_tr = np.concatenate([h_tr, sp.train_hidden]), np.concatenate([y_tr, ya_tr])
             if s_tr is not None:  # streamed pairs carry codes only: their soft targets are one-hot
                 onehot = np.eye(shape.grid_size, dtype=s_tr.dtype)[ya_tr]  # [n, K, T*H, G]
                 s_tr = np.concatenate([s_tr, onehot])
-        h_va, y_va = ha_va, targets_from_codes(ca_va, K)
-        log.info("streamed pairs: %d train, %d held-out (%d episodes, the validation set)",
-                 n_streamed, len(ha_va), len(keys_va))  # fmt: skip
+        h_va, y_va = sp.valid_hidden, targets_from_codes(sp.valid_codes, K)
+        log.info("streamed pairs: %d train (%d trajectories), %d held-out acting queries (%d trajectories, "
+                 "the validation set), %d duplicate episodes merged",
+                 n_streamed, sp.train_episodes, len(h_va), sp.valid_episodes, sp.dropped_duplicates)  # fmt: skip
     log.info(
         "pairs: %d train (%d demonstration frames x %d views + %d streamed); validation: %d %s; "
         "extraction %.0f s on %s",
@@ -398,6 +404,8 @@ def fit(cfg: FitDraftConfig) -> dict[str, Any]:
                         "val_acc_per_layer": res.acc_per_layer})  # fmt: skip
         if cfg.archives:  # the held-out demonstrations too, for comparison with demonstration-only fits
             history[-1]["demo_val_acc_per_layer"] = learner.validate(h_demo_va, y_demo_va).acc_per_layer
+        if h_all_va is not None:
+            history[-1]["val_all_queries_acc_per_layer"] = learner.validate(h_all_va, y_all_va).acc_per_layer
         if res.accuracy > best:
             best, best_res = res.accuracy, res
             learner.best_val = best

@@ -166,17 +166,26 @@ def layer_step(
     num_heads: int,
     math_attention: bool = False,
     kv_len: int | None = None,
+    skinny: bool = False,
 ) -> torch.Tensor:
     """One Llama decoder layer (a free function, so that one compiled graph serves all layers).
 
     ``kv_len`` (with ``mask`` None): attend to cache slots 0..kv_len-1 without a mask. Exact for one
     block whose last slot is kv_len - 1 (it sees the prefix, the earlier blocks and itself in full),
     and lets scaled_dot_product_attention take its mask-free kernels.
+
+    ``skinny``: the four weight products run as ``torch.ops.rsd_twin.skinny_linear``
+    (evaluator/twin_triton.py: one Triton kernel per product that streams the weight once, with the
+    residual adds and the SwiGLU fused into it); needs ``import evaluator.twin_triton`` first.
     """
     B, N, D = x.shape
     hd = D // num_heads
     h = rms_norm(x, input_norm, eps)
-    qkv = F.linear(h, wqkv).view(B, N, 3, num_heads, hd)  # [B, N, 3, nh, hd]
+    if skinny:
+        qkv = torch.ops.rsd_twin.skinny_linear(h.view(B * N, D), wqkv, None, False)  # [B*N, 3D]
+    else:
+        qkv = F.linear(h, wqkv)  # [B, N, 3D]
+    qkv = qkv.view(B, N, 3, num_heads, hd)  # [B, N, 3, nh, hd]
     qk = qkv[:, :, :2]  # [B, N, 2, nh, hd]: rotary on q and k together
     qk = qk * cos[:, None, None, :] + rotate_half(qk) * sin[:, None, None, :]
     q, k = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2)  # [B, nh, N, hd]
@@ -192,7 +201,13 @@ def layer_step(
         attn = torch.matmul(scores.float().softmax(-1).to(q.dtype), v_cache)  # [B, nh, N, hd]
     else:
         attn = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask)  # [B, nh, N, hd]
-    x = x + F.linear(attn.transpose(1, 2).reshape(B, N, D), wo)
+    attn = attn.transpose(1, 2).reshape(B, N, D)
+    if skinny:  # residual adds and SwiGLU inside the product kernels
+        op = torch.ops.rsd_twin.skinny_linear
+        x = op(attn.view(B * N, D), wo, x.view(B * N, D), False)  # [B*N, D]
+        gu = op(rms_norm(x, post_norm, eps), wgu, None, False)  # [B*N, 2I]
+        return op(gu, wdown, x, True).view(B, N, D)
+    x = x + F.linear(attn, wo)
     h = rms_norm(x, post_norm, eps)
     gate, up = F.linear(h, wgu).chunk(2, dim=-1)  # [B, N, I] each
     return x + F.linear(F.silu(gate) * up, wdown)
@@ -241,16 +256,25 @@ class TwinModel(nn.Module):
         self.register_buffer("h_index", torch.arange(s.action_hidden_dim), persistent=False)
         self.layer_fn = layer_step
         self.math_attention = False
+        self.skinny = False
 
-    def compile_layers(self, math_attention: bool = False) -> None:
+    def compile_layers(self, math_attention: bool = False, skinny: bool = False) -> None:
         """Compile the layer function (torch.compile, dynamic N) to fuse its elementwise work.
 
         ``math_attention`` spells attention as two matrix products and a softmax instead of
-        scaled_dot_product_attention (whichever measures faster).
+        scaled_dot_product_attention (whichever measures faster). ``skinny``: the weight products
+        as the Triton kernels of evaluator/twin_triton.py (see :func:`layer_step`).
         """
         torch._dynamo.reset()  # a fresh cache for layer_step (earlier variants would count as recompiles)
         self.layer_fn = torch.compile(layer_step, dynamic=True, fullgraph=True)
         self.math_attention = math_attention
+        self.use_skinny(skinny)
+
+    def use_skinny(self, on: bool = True) -> None:
+        """Run the weight products through the Triton kernels (imports evaluator.twin_triton)."""
+        if on:
+            import evaluator.twin_triton  # noqa: F401  (registers torch.ops.rsd_twin.skinny_linear)
+        self.skinny = on
 
     @torch.no_grad()
     def reset_parameters(self, std: float = 0.02) -> None:
@@ -353,6 +377,7 @@ class TwinModel(nn.Module):
                 nh,
                 self.math_attention,
                 kv_len,
+                self.skinny,
             )
         return rms_norm(x, self.final_norm, self.cfg.rms_eps)
 

@@ -5,7 +5,9 @@
 
 Per episode: reset the task at a fixed initial state, query the policy, execute ``replan`` actions of the
 chunk open-loop (cameras are rendered only for the observation of the next query), repeat until success
-or the step limit. Every query becomes one ``sample`` message (hidden state, codes, action chunk, ids,
+or the step limit. With ``--sample-every N`` the policy is also queried every N steps in between, on
+the states the executed chunk passes through, for training data only (these queries' actions are not
+executed; the acting queries stay those at multiples of ``replan``). Every query becomes one ``sample`` message (hidden state, codes, action chunk, ids,
 optionally the observation); the episode ends with ``episode_end`` (success / failed / errored).
 A simulator or policy exception ends the episode as ``errored`` and the producer goes on.
 
@@ -36,6 +38,7 @@ from common import wire
 from common.cli import config_to_dict, parse_config
 from common.logs import setup_logging
 from common.policy import ChunkPolicy, Observation
+from common.schedule import episode_schedule
 from common.vla.openvla_oft import OpenVLAOFTUnavailable
 from producer.sender import ReliableSender, TrainerRefused
 
@@ -89,6 +92,14 @@ class ProducerConfig:
         default=None,
         metadata={"help": "camera image size (none: 128 for the embedded VLA, 256 for OpenVLA-OFT)"},
     )
+    sample_every: int = field(
+        default=0,
+        metadata={
+            "help": "also stream a sample every N env steps between replans: a policy query on the current "
+            "observation whose actions are not executed (0: only the acting queries). More on-policy "
+            "training states per simulated step; the executed actions are unchanged"
+        },
+    )
     send_obs: bool = field(default=False, metadata={"help": "also stream the observation (images, proprio)"})
     hidden_dtype: str = field(
         default="float32",
@@ -117,6 +128,8 @@ class ProducerConfig:
             raise ValueError(f"episodes_per_task must be > 0, got {self.episodes_per_task}")
         if self.replan <= 0:
             raise ValueError(f"replan must be > 0, got {self.replan}")
+        if self.sample_every < 0:
+            raise ValueError(f"sample_every must be >= 0, got {self.sample_every}")
         if self.max_steps is not None and self.max_steps <= 0:
             raise ValueError(f"max_steps must be > 0, got {self.max_steps}")
         if self.sndhwm <= 0 or self.max_unacked <= 0:
@@ -217,14 +230,20 @@ class Producer:
                 chunk = np.asarray(out.actions, np.float32)  # [T, A]
                 n_exec = min(self.cfg.replan, len(chunk))
                 done, info = False, {"success": False}
+                every = self.cfg.sample_every
                 for i in range(n_exec):
                     last = i == n_exec - 1
-                    obs_next, _, done, info = env.step(chunk[i], observe=last)
+                    extra = not last and every > 0 and (step + 1) % every == 0
+                    obs_next, _, done, info = env.step(chunk[i], observe=last or extra)
                     step += 1
                     if done:
                         break
                     if last:
                         obs = obs_next
+                    elif extra:  # an observing query: streamed for training, its actions not executed
+                        seen = self.policy.act([obs_next])[0]
+                        self.sender.send_data(self._sample(episode, task_id, step, seen, obs_next))
+                        n_samples += 1
                 if done:
                     return EpisodeResult("success" if info["success"] else "failed", n_samples, step)
             return EpisodeResult("incomplete", n_samples, step, "producer stopped")
@@ -249,7 +268,7 @@ class Producer:
         self.policy = build_policy(cfg)
         log.info("policy %s (D=%d) on %s", self.policy.backbone_id, self.policy.hidden_dim, cfg.device)
         self.sender = ReliableSender(cfg, self.stop)
-        schedule = [(t, cfg.first_init_state + k) for t in cfg.tasks for k in range(cfg.episodes_per_task)]
+        schedule = [episode_schedule(cfg, e) for e in range(len(cfg.tasks) * cfg.episodes_per_task)]
         env: LiberoEnv | None = None
         env_task = None
         hello_sent = False
@@ -260,9 +279,7 @@ class Producer:
             while not self.stop.is_set():
                 if episode >= len(schedule) and not cfg.repeat:
                     break
-                task_id, init_state = schedule[episode % len(schedule)]
-                # with --repeat, every pass over the tasks moves on to the next initial states
-                init_state = (init_state + (episode // len(schedule)) * cfg.episodes_per_task) % 50
+                task_id, init_state = episode_schedule(cfg, episode)
                 if env is None or env_task != task_id:
                     if env is not None:
                         env.close()

@@ -289,3 +289,65 @@ def test_fit_draft_trains_on_streamed_archives_and_validates_on_their_held_out_e
     write_archive(tmp_path / "b.hdf5", "embedded-vla@another")
     with pytest.raises(ValueError, match="holds embedded-vla@another"):
         main([*args, "--archives", str(tmp_path / "b.hdf5")])
+
+
+def test_fit_draft_keys_trajectories_across_archives(tmp_path):
+    """Archives of one policy share trajectories (deterministic sim and policy): a trajectory held out in
+    one archive is never trained on from another, the copy with the most queries is used, and the
+    validation set holds the acting queries only (observing queries of --sample-every tracked aside)."""
+    import time
+
+    from evaluator.eval import load_eval_policy
+    from evaluator.fit_draft import main
+    from trainer.archive import ArchiveWriter, EpisodeRecord, load_keyed
+
+    _write_demos(tmp_path / "d.hdf5", (4, 3, 5))
+    policy = load_eval_policy("embedded")
+    rng = np.random.default_rng(0)
+
+    def write_archive(path, pid, sample_every, episodes):
+        w = ArchiveWriter(path, policy.shape)
+        cfg = {
+            "tasks": [0],
+            "episodes_per_task": 3,
+            "first_init_state": 5,
+            "replan": 8,
+            "sample_every": sample_every,
+        }
+        w.set_provenance(backbone_id=policy.backbone_id, hidden_dim=policy.hidden_dim, codec_sha256="",
+                         producer_id=pid, producer_config=json.dumps({"producer": cfg}))  # fmt: skip
+        for i, split, steps in episodes:
+            ep = EpisodeRecord(pid, "s0", "libero_spatial", 0, i, split, status="success", num_steps=16)
+            for j, step in enumerate(steps):
+                ep.hidden.append(rng.standard_normal(policy.hidden_dim).astype(np.float32))
+                ep.codes.append(rng.integers(0, 7, policy.shape.codes_shape, dtype=np.uint8))
+                ep.actions.append(np.zeros(policy.shape.chunk_shape, np.float32))
+                ep.steps.append(step)
+                ep.seqs.append(10 * i + j)
+                ep.sent_at.append(time.time())
+                ep.received_at.append(time.time())
+            ep.end_seq = 10 * i + len(steps)
+            w.write_episode(ep)
+        del w
+
+    # archive a (acting queries only): init states 5 (train), 6 (held out), 7 (train)
+    write_archive(
+        tmp_path / "a.hdf5",
+        "p0",
+        0,
+        [(0, "train", [0, 8, 16]), (1, "valid", [0, 8]), (2, "train", [0, 8, 16, 24])],
+    )
+    # archive b (observing queries every 4 steps) streamed init 6 as a training episode and init 7 denser
+    write_archive(
+        tmp_path / "b.hdf5", "p1", 4, [(1, "train", [0, 4, 8, 12]), (2, "train", [0, 4, 8, 12, 16, 20])]
+    )
+    sp = load_keyed([tmp_path / "a.hdf5", tmp_path / "b.hdf5"])
+    assert (sp.train_episodes, sp.valid_episodes, sp.dropped_duplicates) == (2, 1, 2)
+    assert len(sp.train_hidden) == 3 + 6  # init 5 from a, the denser init 7 from b; init 6 never trained on
+    assert len(sp.valid_hidden) == 2 and len(sp.valid_all_hidden) == 4  # b's copy: steps 0, 8 act
+    out = tmp_path / "draft.pt"
+    main(["--demos", str(tmp_path / "d.hdf5"), "--out", str(out), "--epochs", "1", "--batch-size", "4",
+          "--draft-hidden-dim", "32", "--archives", str(tmp_path / "a.hdf5"), str(tmp_path / "b.hdf5")])  # fmt: skip
+    summary = json.loads(out.with_suffix(".json").read_text())
+    assert summary["streamed_train_pairs"] == 9 and summary["valid_frames"] == 2
+    assert len(summary["history"][0]["val_all_queries_acc_per_layer"]) == 3

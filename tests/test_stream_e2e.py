@@ -26,7 +26,7 @@ from tests.stream_helpers import (
     spawn,
     start_trainer,
 )
-from trainer.archive import episode_attrs, iter_episodes
+from trainer.archive import archive_meta, episode_attrs, iter_episodes, load_split
 
 pytestmark = pytest.mark.sim
 
@@ -40,7 +40,11 @@ def test_two_producers_one_trainer(tmp_path):
     )
     p1 = p2 = None
     try:
-        p1 = spawn("producer.produce", producer_args(endpoint, "p1", 0, 2, 16), tmp_path / "p1.log")
+        p1 = spawn(  # p1 also streams observing queries between its replans
+            "producer.produce",
+            producer_args(endpoint, "p1", 0, 2, 16, "--sample-every", "2"),
+            tmp_path / "p1.log",
+        )
         p2 = spawn(
             "producer.produce",
             producer_args(endpoint, "p2", 1, 2, 16, "--test-raise-in-episode", "0"),
@@ -80,6 +84,20 @@ def test_two_producers_one_trainer(tmp_path):
         assert np.isfinite(ep.hidden).all()
     for pid, s in sums.items():
         assert len(seen[pid]) == s["samples_sent"] == len(set(seen[pid]))
+    # p1's observing queries: every 2nd step between the acting queries at multiples of replan = 8
+    producers = json.loads(archive_meta(archive)["producers"])
+    n_acting = 0
+    for ep in iter_episodes(archive):
+        if ep.attrs["producer_id"] == "p1":
+            assert (ep.steps % 2 == 0).all() and (np.diff(ep.steps) == 2).all() and len(ep.steps) > 2
+            assert (ep.acting(producers) == (ep.steps % 8 == 0)).all() and not ep.acting(producers).all()
+            n_acting += int((ep.steps % 8 == 0).sum())
+        else:
+            assert ep.acting(producers).all() and (ep.steps % 8 == 0).all()
+            n_acting += len(ep.steps)
+    assert sum(
+        len(h) for h in [load_split([archive], sp, acting_only=True)[0] for sp in ("train", "valid")]
+    ) == (n_acting)
     assert statuses["p2"][0] == "errored" and statuses["p2"][1] in ("success", "failed")
     assert {a["split"] for a in episode_attrs(archive)} == {"train", "valid"}
 

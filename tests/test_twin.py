@@ -156,3 +156,45 @@ def test_sliced_attention_equals_masked_attention(math_attention):
     with pytest.raises(ValueError, match="single-block"):
         sliced.model(torch.zeros(1, 2 * cfg.block_width, cfg.hidden_size), torch.tensor(0), sliced.k_cache,
                      sliced.v_cache, kv_len=cfg.prefix_len)  # fmt: skip
+
+
+def test_skinny_triton_products_equal_linear():
+    """The Triton skinny-product kernels (fused residual and SwiGLU) give F.linear's results, alone and
+    inside full twin passes: Triton's interpreter on the CPU, in a fresh process (the interpreter is
+    chosen when triton is first imported). Skipped where Triton is not installed."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    code = "from tests.test_twin import skinny_checks; skinny_checks()"
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "skinny ok" in res.stdout
+
+
+def skinny_checks() -> None:
+    from evaluator.twin_triton import launch, reference
+
+    torch.manual_seed(0)
+    for rows, n, k, residual, swiglu in [(8, 96, 64, False, False), (8, 64, 200, True, False),
+                                         (5, 64, 128, True, True), (33, 48, 64, False, False),
+                                         (70, 32, 64, True, True)]:  # fmt: skip
+        x = torch.randn(rows, 2 * k if swiglu else k)
+        w, r = torch.randn(n, k) / 8, torch.randn(rows, n) if residual else None
+        assert torch.allclose(launch(x, w, r, swiglu), reference(x, w, r, swiglu), atol=1e-4)
+    with pytest.raises(ValueError, match="columns"):
+        launch(torch.zeros(8, 10), torch.zeros(4, 12))
+    cfg = tiny_config()
+    plain, skinny = TwinPolicy(cfg, seed=3), TwinPolicy(cfg, seed=3, sliced_attention=True)
+    skinny.model.use_skinny()
+    embeds = torch.randn(1, cfg.prefix_len, cfg.hidden_size)
+    outs = []
+    for p in (plain, skinny):
+        state = p.prefix_from_embeds(embeds)
+        first = p.decode_block(state, None)
+        outs.append((state.hidden, first, p.decode_block(state, first.argmax(-1))))
+    for a, b in zip(*outs):
+        assert torch.allclose(a, b, atol=1e-4)
+    print("skinny ok")

@@ -244,6 +244,37 @@ class ArchiveEpisode:
     codes: np.ndarray  # [n, T, H, L] uint8
     actions: np.ndarray  # [n, T, A] float32
     seqs: np.ndarray  # [n] int64
+    steps: np.ndarray | None = None  # [n] int32 env step of each query (None in archives without it)
+
+    def init_key(self, producers: dict[str, Any]) -> tuple[str, int, int] | None:
+        """(suite, task, initial state) of this episode from its producer's recorded schedule, or None.
+
+        The simulator and the policy are deterministic: one key is one trajectory, whichever producer or
+        archive ran it (used to keep held-out episodes out of training across archives)."""
+        from common.schedule import episode_schedule
+
+        cfg = producers.get(str(self.attrs.get("producer_id", "")), {})
+        cfg = cfg.get("producer", cfg) if isinstance(cfg, dict) else {}
+        try:
+            task, init = episode_schedule(cfg, int(self.attrs["episode_id"]))
+        except (KeyError, TypeError, ValueError, IndexError, ZeroDivisionError):
+            return None
+        if task != int(self.attrs.get("task_id", -1)):
+            return None  # the recorded schedule does not describe this episode
+        return str(self.attrs.get("suite", "")), task, init
+
+    def acting(self, producers: dict[str, Any]) -> np.ndarray:
+        """[n] bool: the queries whose actions were executed (step a multiple of the producer's replan).
+
+        All queries, unless the producer streamed observing queries in between (``--sample-every``)."""
+        cfg = producers.get(str(self.attrs.get("producer_id", "")), {})
+        cfg = (
+            cfg.get("producer", cfg) if isinstance(cfg, dict) else {}
+        )  # the hello's {"producer": …, "env_args": …}
+        n = len(self.hidden)
+        if not isinstance(cfg, dict) or not cfg.get("sample_every") or self.steps is None:
+            return np.ones(n, bool)
+        return self.steps % int(cfg.get("replan", 8)) == 0
 
 
 def _attr(value: Any) -> Any:
@@ -301,6 +332,7 @@ def iter_episodes(path: str | Path, split: str | None = None) -> Iterator[Archiv
             codes=g["codes"][()],
             actions=g["actions"][()],
             seqs=g["seqs"][()],
+            steps=g["steps"][()] if "steps" in g else None,
         )
 
     for name in _read_retrying(Path(path), list_names):
@@ -311,16 +343,91 @@ def archive_meta(path: str | Path) -> dict[str, Any]:
     return _read_retrying(Path(path), lambda f: {k: _attr(v) for k, v in f["data"].attrs.items()})
 
 
-def load_split(paths: Sequence[str | Path], split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Stack one split of several archives: hidden [N, D] float32, codes [N, T, H, L] uint8, episode keys."""
+@dataclass
+class StreamedPairs:
+    """Training and held-out pairs of several archives of one policy, split by trajectory (see load_keyed)."""
+
+    train_hidden: np.ndarray  # [N, D] float32: every query of the training trajectories
+    train_codes: np.ndarray  # [N, T, H, L] uint8
+    valid_hidden: np.ndarray  # [M, D]: the acting queries of the held-out trajectories
+    valid_codes: np.ndarray
+    valid_all_hidden: np.ndarray  # [M', D]: all queries (acting and observing) of the held-out trajectories
+    valid_all_codes: np.ndarray
+    train_episodes: int
+    valid_episodes: int
+    dropped_duplicates: int  # episodes left out because another copy of the trajectory was used
+
+
+def load_keyed(paths: Sequence[str | Path]) -> StreamedPairs:
+    """Train/valid pairs of several archives with trajectories identified across archives.
+
+    Episodes are keyed by (suite, task, initial state) (:meth:`ArchiveEpisode.init_key`; episodes
+    without a key stay distinct). A trajectory held out in any archive is held out everywhere: none of
+    its copies is trained on. Of several copies of a trajectory the one with the most samples is used
+    (a producer with ``--sample-every`` streams the same trajectory with more queries).
+    """
+    best: dict[Any, tuple[ArchiveEpisode, np.ndarray]] = {}  # key -> (episode, acting mask)
+    held_out: set[Any] = set()
+    dropped = 0
+    for p in paths:
+        producers = json.loads(archive_meta(p).get("producers", "{}"))
+        masks = _read_retrying(
+            Path(p), lambda f: {sp: {_attr(x) for x in f["mask"][sp][()]} for sp in SPLITS}
+        )
+        for ep in iter_episodes(p):
+            if ep.attrs["num_samples"] == 0:
+                continue
+            key = ep.init_key(producers) or (str(p), ep.name)
+            split = "valid" if ep.name in masks["valid"] else "train"
+            if split == "valid":
+                held_out.add(key)
+            if key in best:
+                dropped += 1
+                if len(ep.hidden) <= len(best[key][0].hidden):
+                    continue
+            best[key] = (ep, ep.acting(producers))
+    tr_h, tr_c, va_h, va_c, vx_h, vx_c = [], [], [], [], [], []
+    for key, (ep, acting) in best.items():
+        if key in held_out:
+            va_h.append(ep.hidden[acting])
+            va_c.append(ep.codes[acting])
+            vx_h.append(ep.hidden)
+            vx_c.append(ep.codes)
+        else:
+            tr_h.append(ep.hidden)
+            tr_c.append(ep.codes)
+
+    def stack(parts: list[np.ndarray], like: np.ndarray | None) -> np.ndarray:
+        return (
+            np.concatenate(parts) if parts else np.zeros((0,) + (like.shape[1:] if like is not None else ()))
+        )
+
+    first = next(iter(best.values()))[0] if best else None
+    return StreamedPairs(
+        stack(tr_h, first and first.hidden), stack(tr_c, first and first.codes),
+        stack(va_h, first and first.hidden), stack(va_c, first and first.codes),
+        stack(vx_h, first and first.hidden), stack(vx_c, first and first.codes),
+        len(tr_h), len(va_h), dropped,
+    )  # fmt: skip
+
+
+def load_split(
+    paths: Sequence[str | Path], split: str, acting_only: bool = False
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Stack one split of several archives: hidden [N, D] float32, codes [N, T, H, L] uint8, episode keys.
+
+    acting_only: only the queries whose actions were executed (see :meth:`ArchiveEpisode.acting`).
+    """
     hiddens, codes, keys = [], [], []
     dims = set()
     for p in paths:
+        producers = json.loads(archive_meta(p).get("producers", "{}")) if acting_only else {}
         for ep in iter_episodes(p, split):
             if ep.attrs["num_samples"] == 0:
                 continue
-            hiddens.append(ep.hidden)
-            codes.append(ep.codes)
+            keep = ep.acting(producers) if acting_only else slice(None)
+            hiddens.append(ep.hidden[keep])
+            codes.append(ep.codes[keep])
             dims.add(ep.hidden.shape[1])
             keys.append(f"{Path(p).name}:{ep.name}")
     if len(dims) > 1:
