@@ -82,6 +82,10 @@ class BenchGPUConfig:
         default=True,
         metadata={"help": "also measure the Triton skinny-product kernels (evaluator/twin_triton.py)"},
     )
+    skinny_wide: bool = field(
+        default=True,
+        metadata={"help": "tune the skinny products over the wide block-shape space (else a small one)"},
+    )
     modes: list[str] | None = field(
         default=None, metadata={"help": "measure only these modes (default: every mode enabled)"}
     )
@@ -372,6 +376,9 @@ def bench_prefix(
             raise ValueError(f"unknown or disabled modes {unknown}; available: {modes}")
         modes = [m for m in modes if m in cfg.modes]
     if any(m.endswith("_skinny") for m in modes):
+        import evaluator.twin_triton as twin_triton
+
+        twin_triton.WIDE_SEARCH = cfg.skinny_wide
         res["skinny_check"] = check_skinny(policy)
     for mode in modes:
         if mode.startswith("compiled"):
@@ -435,7 +442,7 @@ def check_skinny(policy: TwinPolicy) -> dict[str, float]:
         ("o_residual", rnd(W, D), layer.wo, rnd(W, D), False),
         ("gate_up", rnd(W, D), layer.wgu, None, False),
         ("down_swiglu_residual", rnd(W, 2 * I), layer.wdown, rnd(W, D), True),
-        ("verify_rows64", rnd(64, D), layer.wqkv, None, False),
+        ("verify_rows64_cublas", rnd(64, D), layer.wqkv, None, False),
     ]:
         ref = reference(x, w, r, sw).float()
         err = ((launch(x, w, r, sw).float() - ref).abs().max() / ref.abs().max()).item()
@@ -530,6 +537,12 @@ def render_markdown(results: dict[str, Any]) -> str:
             lines += [
                 "",
                 f"The 128 matrix products of one block pass alone (CUDA graph): {g:.2f} ms ({g / res['floor_ms']:.2f}× floor).",
+            ]
+        if "skinny_only_block_ms" in res:
+            g = res["skinny_only_block_ms"]["median_ms"]
+            lines += [
+                f"The same products as Triton skinny kernels (with the SwiGLU and residual adds fused in): "
+                f"{g:.2f} ms ({g / res['floor_ms']:.2f}× floor).",
             ]
         d = res["draft"]
         lines += [

@@ -136,6 +136,9 @@ def tiny_config(**overrides) -> TwinConfig:
 
 
 # ------------------------------------------------------------------------------------------ model
+SKINNY_MAX_ROWS = 8  # rows up to which layer_step(skinny=True) uses the Triton products (block passes)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Llama RMSNorm (computed in float32, as transformers does). x [..., D]."""
     xf = x.float()
@@ -174,12 +177,16 @@ def layer_step(
     block whose last slot is kv_len - 1 (it sees the prefix, the earlier blocks and itself in full),
     and lets scaled_dot_product_attention take its mask-free kernels.
 
-    ``skinny``: the four weight products run as ``torch.ops.rsd_twin.skinny_linear``
+    ``skinny``: in passes of at most SKINNY_MAX_ROWS rows (block passes), the four weight products run
+    as ``torch.ops.rsd_twin.skinny_linear``
     (evaluator/twin_triton.py: one Triton kernel per product that streams the weight once, with the
     residual adds and the SwiGLU fused into it); needs ``import evaluator.twin_triton`` first.
     """
     B, N, D = x.shape
     hd = D // num_heads
+    skinny = (
+        skinny and B * N <= SKINNY_MAX_ROWS
+    )  # wider passes (verify, prefix): cuBLAS, fused by the compiler
     h = rms_norm(x, input_norm, eps)
     if skinny:
         qkv = torch.ops.rsd_twin.skinny_linear(h.view(B * N, D), wqkv, None, False)  # [B*N, 3D]

@@ -179,7 +179,7 @@ def skinny_checks() -> None:
 
     torch.manual_seed(0)
     for rows, n, k, residual, swiglu in [(8, 96, 64, False, False), (8, 64, 200, True, False),
-                                         (5, 64, 128, True, True), (33, 48, 64, False, False),
+                                         (5, 64, 128, True, True), (16, 48, 64, False, False), (33, 48, 64, False, False),
                                          (70, 32, 64, True, True)]:  # fmt: skip
         x = torch.randn(rows, 2 * k if swiglu else k)
         w, r = torch.randn(n, k) / 8, torch.randn(rows, n) if residual else None
