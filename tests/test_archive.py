@@ -152,3 +152,13 @@ def test_refuses_wrong_shape(tmp_path):
 
     with pytest.raises(RuntimeError, match="shape"):
         ArchiveWriter(path, RFSQShape(num_layers=6))
+
+
+def test_episode_schedule_names_task_and_initial_state():
+    """The producer's schedule, as recorded in archives: task-major, --repeat moves to the next states."""
+    from common.schedule import episode_schedule
+
+    cfg = {"tasks": [3, 7], "episodes_per_task": 2, "first_init_state": 5}
+    got = [episode_schedule(cfg, e) for e in range(8)]
+    assert got == [(3, 5), (3, 6), (7, 5), (7, 6), (3, 7), (3, 8), (7, 7), (7, 8)]
+    assert episode_schedule({**cfg, "first_init_state": 48}, 4) == (3, 0)  # wraps at the suite's 50
