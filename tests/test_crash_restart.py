@@ -43,18 +43,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_open_episode(log, proc, timeout: float = 120) -> int:
-    """Episode id of p1 that the trainer has started but not archived (polls the trainer log)."""
+def open_episodes(log) -> list[int]:
+    """Episode ids of p1 that the trainer has started but not archived (from the trainer log)."""
+    text = log.read_text()
+    started = [int(e) for e in re.findall(r"episode (\d+) of p1 started", text)]
+    archived = {int(e) for e in re.findall(r"episode (\d+) of p1, \d+ samples", text)}
+    return [e for e in started if e not in archived]
+
+
+def kill_during_open_episode(log, proc, timeout: float = 120) -> int:
+    """SIGKILL the producer while the trainer holds one of its episodes open; returns that episode id.
+
+    The producer is frozen (SIGSTOP) before the log is read, so the episode cannot end between the
+    check and the kill (messages already in flight land during the pause)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        text = log.read_text()
-        started = [int(e) for e in re.findall(r"episode (\d+) of p1 started", text)]
-        archived = {int(e) for e in re.findall(r"episode (\d+) of p1, \d+ samples", text)}
-        open_eps = [e for e in started if e not in archived]
-        if open_eps:
-            return open_eps[-1]
         assert proc.poll() is None, "producer exited before an episode could be interrupted"
-        time.sleep(0.1)
+        os.kill(proc.pid, signal.SIGSTOP)
+        time.sleep(0.5)
+        open_eps = open_episodes(log)
+        if open_eps:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return open_eps[-1]
+        os.kill(proc.pid, signal.SIGCONT)
+        time.sleep(0.3)
     raise AssertionError("no open episode to interrupt")
 
 
@@ -82,9 +95,7 @@ def test_trainer_kill9_restart_and_producer_kill9(tmp_path):
         wait_for(log_p, r"resending hello", producer, timeout=60)
         # 3. kill -9 the producer while an episode is open on the trainer (first sample in, more to come)
         wait_for(log_b, r"hello from p1", producer, timeout=60)
-        killed_episode = wait_open_episode(log_b, producer)
-        os.kill(producer.pid, signal.SIGKILL)
-        producer.wait()
+        killed_episode = kill_during_open_episode(log_b, producer)
         wait_for(
             log_b,
             r"archived demo_\d+: .* episode %d of p1, \d+ samples, incomplete" % killed_episode,
