@@ -334,6 +334,7 @@ def fit(cfg: FitDraftConfig) -> dict[str, Any]:
     s_tr = soft[~is_val] if soft is not None else None  # [N_tr, K, T*H, G]
     h_demo_va, y_demo_va, n_streamed = h_va, y_va, 0
     h_all_va = y_all_va = None
+    per_archive_va: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     if cfg.archives:  # on-policy pairs streamed by the producer: train on them, validate on their held-out
         from trainer.archive import archive_meta, load_keyed
 
@@ -358,6 +359,11 @@ def fit(cfg: FitDraftConfig) -> dict[str, Any]:
                 onehot = np.eye(shape.grid_size, dtype=s_tr.dtype)[ya_tr]  # [n, K, T*H, G]
                 s_tr = np.concatenate([s_tr, onehot])
         h_va, y_va = sp.valid_hidden, targets_from_codes(sp.valid_codes, K)
+        if len(cfg.archives) > 1:  # each archive's own held-out acting queries too (for comparisons)
+            for a in cfg.archives:
+                own = load_keyed([a])
+                if len(own.valid_hidden):
+                    per_archive_va[str(a)] = (own.valid_hidden, targets_from_codes(own.valid_codes, K))
         log.info("streamed pairs: %d train (%d trajectories), %d held-out acting queries (%d trajectories, "
                  "the validation set), %d duplicate episodes merged",
                  n_streamed, sp.train_episodes, len(h_va), sp.valid_episodes, sp.dropped_duplicates)  # fmt: skip
@@ -389,7 +395,7 @@ def fit(cfg: FitDraftConfig) -> dict[str, Any]:
         "streamed_train_pairs": n_streamed,
         "optim": vars(optim),
     }
-    best, best_res, t1 = -1.0, None, time.time()
+    best, best_res, best_epoch, t1 = -1.0, None, 0, time.time()
     history = []
     bar = tqdm(range(cfg.epochs), desc=f"draft K={K}", unit="epoch", dynamic_ncols=True)
     for epoch in bar:
@@ -406,8 +412,12 @@ def fit(cfg: FitDraftConfig) -> dict[str, Any]:
             history[-1]["demo_val_acc_per_layer"] = learner.validate(h_demo_va, y_demo_va).acc_per_layer
         if h_all_va is not None:
             history[-1]["val_all_queries_acc_per_layer"] = learner.validate(h_all_va, y_all_va).acc_per_layer
+        if per_archive_va:
+            history[-1]["val_per_archive_acc_per_layer"] = {
+                a: learner.validate(h, yy).acc_per_layer for a, (h, yy) in per_archive_va.items()
+            }
         if res.accuracy > best:
-            best, best_res = res.accuracy, res
+            best, best_res, best_epoch = res.accuracy, res, epoch + 1
             learner.best_val = best
             learner.save(cfg.out, epoch + 1, res.accuracy, run_config, optimizer_state=not cfg.slim)
         bar.set_postfix(loss=f"{np.mean(losses):.3f}", val_acc=f"{res.accuracy:.3f}")
@@ -416,6 +426,7 @@ def fit(cfg: FitDraftConfig) -> dict[str, Any]:
         "checkpoint": str(cfg.out),
         "device": str(device),
         "best_val_accuracy": best,
+        "best_epoch": best_epoch,
         "val_acc_per_layer": best_res.acc_per_layer,
         "val_layer_exact": best_res.layer_exact,
         "train_pairs": int(len(h_tr)),

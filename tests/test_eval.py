@@ -351,3 +351,5 @@ def test_fit_draft_keys_trajectories_across_archives(tmp_path):
     summary = json.loads(out.with_suffix(".json").read_text())
     assert summary["streamed_train_pairs"] == 9 and summary["valid_frames"] == 2
     assert len(summary["history"][0]["val_all_queries_acc_per_layer"]) == 3
+    per_archive = summary["history"][0]["val_per_archive_acc_per_layer"]
+    assert set(per_archive) == {str(tmp_path / "a.hdf5")}  # b holds nothing out
