@@ -97,7 +97,7 @@ class ProducerConfig:
         metadata={
             "help": "also stream a sample every N env steps between replans: a policy query on the current "
             "observation whose actions are not executed (0: only the acting queries). More on-policy "
-            "training states per simulated step; the executed actions are unchanged"
+            "training states per simulated step; the executed chunks still come from the acting queries"
         },
     )
     send_obs: bool = field(default=False, metadata={"help": "also stream the observation (images, proprio)"})

@@ -249,8 +249,9 @@ class ArchiveEpisode:
     def init_key(self, producers: dict[str, Any]) -> tuple[str, int, int] | None:
         """(suite, task, initial state) of this episode from its producer's recorded schedule, or None.
 
-        The simulator and the policy are deterministic: one key is one trajectory, whichever producer or
-        archive ran it (used to keep held-out episodes out of training across archives)."""
+        The same initial state with the same (deterministic) policy replays the same trajectory, up to
+        float-level drift in the simulator: one key is one trajectory whichever producer or archive
+        ran it (used to keep held-out episodes out of training across archives)."""
         from common.schedule import episode_schedule
 
         cfg = producers.get(str(self.attrs.get("producer_id", "")), {})
