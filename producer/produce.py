@@ -268,16 +268,16 @@ class Producer:
         self.policy = build_policy(cfg)
         log.info("policy %s (D=%d) on %s", self.policy.backbone_id, self.policy.hidden_dim, cfg.device)
         self.sender = ReliableSender(cfg, self.stop)
-        schedule = [episode_schedule(cfg, e) for e in range(len(cfg.tasks) * cfg.episodes_per_task)]
+        per_pass = len(cfg.tasks) * cfg.episodes_per_task  # episodes of one pass over the tasks
         env: LiberoEnv | None = None
         env_task = None
         hello_sent = False
         episode = 0
-        total = None if cfg.repeat else len(schedule)
+        total = None if cfg.repeat else per_pass
         bar = tqdm(total=total, desc=f"produce {cfg.producer_id}", unit="ep", dynamic_ncols=True)
         try:
             while not self.stop.is_set():
-                if episode >= len(schedule) and not cfg.repeat:
+                if episode >= per_pass and not cfg.repeat:
                     break
                 task_id, init_state = episode_schedule(cfg, episode)
                 if env is None or env_task != task_id:

@@ -26,7 +26,7 @@ from tests.stream_helpers import (
     spawn,
     start_trainer,
 )
-from trainer.archive import archive_meta, episode_attrs, iter_episodes, load_split
+from trainer.archive import archive_meta, episode_attrs, iter_episodes, load_keyed
 
 pytestmark = pytest.mark.sim
 
@@ -86,18 +86,25 @@ def test_two_producers_one_trainer(tmp_path):
         assert len(seen[pid]) == s["samples_sent"] == len(set(seen[pid]))
     # p1's observing queries: every 2nd step between the acting queries at multiples of replan = 8
     producers = json.loads(archive_meta(archive)["producers"])
-    n_acting = 0
+    n_valid_acting = n_valid = n_train = 0  # per split: the acting queries held out, all queries
     for ep in iter_episodes(archive):
         if ep.attrs["producer_id"] == "p1":
             assert (ep.steps % 2 == 0).all() and (np.diff(ep.steps) == 2).all() and len(ep.steps) > 2
             assert (ep.acting(producers) == (ep.steps % 8 == 0)).all() and not ep.acting(producers).all()
-            n_acting += int((ep.steps % 8 == 0).sum())
         else:
             assert ep.acting(producers).all() and (ep.steps % 8 == 0).all()
-            n_acting += len(ep.steps)
-    assert sum(
-        len(h) for h in [load_split([archive], sp, acting_only=True)[0] for sp in ("train", "valid")]
-    ) == (n_acting)
+        if ep.attrs["split"] == "valid":
+            n_valid_acting += int((ep.steps % 8 == 0).sum())
+            n_valid += len(ep.steps)
+        else:
+            n_train += len(ep.steps)
+    # keyed loading: every query of the training episodes, the acting queries of the held-out ones
+    sp = load_keyed([archive])
+    assert (len(sp.train_hidden), len(sp.valid_hidden), len(sp.valid_all_hidden)) == (
+        n_train,
+        n_valid_acting,
+        n_valid,
+    )
     assert statuses["p2"][0] == "errored" and statuses["p2"][1] in ("success", "failed")
     assert {a["split"] for a in episode_attrs(archive)} == {"train", "valid"}
 

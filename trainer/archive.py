@@ -246,6 +246,14 @@ class ArchiveEpisode:
     seqs: np.ndarray  # [n] int64
     steps: np.ndarray | None = None  # [n] int32 env step of each query (None in archives without it)
 
+    def producer_config(self, producers: dict[str, Any]) -> dict[str, Any]:
+        """This episode's producer config from an archive's ``producers`` attribute ({} if unknown)."""
+        cfg = producers.get(str(self.attrs.get("producer_id", "")), {})
+        cfg = (
+            cfg.get("producer", cfg) if isinstance(cfg, dict) else {}
+        )  # the hello's {"producer": …, "env_args": …}
+        return cfg if isinstance(cfg, dict) else {}
+
     def init_key(self, producers: dict[str, Any]) -> tuple[str, int, int] | None:
         """(suite, task, initial state) of this episode from its producer's recorded schedule, or None.
 
@@ -254,8 +262,7 @@ class ArchiveEpisode:
         ran it (used to keep held-out episodes out of training across archives)."""
         from common.schedule import episode_schedule
 
-        cfg = producers.get(str(self.attrs.get("producer_id", "")), {})
-        cfg = cfg.get("producer", cfg) if isinstance(cfg, dict) else {}
+        cfg = self.producer_config(producers)
         try:
             task, init = episode_schedule(cfg, int(self.attrs["episode_id"]))
         except (KeyError, TypeError, ValueError, IndexError, ZeroDivisionError):
@@ -268,13 +275,9 @@ class ArchiveEpisode:
         """[n] bool: the queries whose actions were executed (step a multiple of the producer's replan).
 
         All queries, unless the producer streamed observing queries in between (``--sample-every``)."""
-        cfg = producers.get(str(self.attrs.get("producer_id", "")), {})
-        cfg = (
-            cfg.get("producer", cfg) if isinstance(cfg, dict) else {}
-        )  # the hello's {"producer": …, "env_args": …}
-        n = len(self.hidden)
-        if not isinstance(cfg, dict) or not cfg.get("sample_every") or self.steps is None:
-            return np.ones(n, bool)
+        cfg = self.producer_config(producers)
+        if not cfg.get("sample_every") or self.steps is None:
+            return np.ones(len(self.hidden), bool)
         return self.steps % int(cfg.get("replan", 8)) == 0
 
 
@@ -372,15 +375,11 @@ def load_keyed(paths: Sequence[str | Path]) -> StreamedPairs:
     dropped = 0
     for p in paths:
         producers = json.loads(archive_meta(p).get("producers", "{}"))
-        masks = _read_retrying(
-            Path(p), lambda f: {sp: {_attr(x) for x in f["mask"][sp][()]} for sp in SPLITS}
-        )
         for ep in iter_episodes(p):
             if ep.attrs["num_samples"] == 0:
                 continue
             key = ep.init_key(producers) or (str(p), ep.name)
-            split = "valid" if ep.name in masks["valid"] else "train"
-            if split == "valid":
+            if ep.attrs.get("split") == "valid":
                 held_out.add(key)
             if key in best:
                 dropped += 1
@@ -398,37 +397,29 @@ def load_keyed(paths: Sequence[str | Path]) -> StreamedPairs:
             tr_h.append(ep.hidden)
             tr_c.append(ep.codes)
 
-    def stack(parts: list[np.ndarray], like: np.ndarray | None) -> np.ndarray:
-        return (
-            np.concatenate(parts) if parts else np.zeros((0,) + (like.shape[1:] if like is not None else ()))
-        )
-
     first = next(iter(best.values()))[0] if best else None
+    none_h = first.hidden[:0] if first else np.zeros((0, 0), np.float32)
+    none_c = first.codes[:0] if first else np.zeros((0, 0, 0, 0), np.uint8)
+
+    def stack(parts: list[np.ndarray], none: np.ndarray) -> np.ndarray:
+        return np.concatenate(parts) if parts else none
+
     return StreamedPairs(
-        stack(tr_h, first and first.hidden), stack(tr_c, first and first.codes),
-        stack(va_h, first and first.hidden), stack(va_c, first and first.codes),
-        stack(vx_h, first and first.hidden), stack(vx_c, first and first.codes),
-        len(tr_h), len(va_h), dropped,
+        stack(tr_h, none_h), stack(tr_c, none_c), stack(va_h, none_h), stack(va_c, none_c),
+        stack(vx_h, none_h), stack(vx_c, none_c), len(tr_h), len(va_h), dropped,
     )  # fmt: skip
 
 
-def load_split(
-    paths: Sequence[str | Path], split: str, acting_only: bool = False
-) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Stack one split of several archives: hidden [N, D] float32, codes [N, T, H, L] uint8, episode keys.
-
-    acting_only: only the queries whose actions were executed (see :meth:`ArchiveEpisode.acting`).
-    """
+def load_split(paths: Sequence[str | Path], split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Stack one split of several archives: hidden [N, D] float32, codes [N, T, H, L] uint8, episode keys."""
     hiddens, codes, keys = [], [], []
     dims = set()
     for p in paths:
-        producers = json.loads(archive_meta(p).get("producers", "{}")) if acting_only else {}
         for ep in iter_episodes(p, split):
             if ep.attrs["num_samples"] == 0:
                 continue
-            keep = ep.acting(producers) if acting_only else slice(None)
-            hiddens.append(ep.hidden[keep])
-            codes.append(ep.codes[keep])
+            hiddens.append(ep.hidden)
+            codes.append(ep.codes)
             dims.add(ep.hidden.shape[1])
             keys.append(f"{Path(p).name}:{ep.name}")
     if len(dims) > 1:
