@@ -47,6 +47,12 @@ from evaluator.twin import TwinConfig, TwinPolicy, llama7b_config, memory_floor_
 log = logging.getLogger("bench_gpu")
 
 
+MODES = (  # every mode bench_prefix can measure (fastest last; see there)
+    "eager", "graphs", "compiled_graphs", "compiled_graphs_math_attn", "compiled_graphs_sliced",
+    "compiled_graphs_math_attn_sliced", "compiled_graphs_sliced_skinny",
+)  # fmt: skip
+
+
 @dataclass
 class BenchGPUConfig:
     """Time the 7B twin's passes and RSD chunks on a GPU; report speedups and memory floors."""
@@ -94,6 +100,9 @@ class BenchGPUConfig:
     seed: int = field(default=0, metadata={"help": "weights and inputs seed"})
 
     def __post_init__(self) -> None:
+        unknown = sorted(set(self.modes or []) - set(MODES))
+        if unknown:
+            raise ValueError(f"unknown modes {unknown}; known: {list(MODES)}")
         for p in self.prefix_tokens:
             if p not in (280, 600):
                 raise ValueError(f"prefix_tokens must be 280 and/or 600, got {p}")

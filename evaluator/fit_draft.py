@@ -106,9 +106,11 @@ class FitDraftConfig:
             raise ValueError(f"soft_weight must be in [0, 1], got {self.soft_weight}")
         if bool(self.demos) == (self.packed is not None):
             raise ValueError("give either --demos (HDF5) or --packed (npz), not both or neither")
-        for d in [*self.demos, *([self.packed] if self.packed else []), *self.archives]:
-            if not Path(d).is_file():
-                raise ValueError(f"demonstration file {d} does not exist")
+        for what, files in (("demonstration", [*self.demos, *([self.packed] if self.packed else [])]),
+                            ("archive", self.archives)):  # fmt: skip
+            for d in files:
+                if not Path(d).is_file():
+                    raise ValueError(f"{what} file {d} does not exist")
         if self.evaluate is not None and not Path(self.evaluate).is_file():
             raise ValueError(f"draft checkpoint {self.evaluate} does not exist")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
