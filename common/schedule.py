@@ -20,3 +20,23 @@ def episode_schedule(cfg: Any, episode: int) -> tuple[int, int]:
     i = episode % per_pass
     init_state = (first + i % n + (episode // per_pass) * n) % 50
     return int(tasks[i // n]), init_state
+
+
+def parse_inits(text: str) -> set[int]:
+    """'40-49' or '40,41,45-47' -> a set of initial-state indices."""
+    out: set[int] = set()
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            lo, _, hi = part.partition("-")
+            a, b = int(lo), int(hi) if hi else int(lo)
+        except ValueError:
+            raise ValueError(f"initial states must look like 40-49 or 3,7,10-12, got {text!r}") from None
+        if a > b or a < 0:
+            raise ValueError(f"bad initial-state range {part!r}")
+        out.update(range(a, b + 1))
+    if not out:
+        raise ValueError(f"no initial states in {text!r}")
+    return out

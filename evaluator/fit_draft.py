@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from common.cli import config_to_dict, parse_config
 from common.logs import setup_logging
+from common.schedule import parse_inits
 from common.vla.embedded import normalize_images
 from evaluator.eval import load_eval_policy
 
@@ -57,6 +58,17 @@ class FitDraftConfig:
         default_factory=list,
         metadata={"help": "streamed archives (`make train`) of the same policy: their training episodes join "
                   "the pairs and their held-out episodes (on-policy states) become the validation set"},
+    )  # fmt: skip
+    observations: Path | None = field(
+        default=None,
+        metadata={"help": "closed-loop frames (.npz of `trainer.pack_onpolicy`), relabeled by this policy: "
+                  "training pairs, except the episodes of --val-inits (the validation set when no "
+                  "--archives are given)"},
+    )  # fmt: skip
+    val_inits: str = field(
+        default="",
+        metadata={"help": "hold out the on-policy episodes starting from these initial states (for example "
+                  "40-49) instead of the trainer's split, in --archives and --observations alike"},
     )  # fmt: skip
     weights_dir: Path | None = field(default=None, metadata={"help": "embedded VLA weights (none: assets)"})
     codec_dir: Path | None = field(default=None, metadata={"help": "RFSQ codec (none: assets/codec)"})
@@ -111,6 +123,10 @@ class FitDraftConfig:
             for d in files:
                 if not Path(d).is_file():
                     raise ValueError(f"{what} file {d} does not exist")
+        if self.observations is not None and not Path(self.observations).is_file():
+            raise ValueError(f"observations file {self.observations} does not exist")
+        if self.val_inits:
+            parse_inits(self.val_inits)
         if self.evaluate is not None and not Path(self.evaluate).is_file():
             raise ValueError(f"draft checkpoint {self.evaluate} does not exist")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -337,6 +353,38 @@ def fit(cfg: FitDraftConfig) -> dict[str, Any]:
     h_demo_va, y_demo_va, n_streamed = h_va, y_va, 0
     h_all_va = y_all_va = None
     per_archive_va: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    val_inits = parse_inits(cfg.val_inits) if cfg.val_inits else None
+    n_observed = 0
+    if cfg.observations is not None:  # closed-loop frames, relabeled by this policy
+        from trainer.train_vla import unpack
+
+        obs = unpack(cfg.observations)
+        if obs["images"].shape[2] != policy.model.config.image_size:
+            raise ValueError(f"{cfg.observations} holds {obs['images'].shape[2]}-pixel frames, the policy "
+                             f"reads {policy.model.config.image_size}")  # fmt: skip
+        o_val = (
+            np.isin(obs["init_of_episode"][obs["episode"]], sorted(val_inits))
+            if val_inits
+            else np.zeros(len(obs["episode"]), bool)
+        )
+        h_o, c_o, s_o = extract(policy, obs, np.arange(len(o_val)), batch=cfg.extract_batch,
+                                desc="on-policy frames", soft_layers=soft_layers)  # fmt: skip
+        y_o = targets_from_codes(c_o, K)
+        h_tr, y_tr = np.concatenate([h_tr, h_o[~o_val]]), np.concatenate([y_tr, y_o[~o_val]])
+        if s_tr is not None:
+            s_tr = np.concatenate([s_tr, s_o[~o_val][:, :K]])
+        n_observed = int((~o_val).sum())
+        if not cfg.archives:
+            if not o_val.any():
+                raise ValueError(
+                    "--observations without --archives needs --val-inits naming some of its episodes"
+                )
+            h_va, y_va = h_o[o_val], y_o[o_val]
+        same = float((c_o == obs["codes"]).mean()) if obs["codes"].shape == c_o.shape else float("nan")
+        log.info("on-policy frames of %s (streamed by %s): %d train, %d held out (initial states %s); "
+                 "this policy's codes equal the streamed ones on %.1f %% of the tokens",
+                 cfg.observations, obs["backbone"], n_observed, int(o_val.sum()), cfg.val_inits or "none",
+                 100 * same)  # fmt: skip
     if cfg.archives:  # on-policy pairs streamed by the producer: train on them, validate on their held-out
         from trainer.archive import archive_meta, load_keyed
 
@@ -348,7 +396,7 @@ def fit(cfg: FitDraftConfig) -> dict[str, Any]:
         # Trajectories are keyed by (task, initial state) across archives: one held out anywhere is held
         # out everywhere. Validation: the held-out acting queries (what RSD sees at run time); their
         # observing queries (producer --sample-every) are tracked beside them.
-        sp = load_keyed(cfg.archives)
+        sp = load_keyed(cfg.archives, val_inits)
         if len(sp.valid_hidden) == 0:
             raise ValueError(f"archives {cfg.archives} hold no held-out episodes")
         if len(sp.valid_all_hidden) > len(sp.valid_hidden):
@@ -363,7 +411,7 @@ def fit(cfg: FitDraftConfig) -> dict[str, Any]:
         h_va, y_va = sp.valid_hidden, targets_from_codes(sp.valid_codes, K)
         if len(cfg.archives) > 1:  # each archive's own held-out acting queries too (for comparisons)
             for a in cfg.archives:
-                own = load_keyed([a])
+                own = load_keyed([a], val_inits)
                 if len(own.valid_hidden):
                     per_archive_va[str(a)] = (own.valid_hidden, targets_from_codes(own.valid_codes, K))
         log.info("streamed pairs: %d train (%d trajectories), %d held-out acting queries (%d trajectories, "
@@ -373,7 +421,8 @@ def fit(cfg: FitDraftConfig) -> dict[str, Any]:
         "pairs: %d train (%d demonstration frames x %d views + %d streamed); validation: %d %s; "
         "extraction %.0f s on %s",
         len(h_tr), int((view[~is_val] == 0).sum()), cfg.augment + 1, n_streamed, len(h_va),
-        "held-out streamed samples" if cfg.archives else f"frames of {n_val} held-out demonstrations",
+        "held-out streamed samples" if cfg.archives
+        else "held-out on-policy frames" if cfg.observations else f"frames of {n_val} held-out demonstrations",
         extract_s, device,
     )  # fmt: skip
     steps = math.ceil(len(h_tr) / cfg.batch_size) * cfg.epochs
@@ -395,6 +444,8 @@ def fit(cfg: FitDraftConfig) -> dict[str, Any]:
         "valid_episodes": [names[i] for i in val_eps],
         "archives": [str(a) for a in cfg.archives],
         "streamed_train_pairs": n_streamed,
+        "observations": str(cfg.observations) if cfg.observations else None,
+        "observed_train_pairs": n_observed,
         "optim": vars(optim),
     }
     best, best_res, best_epoch, t1 = -1.0, None, 0, time.time()
@@ -410,7 +461,9 @@ def fit(cfg: FitDraftConfig) -> dict[str, Any]:
         res = learner.validate(h_va, y_va)
         history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_loss": res.loss,
                         "val_acc_per_layer": res.acc_per_layer})  # fmt: skip
-        if cfg.archives:  # the held-out demonstrations too, for comparison with demonstration-only fits
+        if (
+            h_va is not h_demo_va
+        ):  # the held-out demonstrations too, for comparison with demonstration-only fits
             history[-1]["demo_val_acc_per_layer"] = learner.validate(h_demo_va, y_demo_va).acc_per_layer
         if h_all_va is not None:
             history[-1]["val_all_queries_acc_per_layer"] = learner.validate(h_all_va, y_all_va).acc_per_layer
@@ -434,8 +487,14 @@ def fit(cfg: FitDraftConfig) -> dict[str, Any]:
         "train_pairs": int(len(h_tr)),
         "augment": cfg.augment,
         "valid_frames": int(len(h_va)),
-        "validation": "held-out streamed episodes" if cfg.archives else "held-out demonstrations",
+        "validation": "held-out streamed episodes"
+        if cfg.archives
+        else "held-out on-policy frames"
+        if cfg.observations
+        else "held-out demonstrations",
+        "val_inits": cfg.val_inits,
         "streamed_train_pairs": n_streamed,
+        "observed_train_pairs": n_observed,
         "extract_s": extract_s,
         "train_s": time.time() - t1,
         "history": history,

@@ -245,6 +245,7 @@ class ArchiveEpisode:
     actions: np.ndarray  # [n, T, A] float32
     seqs: np.ndarray  # [n] int64
     steps: np.ndarray | None = None  # [n] int32 env step of each query (None in archives without it)
+    obs: dict[str, np.ndarray] | None = None  # agentview, wrist [n, h, w, 3] uint8, proprio [n, P] (with_obs)
 
     def producer_config(self, producers: dict[str, Any]) -> dict[str, Any]:
         """This episode's producer config from an archive's ``producers`` attribute ({} if unknown)."""
@@ -311,8 +312,11 @@ def _read_retrying(path: Path, read: Any) -> Any:
             time.sleep(0.05)
 
 
-def iter_episodes(path: str | Path, split: str | None = None) -> Iterator[ArchiveEpisode]:
-    """Complete episodes of an archive, in write order, optionally only one split.
+def iter_episodes(
+    path: str | Path, split: str | None = None, with_obs: bool = False
+) -> Iterator[ArchiveEpisode]:
+    """Complete episodes of an archive, in write order, optionally only one split (``with_obs``: also
+    the streamed observations of episodes that have them, producer ``--send-obs``).
 
     Safe to call while the trainer is writing the file (see :func:`_read_retrying`).
     """
@@ -337,6 +341,7 @@ def iter_episodes(path: str | Path, split: str | None = None) -> Iterator[Archiv
             actions=g["actions"][()],
             seqs=g["seqs"][()],
             steps=g["steps"][()] if "steps" in g else None,
+            obs={k: g["obs"][k][()] for k in g["obs"]} if with_obs and "obs" in g else None,
         )
 
     for name in _read_retrying(Path(path), list_names):
@@ -362,13 +367,15 @@ class StreamedPairs:
     dropped_duplicates: int  # episodes left out because another copy of the trajectory was used
 
 
-def load_keyed(paths: Sequence[str | Path]) -> StreamedPairs:
+def load_keyed(paths: Sequence[str | Path], val_inits: set[int] | None = None) -> StreamedPairs:
     """Train/valid pairs of several archives with trajectories identified across archives.
 
     Episodes are keyed by (suite, task, initial state) (:meth:`ArchiveEpisode.init_key`; episodes
     without a key stay distinct). A trajectory held out in any archive is held out everywhere: none of
     its copies is trained on. Of several copies of a trajectory the one with the most samples is used
     (a producer with ``--sample-every`` streams the same trajectory with more queries).
+    With ``val_inits`` the split is by initial state instead of the trainer's: the trajectories starting
+    from these initial states are held out, all others are trained on (episodes without a key: error).
     """
     best: dict[Any, tuple[ArchiveEpisode, np.ndarray]] = {}  # key -> (episode, acting mask)
     held_out: set[Any] = set()
@@ -378,8 +385,11 @@ def load_keyed(paths: Sequence[str | Path]) -> StreamedPairs:
         for ep in iter_episodes(p):
             if ep.attrs["num_samples"] == 0:
                 continue
-            key = ep.init_key(producers) or (str(p), ep.name)
-            if ep.attrs.get("split") == "valid":
+            key = ep.init_key(producers)
+            if key is None and val_inits is not None:
+                raise ValueError(f"{p}: {ep.name} has no recorded initial state, cannot split by init state")
+            key = key or (str(p), ep.name)
+            if (ep.attrs.get("split") == "valid") if val_inits is None else (key[2] in val_inits):
                 held_out.add(key)
             if key in best:
                 dropped += 1

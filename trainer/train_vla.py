@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from common.cli import config_to_dict, parse_config
 from common.codec import action_chunks, load_codec
 from common.logs import setup_logging
+from common.schedule import parse_inits
 from common.vla.embedded import (
     EmbeddedVLA,
     EmbeddedVLAConfig,
@@ -97,6 +98,17 @@ class VLATrainConfig:
         default=1.0, metadata={"help": "weight of the coarse-code loss on the hidden state"}
     )
     shift: int = field(default=4, metadata={"help": "random-shift augmentation in pixels (0: off)"})
+    onpolicy: Path | None = field(
+        default=None,
+        metadata={"help": "the policy's own closed-loop frames (.npz of `trainer.pack_onpolicy`): each step "
+                  "adds a batch of them, trained with the same loss on the policy's own codes (no expert "
+                  "labels: the consistency term carries over to the states the policy meets)"},
+    )  # fmt: skip
+    onpolicy_weight: float = field(default=1.0, metadata={"help": "weight of the on-policy batch's loss"})
+    onpolicy_val_inits: str = field(
+        default="40-49",
+        metadata={"help": "initial states whose on-policy episodes are held out (evaluated, never trained)"},
+    )
     val_every: int = field(
         default=10, metadata={"help": "every N-th episode is held out (the codec's split)"}
     )
@@ -139,6 +151,11 @@ class VLATrainConfig:
             raise ValueError(f"frame_stride must be >= 1, got {self.frame_stride}")
         if self.shift < 0 or self.shift >= self.image_size // 2:
             raise ValueError(f"shift must be in 0..{self.image_size // 2 - 1}, got {self.shift}")
+        if self.onpolicy is not None and not Path(self.onpolicy).is_file():
+            raise ValueError(f"on-policy file not found: {self.onpolicy}")
+        if self.onpolicy_weight < 0:
+            raise ValueError(f"onpolicy_weight must be >= 0, got {self.onpolicy_weight}")
+        parse_inits(self.onpolicy_val_inits)
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -451,6 +468,37 @@ def evaluate(
     return res
 
 
+@torch.no_grad()
+def evaluate_onpolicy(
+    model: EmbeddedVLA, batches: Batches, val_idx: torch.Tensor, codec: Any, cfg: VLATrainConfig
+) -> dict[str, Any]:
+    """Held-out on-policy frames (no expert labels): free-running decoding, per coarse layer, against
+    the linear readout of the hidden state (what a draft can predict) and against the codes the
+    streaming policy decoded on them (how far the behaviour moved), plus the action change."""
+    model.eval()
+    policy = EmbeddedVLAPolicy(model, codec, device=batches.device)
+    k = model.shape.num_coarse_layers
+    agree, same, moved = [], [], []
+    for start in range(0, len(val_idx), 256):
+        idx = val_idx[start : start + 256]
+        b = batches.get(idx)
+        with _autocast(cfg):
+            state = model.prefix_pass(b["images"], b["proprio"], b["text_ids"], b["text_valid"])
+            codes = policy.decode_sequential(state)  # [B, T, H, L]
+            aux = model.aux_head(state.hidden).view(len(idx), k, *codes.shape[1:3], -1)  # [B, K, T, H, G]
+        agree.append((aux.argmax(-1) == codes[..., :k].permute(0, 3, 1, 2)).float().mean(dim=(2, 3)))
+        same.append((codes == b["codes"]).float().mean(dim=(1, 2)))  # [B, L]
+        a_new, a_old = policy.codes_to_actions(codes), policy.codes_to_actions(b["codes"])  # [B, T, A]
+        moved.append((a_new[..., :6] - a_old[..., :6]).abs().mean(dim=(1, 2)))
+    model.train()
+    return {
+        "onpolicy_frames": int(len(val_idx)),
+        "onpolicy_aux_agreement": torch.cat(agree).mean(0).tolist(),
+        "onpolicy_same_codes": torch.cat(same).mean(0).tolist(),
+        "onpolicy_arm_change": float(torch.cat(moved).mean()),
+    }
+
+
 def _autocast(cfg: VLATrainConfig):
     enabled = cfg.bf16 and cfg.device.startswith("cuda")
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled) if enabled else _Null()
@@ -511,6 +559,23 @@ def train(cfg: VLATrainConfig) -> dict[str, Any]:
     batches = Batches(data, codes, model, device)
     train_idx = torch.from_numpy(np.flatnonzero(train_mask)).to(device)
     val_idx = torch.from_numpy(np.flatnonzero(val_mask)).to(device)
+    on_batches = on_train = on_val = None
+    if cfg.onpolicy is not None:
+        on = unpack(cfg.onpolicy)
+        if on["images"].shape[2] != cfg.image_size:
+            raise ValueError(
+                f"{cfg.onpolicy} holds {on['images'].shape[2]}-px frames, --image-size is {cfg.image_size}"
+            )
+        on_val_mask = np.isin(
+            on["init_of_episode"][on["episode"]], sorted(parse_inits(cfg.onpolicy_val_inits))
+        )
+        on_batches = Batches(on, torch.from_numpy(on["codes"]), model, device)
+        on_train = torch.from_numpy(np.flatnonzero(~on_val_mask)).to(device)
+        on_val = torch.from_numpy(np.flatnonzero(on_val_mask)).to(device)
+        log.info("on-policy frames of %s (policy %s): %d train, %d held out (initial states %s)",
+                 cfg.onpolicy, on["backbone"], len(on_train), len(on_val), cfg.onpolicy_val_inits)  # fmt: skip
+        if len(on_train) == 0:
+            raise ValueError(f"{cfg.onpolicy}: every episode starts from a held-out initial state")
     actions_t = torch.from_numpy(chunks)
 
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "emb" not in n]
@@ -557,8 +622,20 @@ def train(cfg: VLATrainConfig) -> dict[str, Any]:
             r = losses(
                 model, batches.get(idx, cfg.shift), cfg.aux_weight, cfg.fine_weight, cfg.consistency_weight
             )
+        loss = r["loss"]
+        if on_batches is not None and cfg.onpolicy_weight > 0:
+            oidx = on_train[torch.randint(0, len(on_train), (cfg.batch_size,), device=device)]
+            with _autocast(cfg):
+                ro = losses(
+                    model,
+                    on_batches.get(oidx, cfg.shift),
+                    cfg.aux_weight,
+                    cfg.fine_weight,
+                    cfg.consistency_weight,
+                )
+            loss = loss + cfg.onpolicy_weight * ro["loss"]
         opt.zero_grad(set_to_none=True)
-        r["loss"].backward()
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         for key in ("loss", "main", "aux"):
@@ -580,6 +657,16 @@ def train(cfg: VLATrainConfig) -> dict[str, Any]:
             bar.set_postfix(loss=f"{run['loss']:.3f}", acc0=f"{acc[0]:.3f}", acc2=f"{acc[2]:.3f}")
         if (step + 1) % cfg.eval_interval == 0 or step == cfg.steps - 1:
             ev = evaluate(model, batches, val_idx, codec, actions_t, cfg)
+            if on_batches is not None and len(on_val):
+                ev.update(evaluate_onpolicy(model, on_batches, on_val, codec, cfg))
+                log.info(
+                    "step %d on-policy held-out: readout/decoder agreement %s, same codes as streamed %s, "
+                    "arm change %.4f",
+                    step + 1,
+                    _fmt(ev["onpolicy_aux_agreement"]),
+                    _fmt(ev["onpolicy_same_codes"][:3]),
+                    ev["onpolicy_arm_change"],
+                )
             ev["step"] = step + 1
             evals.append(ev)
             log.info(
@@ -607,6 +694,8 @@ def train(cfg: VLATrainConfig) -> dict[str, Any]:
     # the figures of the weights as shipped (saved dtype, loaded back)
     shipped, _ = load_embedded_vla(out_dir)
     shipped_ev = evaluate(shipped.to(device), batches, val_idx, codec, actions_t, cfg)
+    if on_batches is not None and len(on_val):
+        shipped_ev.update(evaluate_onpolicy(shipped, on_batches, on_val, codec, cfg))
     log.info(
         "shipped weights held-out: layer acc %s aux acc %s free acc %s arm MAE %.4f grip %.3f",
         _fmt(shipped_ev["layer_acc"]),
