@@ -2,8 +2,8 @@
 # Fine-tune the embedded VLA on its own closed-loop frames, then fit the draft it allows, on a CUDA machine.
 #
 # Needs only torch, transformers and safetensors (no h5py, no LIBERO). Pack on the CPU machine first:
-#   python -m trainer.pack_onpolicy --archives runs/stream_obs/archive.hdf5 --out runs/onpolicy/obs.npz --jpeg-quality 90
-#   (demonstrations: python -m trainer.train_vla --demos FILE --pack-to runs/distill/packed_q90.npz --jpeg-quality 90)
+#   python -m trainer.pack_onpolicy --archives runs/stream_obs/archive.hdf5 --out runs/onpolicy/obs_q80.npz --jpeg-quality 80
+#   (demonstrations: python -m trainer.train_vla --demos FILE --pack-to runs/distill/packed_q80.npz --jpeg-quality 80)
 # Usage:
 #   scripts/gpu_onpolicy.sh DEMOS_NPZ OBS_NPZ OUT_DIR NAME [train_vla options...]
 # With train_vla options: fine-tunes from assets/embedded_vla (--onpolicy OBS_NPZ, held-out initial states
