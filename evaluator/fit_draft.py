@@ -410,10 +410,7 @@ def fit(cfg: FitDraftConfig) -> dict[str, Any]:
                 s_tr = np.concatenate([s_tr, onehot])
         h_va, y_va = sp.valid_hidden, targets_from_codes(sp.valid_codes, K)
         if len(cfg.archives) > 1:  # each archive's own held-out acting queries too (for comparisons)
-            for a in cfg.archives:
-                own = load_keyed([a], val_inits)
-                if len(own.valid_hidden):
-                    per_archive_va[str(a)] = (own.valid_hidden, targets_from_codes(own.valid_codes, K))
+            per_archive_va = {a: (h, targets_from_codes(c, K)) for a, (h, c) in sp.per_archive_valid.items()}
         log.info("streamed pairs: %d train (%d trajectories), %d held-out acting queries (%d trajectories, "
                  "the validation set), %d duplicate episodes merged",
                  n_streamed, sp.train_episodes, len(h_va), sp.valid_episodes, sp.dropped_duplicates)  # fmt: skip

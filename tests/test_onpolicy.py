@@ -71,6 +71,9 @@ def test_load_keyed_splits_by_initial_state(tmp_path, policy):
     assert (sp.train_episodes, sp.valid_episodes) == (5, 1)
     sp = load_keyed([tmp_path / "a.hdf5"], val_inits={7})  # init 7 of both tasks, whatever the trainer said
     assert (sp.train_episodes, sp.valid_episodes) == (4, 2) and len(sp.valid_hidden) == 4
+    own_h, own_c = sp.per_archive_valid[str(tmp_path / "a.hdf5")]  # the archive's own held-out acting queries
+    np.testing.assert_array_equal(own_h, sp.valid_hidden)
+    assert len(own_c) == 4
 
 
 def test_pack_onpolicy_keeps_frames_codes_and_keys(tmp_path, policy):

@@ -365,6 +365,8 @@ class StreamedPairs:
     train_episodes: int
     valid_episodes: int
     dropped_duplicates: int  # episodes left out because another copy of the trajectory was used
+    # each archive's own held-out acting queries (its own split, or val_inits), for per-archive comparisons
+    per_archive_valid: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
 
 def load_keyed(paths: Sequence[str | Path], val_inits: set[int] | None = None) -> StreamedPairs:
@@ -379,9 +381,11 @@ def load_keyed(paths: Sequence[str | Path], val_inits: set[int] | None = None) -
     """
     best: dict[Any, tuple[ArchiveEpisode, np.ndarray]] = {}  # key -> (episode, acting mask)
     held_out: set[Any] = set()
+    own_valid: dict[str, dict[Any, tuple[np.ndarray, np.ndarray, int]]] = {}  # archive -> key -> (h, c, n)
     dropped = 0
     for p in paths:
         producers = json.loads(archive_meta(p).get("producers", "{}"))
+        own = own_valid.setdefault(str(p), {})
         for ep in iter_episodes(p):
             if ep.attrs["num_samples"] == 0:
                 continue
@@ -391,6 +395,9 @@ def load_keyed(paths: Sequence[str | Path], val_inits: set[int] | None = None) -
             key = key or (str(p), ep.name)
             if (ep.attrs.get("split") == "valid") if val_inits is None else (key[2] in val_inits):
                 held_out.add(key)
+                acting = ep.acting(producers)
+                if key not in own or len(ep.hidden) > own[key][2]:  # densest copy within this archive
+                    own[key] = (ep.hidden[acting], ep.codes[acting], len(ep.hidden))
             if key in best:
                 dropped += 1
                 if len(ep.hidden) <= len(best[key][0].hidden):
@@ -414,9 +421,14 @@ def load_keyed(paths: Sequence[str | Path], val_inits: set[int] | None = None) -
     def stack(parts: list[np.ndarray], none: np.ndarray) -> np.ndarray:
         return np.concatenate(parts) if parts else none
 
+    per_archive = {
+        p: (np.concatenate([v[0] for v in own.values()]), np.concatenate([v[1] for v in own.values()]))
+        for p, own in own_valid.items()
+        if own
+    }
     return StreamedPairs(
         stack(tr_h, none_h), stack(tr_c, none_c), stack(va_h, none_h), stack(va_c, none_c),
-        stack(vx_h, none_h), stack(vx_c, none_c), len(tr_h), len(va_h), dropped,
+        stack(vx_h, none_h), stack(vx_c, none_c), len(tr_h), len(va_h), dropped, per_archive,
     )  # fmt: skip
 
 
