@@ -15,6 +15,7 @@ COMMANDS = [
     "producer.produce",
     "trainer.train_codec",
     "trainer.train_vla",
+    "trainer.pack_onpolicy",
     "trainer.online",
     "trainer.retrain",
     "trainer.keys",
@@ -45,6 +46,35 @@ def test_demo_rejects_bad_values(capsys) -> None:
             main(argv)
         assert exc.value.code == 2
         assert "error:" in capsys.readouterr().err
+
+
+def test_initial_state_splits_and_missing_archives_are_usage_errors(tmp_path, capsys) -> None:
+    from evaluator.fit_draft import main as fit_main
+    from trainer.pack_onpolicy import main as pack_main
+
+    demos = tmp_path / "d.hdf5"
+    demos.write_bytes(b"")
+    for main, argv, msg in (
+        (
+            fit_main,
+            ["--demos", str(demos), "--out", str(tmp_path / "x.pt"), "--val-inits", "9-3"],
+            "initial-state",
+        ),
+        (
+            fit_main,
+            ["--demos", str(demos), "--out", str(tmp_path / "x.pt"), "--observations", "nope.npz"],
+            "does not exist",
+        ),
+        (
+            pack_main,
+            ["--archives", str(tmp_path / "missing.hdf5"), "--out", str(tmp_path / "o.npz")],
+            "does not exist",
+        ),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+        assert msg in capsys.readouterr().err
 
 
 def test_codec_training_rejects_missing_file(tmp_path, capsys) -> None:
