@@ -6,7 +6,7 @@
 #   (demonstrations: python -m trainer.train_vla --demos FILE --pack-to runs/distill/packed_q80.npz --jpeg-quality 80)
 # Usage:
 #   scripts/gpu_onpolicy.sh DEMOS_NPZ OBS_NPZ OUT_DIR NAME [train_vla options...]
-# With train_vla options: fine-tunes from assets/embedded_vla (--onpolicy OBS_NPZ, held-out initial states
+# With train_vla options: fine-tunes from $INIT_FROM (default assets/embedded_vla) (--onpolicy OBS_NPZ, held-out initial states
 # $VAL_INITS, default 40-49) into OUT_DIR/NAME/ (weights, metrics.json with the on-policy figures).
 # Without: no fine-tuning (the shipped weights). Either way it then fits a K = 3 draft on the policy's
 # own codes over the demonstrations and the on-policy frames of the other initial states and validates
@@ -17,10 +17,11 @@ shift 4
 val=${VAL_INITS:-40-49}
 mkdir -p "$out"
 export TQDM_DISABLE=1 PYTHONUNBUFFERED=1
-weights=assets/embedded_vla
+weights=${INIT_FROM:-assets/embedded_vla}  # the weights to fine-tune (and to score without options)
+init=$weights
 if [ $# -gt 0 ]; then
     python -m trainer.train_vla --packed "$demos" --onpolicy "$obs" --onpolicy-val-inits "$val" \
-        --codec-dir assets/codec --init-from assets/embedded_vla --device cuda --out-dir "$out/$name" "$@" \
+        --codec-dir assets/codec --init-from "$init" --device cuda --out-dir "$out/$name" "$@" \
         2>&1 | tee "$out/$name.vla.log"
     weights=$out/$name
 fi
