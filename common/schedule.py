@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+INIT_STATES = 50  # initial states per LIBERO task
+
 
 def episode_schedule(cfg: Any, episode: int) -> tuple[int, int]:
     """(task id, initial state) of a producer's episode index.
@@ -18,25 +20,26 @@ def episode_schedule(cfg: Any, episode: int) -> tuple[int, int]:
     tasks, n, first = list(get("tasks")), int(get("episodes_per_task")), int(get("first_init_state"))
     per_pass = len(tasks) * n
     i = episode % per_pass
-    init_state = (first + i % n + (episode // per_pass) * n) % 50
+    init_state = (first + i % n + (episode // per_pass) * n) % INIT_STATES
     return int(tasks[i // n]), init_state
 
 
-def parse_inits(text: str) -> set[int]:
-    """'40-49' or '40,41,45-47' -> a set of initial-state indices."""
+def parse_range(text: str, upper: int, what: str) -> list[int]:
+    """'0-9' / '0,3,5' / '2' -> sorted unique ints in [0, upper); ValueError lists the valid range."""
     out: set[int] = set()
     for part in str(text).split(","):
         part = part.strip()
         if not part:
             continue
         try:
-            lo, _, hi = part.partition("-")
-            a, b = int(lo), int(hi) if hi else int(lo)
+            if "-" in part:
+                lo, hi = (int(x) for x in part.split("-", 1))
+                out.update(range(lo, hi + 1))
+            else:
+                out.add(int(part))
         except ValueError:
-            raise ValueError(f"initial states must look like 40-49 or 3,7,10-12, got {text!r}") from None
-        if a > b or a < 0:
-            raise ValueError(f"bad initial-state range {part!r}")
-        out.update(range(a, b + 1))
-    if not out:
-        raise ValueError(f"no initial states in {text!r}")
-    return out
+            raise ValueError(f"bad {what} range {text!r}; use e.g. 0-9 or 0,2,5") from None
+    bad = sorted(i for i in out if not 0 <= i < upper)
+    if not out or bad:
+        raise ValueError(f"{what} {bad or text!r} out of range; valid: 0..{upper - 1}")
+    return sorted(out)

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from common.cli import config_to_dict, parse_config
 from common.logs import setup_logging
-from common.schedule import parse_inits
+from common.schedule import INIT_STATES, parse_range
 from common.vla.embedded import normalize_images
 from evaluator.eval import load_eval_policy
 
@@ -126,7 +126,7 @@ class FitDraftConfig:
         if self.observations is not None and not Path(self.observations).is_file():
             raise ValueError(f"observations file {self.observations} does not exist")
         if self.val_inits:
-            parse_inits(self.val_inits)
+            parse_range(self.val_inits, INIT_STATES, "initial state")
         if self.evaluate is not None and not Path(self.evaluate).is_file():
             raise ValueError(f"draft checkpoint {self.evaluate} does not exist")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -353,7 +353,7 @@ def fit(cfg: FitDraftConfig) -> dict[str, Any]:
     h_demo_va, y_demo_va, n_streamed = h_va, y_va, 0
     h_all_va = y_all_va = None
     per_archive_va: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    val_inits = parse_inits(cfg.val_inits) if cfg.val_inits else None
+    val_inits = set(parse_range(cfg.val_inits, INIT_STATES, "initial state")) if cfg.val_inits else None
     n_observed = 0
     if cfg.observations is not None:  # closed-loop frames, relabeled by this policy
         from trainer.train_vla import unpack

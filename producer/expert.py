@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from common.schedule import INIT_STATES, parse_range
 from producer.env import SUITES, EnvConfig, LiberoEnv
 
 log = logging.getLogger(__name__)
@@ -194,27 +195,6 @@ class ScriptedExpert:
 
 
 # ------------------------------------------------------------------------------------ evaluation
-def parse_range(text: str, upper: int, what: str) -> list[int]:
-    """'0-9' / '0,3,5' / '2' -> sorted unique ints in [0, upper); ValueError lists the valid range."""
-    out: set[int] = set()
-    for part in str(text).split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            if "-" in part:
-                lo, hi = (int(x) for x in part.split("-", 1))
-                out.update(range(lo, hi + 1))
-            else:
-                out.add(int(part))
-        except ValueError:
-            raise ValueError(f"bad {what} range {text!r}; use e.g. 0-9 or 0,2,5") from None
-    bad = sorted(i for i in out if not 0 <= i < upper)
-    if not out or bad:
-        raise ValueError(f"{what} {bad or text!r} out of range; valid: 0..{upper - 1}")
-    return sorted(out)
-
-
 def validate_episode_selection(
     suite: str, tasks: str, init_states: str, workers: int
 ) -> tuple[list[int], list[int]]:
@@ -227,7 +207,7 @@ def validate_episode_selection(
     if suite not in SUPPORTED_SUITES:
         raise ValueError(f"the scripted expert supports {list(SUPPORTED_SUITES)}, not {suite!r}")
     task_ids = parse_range(tasks, SUITES[suite], "task id")
-    init_ids = parse_range(init_states, 50, "init state")
+    init_ids = parse_range(init_states, INIT_STATES, "init state")
     if workers < 1:
         raise ValueError(f"workers {workers} must be >= 1")
     return task_ids, init_ids

@@ -58,7 +58,7 @@ def test_initial_state_splits_and_missing_archives_are_usage_errors(tmp_path, ca
         (
             fit_main,
             ["--demos", str(demos), "--out", str(tmp_path / "x.pt"), "--val-inits", "9-3"],
-            "initial-state",
+            "initial state",
         ),
         (
             fit_main,

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from common.schedule import parse_inits
+from common.schedule import INIT_STATES, parse_range
 from trainer.archive import ArchiveWriter, EpisodeRecord, load_keyed
 
 SIDE = 64  # the embedded VLA's input size: packing keeps these frames as they are
@@ -54,12 +54,12 @@ def policy():
     return load_eval_policy("embedded")
 
 
-def test_parse_inits():
-    assert parse_inits("40-42") == {40, 41, 42}
-    assert parse_inits("3, 7,10-11") == {3, 7, 10, 11}
-    for bad in ("", "x", "5-3", "-1"):
+def test_initial_state_ranges():
+    assert parse_range("40-42", INIT_STATES, "initial state") == [40, 41, 42]
+    assert parse_range("3, 7,10-11", INIT_STATES, "initial state") == [3, 7, 10, 11]
+    for bad in ("", "x", "5-3", "-1", "45-50"):
         with pytest.raises(ValueError):
-            parse_inits(bad)
+            parse_range(bad, INIT_STATES, "initial state")
 
 
 def test_load_keyed_splits_by_initial_state(tmp_path, policy):

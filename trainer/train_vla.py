@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from common.cli import config_to_dict, parse_config
 from common.codec import action_chunks, load_codec
 from common.logs import setup_logging
-from common.schedule import parse_inits
+from common.schedule import INIT_STATES, parse_range
 from common.vla.embedded import (
     EmbeddedVLA,
     EmbeddedVLAConfig,
@@ -155,7 +155,7 @@ class VLATrainConfig:
             raise ValueError(f"on-policy file not found: {self.onpolicy}")
         if self.onpolicy_weight < 0:
             raise ValueError(f"onpolicy_weight must be >= 0, got {self.onpolicy_weight}")
-        parse_inits(self.onpolicy_val_inits)
+        parse_range(self.onpolicy_val_inits, INIT_STATES, "initial state")
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -567,7 +567,8 @@ def train(cfg: VLATrainConfig) -> dict[str, Any]:
                 f"{cfg.onpolicy} holds {on['images'].shape[2]}-px frames, --image-size is {cfg.image_size}"
             )
         on_val_mask = np.isin(
-            on["init_of_episode"][on["episode"]], sorted(parse_inits(cfg.onpolicy_val_inits))
+            on["init_of_episode"][on["episode"]],
+            parse_range(cfg.onpolicy_val_inits, INIT_STATES, "initial state"),
         )
         on_batches = Batches(on, torch.from_numpy(on["codes"]), model, device)
         on_train = torch.from_numpy(np.flatnonzero(~on_val_mask)).to(device)
