@@ -408,6 +408,20 @@ def losses(
     }
 
 
+def _free_run(
+    model: EmbeddedVLA, policy: EmbeddedVLAPolicy, b: dict[str, torch.Tensor], cfg: VLATrainConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode a batch as at run time (prefix pass + L block passes with the KV cache): codes [B, T, H, L]
+    and, per coarse layer, how far a linear readout of the hidden state (the aux head) already
+    reproduces the decoded codes [B, K]."""
+    with _autocast(cfg):
+        state = model.prefix_pass(b["images"], b["proprio"], b["text_ids"], b["text_valid"])
+        codes = policy.decode_sequential(state)  # [B, T, H, L]
+        k = model.shape.num_coarse_layers
+        aux = model.aux_head(state.hidden).view(len(codes), k, *codes.shape[1:3], -1)  # [B, K, T, H, G]
+    return codes, (aux.argmax(-1) == codes[..., :k].permute(0, 3, 1, 2)).float().mean(dim=(2, 3))
+
+
 @torch.no_grad()
 def evaluate(
     model: EmbeddedVLA,
@@ -446,15 +460,8 @@ def evaluate(
     for start in range(0, len(sub), 256):
         idx = sub[start : start + 256]
         b = batches.get(idx)
-        with _autocast(cfg):
-            state = model.prefix_pass(b["images"], b["proprio"], b["text_ids"], b["text_valid"])
-            codes = policy.decode_sequential(state)  # [B, T, H, L]
-            k = model.shape.num_coarse_layers
-            aux = model.aux_head(state.hidden).view(len(idx), k, *codes.shape[1:3], -1)  # [B, K, T, H, G]
-        # how far a linear readout of the hidden state already reproduces the decoded coarse layers
-        agree.append(
-            (aux.argmax(-1) == codes[..., :k].permute(0, 3, 1, 2)).float().mean(dim=(2, 3))
-        )  # [B, K]
+        codes, readout_agreement = _free_run(model, policy, b, cfg)
+        agree.append(readout_agreement)
         accs.append((codes == b["codes"]).float().mean(dim=(1, 2)))  # [B, L]
         pred = policy.codes_to_actions(codes)  # [B, T, A]
         gt = actions[idx.cpu()].to(pred.device)  # [B, T, A]
@@ -477,16 +484,12 @@ def evaluate_onpolicy(
     streaming policy decoded on them (how far the behaviour moved), plus the action change."""
     model.eval()
     policy = EmbeddedVLAPolicy(model, codec, device=batches.device)
-    k = model.shape.num_coarse_layers
     agree, same, moved = [], [], []
     for start in range(0, len(val_idx), 256):
         idx = val_idx[start : start + 256]
         b = batches.get(idx)
-        with _autocast(cfg):
-            state = model.prefix_pass(b["images"], b["proprio"], b["text_ids"], b["text_valid"])
-            codes = policy.decode_sequential(state)  # [B, T, H, L]
-            aux = model.aux_head(state.hidden).view(len(idx), k, *codes.shape[1:3], -1)  # [B, K, T, H, G]
-        agree.append((aux.argmax(-1) == codes[..., :k].permute(0, 3, 1, 2)).float().mean(dim=(2, 3)))
+        codes, readout_agreement = _free_run(model, policy, b, cfg)
+        agree.append(readout_agreement)
         same.append((codes == b["codes"]).float().mean(dim=(1, 2)))  # [B, L]
         a_new, a_old = policy.codes_to_actions(codes), policy.codes_to_actions(b["codes"])  # [B, T, A]
         moved.append((a_new[..., :6] - a_old[..., :6]).abs().mean(dim=(1, 2)))
