@@ -113,3 +113,33 @@ def kill_all(*procs: subprocess.Popen) -> None:
         if p is not None and p.poll() is None:
             p.kill()
             p.wait()
+
+
+def streamed_episode(policy, producer_id, task, episode, split, steps, rng, num_steps=None, obs_side=0):
+    """An archive EpisodeRecord as the trainer assembles it: one random sample per query step in
+    ``steps`` (hidden state, codes, zero actions; with ``obs_side`` > 0 also random observations)."""
+    import numpy as np
+
+    from trainer.archive import EpisodeRecord
+
+    n = len(steps)
+    ep = EpisodeRecord(producer_id, "s0", "libero_spatial", task, episode, split, status="success",
+                       num_steps=8 * n if num_steps is None else num_steps)  # fmt: skip
+    for j, step in enumerate(steps):
+        ep.hidden.append(rng.standard_normal(policy.hidden_dim).astype(np.float32))
+        ep.codes.append(rng.integers(0, 7, policy.shape.codes_shape, dtype=np.uint8))
+        ep.actions.append(np.zeros(policy.shape.chunk_shape, np.float32))
+        ep.steps.append(step)
+        ep.seqs.append(10 * episode + j)
+        ep.sent_at.append(time.time())
+        ep.received_at.append(time.time())
+        if obs_side:
+            ep.obs.append(
+                (
+                    rng.integers(0, 256, (obs_side, obs_side, 3), dtype=np.uint8),
+                    rng.integers(0, 256, (obs_side, obs_side, 3), dtype=np.uint8),
+                    rng.standard_normal(8).astype(np.float32),
+                )
+            )
+    ep.end_seq = 10 * episode + n
+    return ep

@@ -248,11 +248,10 @@ def test_fit_draft_rejects_bad_inputs(tmp_path):
 def test_fit_draft_trains_on_streamed_archives_and_validates_on_their_held_out_episodes(tmp_path):
     """Streamed (on-policy) pairs join the distillation pairs; the archive's held-out episodes are the
     validation set; an archive of another backbone is refused."""
-    import time
-
     from evaluator.eval import load_eval_policy
     from evaluator.fit_draft import main
-    from trainer.archive import ArchiveWriter, EpisodeRecord
+    from tests.stream_helpers import streamed_episode
+    from trainer.archive import ArchiveWriter
 
     _write_demos(tmp_path / "d.hdf5", (4, 3, 5))
     policy = load_eval_policy("embedded")
@@ -263,17 +262,7 @@ def test_fit_draft_trains_on_streamed_archives_and_validates_on_their_held_out_e
                          producer_id="p0", producer_config="{}")  # fmt: skip
         rng = np.random.default_rng(0)
         for i, (split, n) in enumerate((("train", 3), ("valid", 2), ("train", 4))):
-            ep = EpisodeRecord("p0", "s0", "libero_spatial", 0, i, split, status="success", num_steps=8 * n)
-            for j in range(n):
-                ep.hidden.append(rng.standard_normal(policy.hidden_dim).astype(np.float32))
-                ep.codes.append(rng.integers(0, 7, policy.shape.codes_shape, dtype=np.uint8))
-                ep.actions.append(np.zeros(policy.shape.chunk_shape, np.float32))
-                ep.steps.append(8 * j)
-                ep.seqs.append(10 * i + j)
-                ep.sent_at.append(time.time())
-                ep.received_at.append(time.time())
-            ep.end_seq = 10 * i + n
-            w.write_episode(ep)
+            w.write_episode(streamed_episode(policy, "p0", 0, i, split, [8 * j for j in range(n)], rng))
         del w
 
     write_archive(tmp_path / "a.hdf5", policy.backbone_id)
@@ -295,11 +284,10 @@ def test_fit_draft_keys_trajectories_across_archives(tmp_path):
     """Archives of one policy share trajectories (deterministic sim and policy): a trajectory held out in
     one archive is never trained on from another, the copy with the most queries is used, and the
     validation set holds the acting queries only (observing queries of --sample-every tracked aside)."""
-    import time
-
     from evaluator.eval import load_eval_policy
     from evaluator.fit_draft import main
-    from trainer.archive import ArchiveWriter, EpisodeRecord, load_keyed
+    from tests.stream_helpers import streamed_episode
+    from trainer.archive import ArchiveWriter, load_keyed
 
     _write_demos(tmp_path / "d.hdf5", (4, 3, 5))
     policy = load_eval_policy("embedded")
@@ -317,17 +305,7 @@ def test_fit_draft_keys_trajectories_across_archives(tmp_path):
         w.set_provenance(backbone_id=policy.backbone_id, hidden_dim=policy.hidden_dim, codec_sha256="",
                          producer_id=pid, producer_config=json.dumps({"producer": cfg}))  # fmt: skip
         for i, split, steps in episodes:
-            ep = EpisodeRecord(pid, "s0", "libero_spatial", 0, i, split, status="success", num_steps=16)
-            for j, step in enumerate(steps):
-                ep.hidden.append(rng.standard_normal(policy.hidden_dim).astype(np.float32))
-                ep.codes.append(rng.integers(0, 7, policy.shape.codes_shape, dtype=np.uint8))
-                ep.actions.append(np.zeros(policy.shape.chunk_shape, np.float32))
-                ep.steps.append(step)
-                ep.seqs.append(10 * i + j)
-                ep.sent_at.append(time.time())
-                ep.received_at.append(time.time())
-            ep.end_seq = 10 * i + len(steps)
-            w.write_episode(ep)
+            w.write_episode(streamed_episode(policy, pid, 0, i, split, steps, rng, num_steps=16))
         del w
 
     # archive a (acting queries only): init states 5 (train), 6 (held out), 7 (train)

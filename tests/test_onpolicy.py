@@ -5,13 +5,13 @@ fit_draft --observations)."""
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pytest
 
 from common.schedule import INIT_STATES, parse_range
-from trainer.archive import ArchiveWriter, EpisodeRecord, load_keyed
+from tests.stream_helpers import streamed_episode
+from trainer.archive import ArchiveWriter, load_keyed
 
 SIDE = 64  # the embedded VLA's input size: packing keeps these frames as they are
 
@@ -23,27 +23,11 @@ def _write_archive(path, policy, episodes, with_obs=True, pid="p0"):
     cfg = {"tasks": [0, 1], "episodes_per_task": 3, "first_init_state": 5, "replan": 8, "sample_every": 0}
     w.set_provenance(backbone_id=policy.backbone_id, hidden_dim=policy.hidden_dim, codec_sha256="",
                      producer_id=pid, producer_config=json.dumps({"producer": cfg}))  # fmt: skip
-    for i, split, n in episodes:
-        task = i // 3
-        ep = EpisodeRecord(pid, "s0", "libero_spatial", task, i, split, status="success", num_steps=8 * n)
-        for j in range(n):
-            ep.hidden.append(rng.standard_normal(policy.hidden_dim).astype(np.float32))
-            ep.codes.append(rng.integers(0, 7, policy.shape.codes_shape, dtype=np.uint8))
-            ep.actions.append(np.zeros(policy.shape.chunk_shape, np.float32))
-            ep.steps.append(8 * j)
-            ep.seqs.append(10 * i + j)
-            ep.sent_at.append(time.time())
-            ep.received_at.append(time.time())
-            if with_obs:
-                ep.obs.append(
-                    (
-                        rng.integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8),
-                        rng.integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8),
-                        rng.standard_normal(8).astype(np.float32),
-                    )
-                )
-        ep.end_seq = 10 * i + n
-        w.write_episode(ep)
+    for i, split, n in episodes:  # task i // 3
+        steps = [8 * j for j in range(n)]
+        w.write_episode(
+            streamed_episode(policy, pid, i // 3, i, split, steps, rng, obs_side=SIDE if with_obs else 0)
+        )
     del w
 
 
