@@ -1,4 +1,4 @@
-"""RFSQ action codec: residual finite scalar quantization of action chunks (DESIGN §3).
+"""RFSQ action codec: residual finite scalar quantization of action chunks (docs/DESIGN.md §4).
 
 Axes: B batch, T chunk_len, A action_dim, H action_hidden_dim, L num_layers, G grid_size.
 

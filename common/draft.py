@@ -1,4 +1,4 @@
-"""Draft model: VLA hidden state -> coarse RFSQ layers in one shot (DESIGN §4, exact contract).
+"""Draft model: VLA hidden state -> coarse RFSQ layers in one shot (docs/DESIGN.md §5, exact contract).
 
 Axes: B batch, D input_dim, C hidden_dim, K num_coarse_layers, T chunk_len, H action_hidden_dim,
 G grid_size. The draft predicts the first K layers of the policy's codes, each as T*H tokens
@@ -203,7 +203,7 @@ def save_checkpoint(
     val_accuracy: float,
     config: dict[str, Any],
 ) -> Path:
-    """Write the checkpoint dict with exactly the keys of DESIGN §4, atomically.
+    """Write the checkpoint dict with exactly the keys of docs/DESIGN.md §5.5, atomically.
 
     ``config`` must rebuild the model: the model's constructor arguments are stored under
     ``config["model"]`` (added if missing), next to the run's own settings.

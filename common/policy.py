@@ -1,4 +1,4 @@
-"""The policy interface every VLA backend implements (DESIGN §5–6).
+"""The policy interface every VLA backend implements (docs/DESIGN.md §6.1, §9).
 
 A policy sees an :class:`Observation` and produces one action chunk per query. Backends whose
 language model decodes RFSQ layers one block per pass (the embedded VLA, the 7B timing twin)
@@ -92,7 +92,7 @@ class PrefixState:
 
 
 class LayerwisePolicy(ChunkPolicy):
-    """A backend whose language model decodes RFSQ layers block by block (DESIGN §6)."""
+    """A backend whose language model decodes RFSQ layers block by block (docs/DESIGN.md §9.1)."""
 
     @abc.abstractmethod
     def prefix(self, observations: list[Observation]) -> PrefixState:

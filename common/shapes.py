@@ -1,4 +1,4 @@
-"""Shape constants shared by every part of RSD (DESIGN §2).
+"""Shape constants shared by every part of RSD (docs/DESIGN.md §3).
 
 Axis legend used in shape comments throughout the code base:
     B  batch

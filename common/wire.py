@@ -1,4 +1,4 @@
-"""Wire schema between producers and the trainer (DESIGN §7): typed messages, msgpack, no pickle.
+"""Wire schema between producers and the trainer (docs/DESIGN.md §7): typed messages, msgpack, no pickle.
 
 A message travels as a list of ZeroMQ frames::
 

@@ -1,4 +1,4 @@
-"""GPU benchmark of RSD at real scale: the 7B timing twin in bf16 (DESIGN §5–6).
+"""GPU benchmark of RSD at real scale: the 7B timing twin in bf16 (docs/DESIGN.md §6.5, §9.6, §10.6).
 
 Measures, in one process on one GPU:
 - the device-to-device copy bandwidth (the memory-floor denominator);

@@ -1,4 +1,4 @@
-"""`make eval`: RSD vs baseline decoding of the embedded VLA on LIBERO (DESIGN §6).
+"""`make eval`: RSD vs baseline decoding of the embedded VLA on LIBERO (docs/DESIGN.md §9, §10).
 
     python -m evaluator.eval --draft runs/default/draft_best.pt --out-dir runs/default/eval
     python -m evaluator.eval --draft CKPT --out-dir DIR --no-closed-loop      # `make bench`: latency only

@@ -15,7 +15,7 @@ to map the prefix hidden state to the policy's own first K layers. ``--augment N
 shifted views of every *training* frame (the shift augmentation the VLA was trained with), each run
 through the policy for its own hidden state and codes: more distillation pairs from the same
 demonstrations. Validation is on whole held-out demonstrations, never augmented. Same model, loss,
-optimizer and checkpoint format as the trainer (trainer/learner.py, DESIGN §4).
+optimizer and checkpoint format as the trainer (trainer/learner.py, docs/DESIGN.md §5).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The RSD engine: baseline and residual speculative decoding over any :class:`LayerwisePolicy` (DESIGN §6).
+"""The RSD engine: baseline and residual speculative decoding over any :class:`LayerwisePolicy` (docs/DESIGN.md §9).
 
 Baseline, one chunk: prefix pass, then L block passes (layer l's codes feed block l+1).
 

@@ -1,7 +1,7 @@
-"""The 7B timing twin: OpenVLA-7B's language-model shapes with random weights (DESIGN §5).
+"""The 7B timing twin: OpenVLA-7B's language-model shapes with random weights (docs/DESIGN.md §6.5).
 
 A Llama-2-7B decoder (hidden 4096, 32 layers, 32 heads, MLP 11008, RMSNorm, rotary positions,
-SwiGLU) with the RFSQ layer decoder of DESIGN §6 on top, implemented on plain ``torch`` (no other
+SwiGLU) with the RFSQ layer decoder of docs/DESIGN.md §9.1 on top, implemented on plain ``torch`` (no other
 package) so that it runs on any machine that has PyTorch, and fast enough to measure the passes
 against their memory-bandwidth floor:
 

@@ -7,7 +7,7 @@
 #       --pack-to runs/distill/packed_lossless.npz --jpeg-quality 0
 # Usage:
 #   scripts/gpu_fit_draft.sh PACKED OUT_DIR NAME [fit_draft options...]
-# writes OUT_DIR/NAME.pt (slim checkpoint: DESIGN §4 keys, no optimizer state), NAME.json (summary
+# writes OUT_DIR/NAME.pt (slim checkpoint: docs/DESIGN.md §5.5 keys, no optimizer state), NAME.json (summary
 # with per-epoch history) and NAME.log; the extracted (hidden, codes) pairs are cached in $CACHE
 # (default /tmp/rsd_fit_cache.npz) and reused by later runs with at most as many --augment views.
 # Score the result on the CPU machine with

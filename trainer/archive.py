@@ -1,4 +1,4 @@
-"""HDF5 archive of every accepted sample (DESIGN §7), robomimic-style layout.
+"""HDF5 archive of every accepted sample (docs/DESIGN.md §8.1), robomimic-style layout.
 
     data/                       attrs: schema_version, total, num_episodes, backbone_id, hidden_dim,
                                        codec_sha256, shape (JSON), env_args (JSON), producers (JSON),

@@ -1,7 +1,7 @@
 """Draft learner shared by online training and offline retraining.
 
 AdamW (lr 1e-4, weight decay 1e-5), gradient clipping at 1.0, linear warmup then cosine decay, bf16
-autocast on CUDA; validation reports token accuracy per coarse layer; checkpoints follow DESIGN §4
+autocast on CUDA; validation reports token accuracy per coarse layer; checkpoints follow docs/DESIGN.md §5.5
 (via :func:`common.draft.save_checkpoint`, loadable with ``weights_only=True``).
 
 Axes: B batch, D hidden size, K coarse layers, S = T*H tokens per layer, G grid size.

@@ -1,4 +1,4 @@
-"""``make train``: receive samples from producers, archive them, train the draft online (DESIGN §1, §4, §7).
+"""``make train``: receive samples from producers, archive them, train the draft online (docs/DESIGN.md §2.3, §5, §7.5).
 
 One process, two threads:
 

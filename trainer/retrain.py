@@ -2,7 +2,7 @@
 
 Episodes keep the split recorded in each archive (``mask/train`` / ``mask/valid``), so validation is on
 whole held-out episodes, the same ones the online trainer held out. Same optimizer, schedule and
-checkpoint format (DESIGN §4) as online training; writes ``draft_best.pt``, ``draft_last.pt``, a
+checkpoint format (docs/DESIGN.md §5.5) as online training; writes ``draft_best.pt``, ``draft_last.pt``, a
 training-curve plot and ``summary.json`` into the run dir.
 """
 

@@ -1,4 +1,4 @@
-"""VLA policy backends (DESIGN §5): ``load_policy(name, device)`` returns a ready policy.
+"""VLA policy backends (docs/DESIGN.md §6.2): ``load_policy(name, device)`` returns a ready policy.
 
     from common.vla import load_policy
     policy = load_policy("embedded", device="cpu")   # shipped weights in assets/embedded_vla

@@ -1,4 +1,4 @@
-"""OpenVLA-OFT as a data source for draft training (DESIGN §5): a :class:`ChunkPolicy` only.
+"""OpenVLA-OFT as a data source for draft training (docs/DESIGN.md §6.4): a :class:`ChunkPolicy` only.
 
     policy = load_openvla_oft("moojink/openvla-7b-oft-finetuned-libero-spatial", device="cuda:0")
     out = policy.act([obs])[0]     # hidden [4096] float32, codes [8, 16, 8] uint8, actions [8, 7] float32
