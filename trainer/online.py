@@ -40,6 +40,7 @@ import zmq
 from common import wire
 from common.cli import config_to_dict, parse_config
 from common.curve import check_bind_endpoint, server_curve
+from common.draft import DEFAULT_FORWARD, FORWARD_HELP, FORWARDS
 from common.logs import setup_logging
 from common.shapes import DEFAULT_SHAPE, RFSQShape
 from trainer.archive import ArchiveWriter, EpisodeRecord, archived_seqs, episode_attrs, iter_episodes
@@ -74,6 +75,7 @@ class TrainerConfig:
     warmup_steps: int = field(default=1000, metadata={"help": "linear warmup updates"})
     total_steps: int = field(default=20000, metadata={"help": "cosine schedule length in updates"})
     draft_hidden_dim: int = field(default=512, metadata={"help": "draft model width"})
+    draft_forward: str = field(default=DEFAULT_FORWARD, metadata={"help": FORWARD_HELP, "choices": FORWARDS})
     samples_per_insert: float = field(
         default=32.0, metadata={"help": "target number of times each inserted sample is drawn for training"}
     )
@@ -128,6 +130,7 @@ class TrainerConfig:
             total_steps=self.total_steps,
             batch_size=self.batch_size,
             draft_hidden_dim=self.draft_hidden_dim,
+            draft_forward=self.draft_forward,
         )
 
 
