@@ -4,9 +4,18 @@ Axes: B batch, D input_dim, C hidden_dim, K num_coarse_layers, T chunk_len, H ac
 G grid_size. The draft predicts the first K layers of the policy's codes, each as T*H tokens
 flattened in (T, H) order.
 
-    hidden [B, D] --input_projection--> [B, C] --one token per coarse layer + learned positions-->
-    [B, K, C] --decoder_layer(x, x), output_norm--> [B, K, C] --classification_heads[k] on token k-->
-    logits [B, K, T*H, G]
+The plan's forward (``forward="plan"``, the default, :class:`RFSQDraftModelWithProjection`)::
+
+    hidden [B, D] --input_projection, unsqueeze(1)--> [B, 1, C] --+ position_encoding[:, :1],
+    decoder_layer(x, x), output_norm--> [B, 1, C] --squeeze(1)--> [B, C] --every classification head
+    reads that one vector--> stack(dim=1) --> logits [B, K, T*H, G]
+
+The K-position variant (``forward="kpos"``, :class:`KPositionDraftModel`) copies the projection to K
+positions with learned positions, lets them attend to each other and has head k read position k. Its
+state dict has the same names and shapes, but the same weights give other logits: it is another model.
+Checkpoints record which forward made them (``config["model"]["forward"]``) and
+:func:`load_checkpoint` refuses one whose forward is not the one asked for. Checkpoints written before
+the forward was recorded were all made by the K-position variant.
 
 Module names and shapes follow the earlier draft models so that their state dicts keep loading.
 """
@@ -15,7 +24,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +32,13 @@ from torch import nn
 
 CHECKPOINT_KEYS = ("model_state_dict", "optimizer_state_dict", "epoch", "val_accuracy", "config")
 MAX_POSITIONS = 256
+FORWARDS = ("plan", "kpos")  # the plan's forward (DESIGN §4); the K-position variant
+DEFAULT_FORWARD = "plan"
+UNRECORDED_FORWARD = "kpos"  # what made the checkpoints that record no forward
+FORWARD_HELP = (
+    "draft forward: plan (DESIGN §4: one position, every head reads the same vector) or kpos "
+    "(K learned positions, head k reads position k: another model with the same state dict names)"
+)
 
 
 class DraftTransformerDecoder(nn.Module):
@@ -56,6 +72,10 @@ class DraftTransformerDecoder(nn.Module):
 
 
 class RFSQDraftModelWithProjection(nn.Module):
+    """The plan's draft (DESIGN §4): same weights, same logits as the plan's class."""
+
+    forward_name: ClassVar[str] = "plan"
+
     def __init__(
         self,
         input_dim: int = 4096,
@@ -102,9 +122,10 @@ class RFSQDraftModelWithProjection(nn.Module):
             ]
         )
 
-    def model_config(self) -> dict[str, int]:
-        """Constructor arguments: enough to rebuild this model."""
+    def model_config(self) -> dict[str, Any]:
+        """What rebuilds this model (:func:`build_draft`): the forward's name and the constructor arguments."""
         return {
+            "forward": self.forward_name,
             "input_dim": self.input_dim,
             "hidden_dim": self.hidden_dim,
             "num_coarse_layers": self.num_coarse_layers,
@@ -113,15 +134,17 @@ class RFSQDraftModelWithProjection(nn.Module):
             "grid_size": self.grid_size,
         }
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [B, D] -> logits [B, K, T*H, G]."""
+    def _check_input(self, hidden: torch.Tensor) -> None:
         if hidden.dim() != 2 or hidden.shape[1] != self.input_dim:
             raise ValueError(f"hidden must have shape [B, {self.input_dim}], got {list(hidden.shape)}")
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [B, D] -> logits [B, K, T*H, G], exactly as the plan writes it."""
+        self._check_input(hidden)
         B, K = hidden.shape[0], self.num_coarse_layers
-        x = self.input_projection(hidden)  # [B, C]
-        x = x[:, None, :].expand(B, K, self.hidden_dim)  # [B, K, C]: one token per coarse layer
-        x = self.decoder(x)  # [B, K, C]
-        logits = torch.stack([head(x[:, k]) for k, head in enumerate(self.classification_heads)], dim=1)
+        x = self.input_projection(hidden).unsqueeze(1)  # [B, 1, C]: one position
+        x = self.decoder(x).squeeze(1)  # [B, C]
+        logits = torch.stack([head(x) for head in self.classification_heads], dim=1)  # [B, K, T*H*G]
         return logits.view(B, K, self.tokens_per_layer, self.grid_size)  # [B, K, T*H, G]
 
     @torch.no_grad()
@@ -131,6 +154,40 @@ class RFSQDraftModelWithProjection(nn.Module):
         conf, ids = probs.max(-1)
         shape = (hidden.shape[0], self.num_coarse_layers, self.chunk_len, self.action_hidden_dim)
         return ids.view(shape), conf.view(shape)
+
+
+class KPositionDraftModel(RFSQDraftModelWithProjection):
+    """The K-position variant (``forward="kpos"``): not the plan's model, although its state dict loads
+    into the plan's class. Kept to compare with and to load the checkpoints it made."""
+
+    forward_name: ClassVar[str] = "kpos"
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [B, D] -> logits [B, K, T*H, G]; head k reads position k."""
+        self._check_input(hidden)
+        B, K = hidden.shape[0], self.num_coarse_layers
+        x = self.input_projection(hidden)  # [B, C]
+        x = x[:, None, :].expand(B, K, self.hidden_dim)  # [B, K, C]: one token per coarse layer
+        x = self.decoder(x)  # [B, K, C]
+        logits = torch.stack([head(x[:, k]) for k, head in enumerate(self.classification_heads)], dim=1)
+        return logits.view(B, K, self.tokens_per_layer, self.grid_size)  # [B, K, T*H, G]
+
+
+_DRAFTS: dict[str, type[RFSQDraftModelWithProjection]] = {
+    "plan": RFSQDraftModelWithProjection,
+    "kpos": KPositionDraftModel,
+}
+
+
+def check_forward(forward: Any) -> str:
+    if forward not in FORWARDS:
+        raise ValueError(f"draft forward must be one of {FORWARDS}, got {forward!r}")
+    return forward
+
+
+def build_draft(forward: str = DEFAULT_FORWARD, **model_args: Any) -> RFSQDraftModelWithProjection:
+    """The draft of forward ``forward`` ("plan" or "kpos") with the constructor arguments ``model_args``."""
+    return _DRAFTS[check_forward(forward)](**model_args)
 
 
 # --------------------------------------------------------------------------------- loss / targets
@@ -226,10 +283,38 @@ def save_checkpoint(
     return path
 
 
+def _forward_of(path: Path, model_cfg: dict[str, Any], forward: str) -> str:
+    """The forward recorded in a checkpoint's config['model'], if it is the one asked for."""
+    check_forward(forward)
+    recorded = model_cfg.get("forward")
+    if recorded is None:  # written before the forward was recorded: by the K-position variant
+        if forward != UNRECORDED_FORWARD:
+            raise ValueError(
+                f"{path} records no draft forward: it was written before checkpoints recorded one, by the "
+                f"K-position variant ({UNRECORDED_FORWARD!r}); its weights give other logits under the "
+                f"{forward!r} forward. Load it with forward={UNRECORDED_FORWARD!r} (on the command "
+                f"line: --draft-forward {UNRECORDED_FORWARD}) or fit a new draft"
+            )
+        return UNRECORDED_FORWARD
+    if recorded not in FORWARDS:
+        raise ValueError(f"{path}: unknown draft forward {recorded!r}; this code knows {FORWARDS}")
+    if recorded != forward:
+        raise ValueError(
+            f"{path} holds a draft with the {recorded!r} forward, not the {forward!r} one asked for; the "
+            f"same weights give other logits under another forward. Load it with forward={recorded!r} "
+            f"(on the command line: --draft-forward {recorded})"
+        )
+    return recorded
+
+
 def load_checkpoint(
-    path: str | Path, map_location: str | torch.device = "cpu"
+    path: str | Path, map_location: str | torch.device = "cpu", forward: str = DEFAULT_FORWARD
 ) -> tuple[RFSQDraftModelWithProjection, dict[str, Any]]:
-    """Load a draft checkpoint without pickle; returns (model in eval mode, the checkpoint dict)."""
+    """Load a draft checkpoint without pickle; returns (model in eval mode, the checkpoint dict).
+
+    ``forward``: the forward the caller expects ("plan", the default, or "kpos"); a checkpoint made
+    by the other one is refused (checkpoints that record no forward count as "kpos").
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no draft checkpoint at {path}")
@@ -243,7 +328,8 @@ def load_checkpoint(
     model_cfg = ckpt["config"].get("model")
     if not isinstance(model_cfg, dict):
         raise ValueError(f"{path}: config has no 'model' section to rebuild the draft from")
-    model = RFSQDraftModelWithProjection(**model_cfg)
+    args = {k: v for k, v in model_cfg.items() if k != "forward"}
+    model = build_draft(_forward_of(path, model_cfg, forward), **args)
     model.load_state_dict(ckpt["model_state_dict"])
     model.eval()
     return model.to(map_location), ckpt

@@ -36,6 +36,7 @@ from common.shapes import DEFAULT_SHAPE, RFSQShape
 SCHEMA_VERSION = 1
 STATUSES = ("success", "failed", "errored", "incomplete")
 _ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+_DTYPE_RE = re.compile(r"^[<>|=]?[A-Za-z][A-Za-z0-9]{0,15}$")  # "<f4", "|u1", "float32"; no "(2,)f4", "f4,u1"
 _INLINE_MAX = 1024  # arrays up to this many bytes are inlined in the header frame
 
 
@@ -341,12 +342,16 @@ def _decode_array(
     dtype_s, shape = desc.get("dtype"), desc.get("shape")
     if not isinstance(dtype_s, str) or not isinstance(shape, list):
         raise SchemaError(f"{name}: array descriptor needs dtype (str) and shape (list)")
-    try:
+    try:  # numpy parses "f4,,", "(2," as Python and raises SyntaxError, ValueError, TypeError, ...
+        if not _DTYPE_RE.match(dtype_s):
+            raise ValueError("not a simple dtype")
         dtype = np.dtype(dtype_s)
-    except TypeError:
+    except Exception:
         raise DtypeError(f"{name}: unknown dtype {dtype_s[:32]!r}; expected one of {dtypes}") from None
     if dtype.name not in dtypes or dtype.byteorder == ">":
-        raise DtypeError(f"{name}: dtype {dtype_s!r} not allowed; expected one of {dtypes} (little-endian)")
+        raise DtypeError(
+            f"{name}: dtype {dtype_s[:32]!r} not allowed; expected one of {dtypes} (little-endian)"
+        )
     if not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= 1 << 20 for s in shape):
         raise ShapeError(f"{name}: shape {shape!r} must be a list of non-negative ints")
     shape_check(name, tuple(shape))  # raises ShapeError before anything is allocated
@@ -449,7 +454,20 @@ def _decode_sample(h: dict[str, Any], frames: list[Any], limits: WireLimits) -> 
 
 
 def decode(frames: list[Any], limits: WireLimits = DEFAULT_LIMITS) -> Message:
-    """Frames -> a validated message. Raises a :class:`WireError` subclass on any malformed input."""
+    """Frames -> a validated message. Raises a :class:`WireError` subclass on any malformed input.
+
+    Nothing else escapes: an exception that no check foresaw becomes a plain :class:`WireError`
+    (reason ``malformed``), so a receive loop that catches ``WireError`` survives every input.
+    """
+    try:
+        return _decode(frames, limits)
+    except WireError:
+        raise
+    except Exception as exc:
+        raise WireError(f"undecodable message: {type(exc).__name__}: {str(exc)[:200]}") from exc
+
+
+def _decode(frames: list[Any], limits: WireLimits) -> Message:
     if not frames:
         raise TruncatedError("no frames")
     if len(frames) > limits.max_frames:
@@ -460,10 +478,11 @@ def decode(frames: list[Any], limits: WireLimits = DEFAULT_LIMITS) -> Message:
             raise OversizeError(f"frame {i} is {len(f)} bytes, limit {limits.max_frame_bytes}")
     h = _unpack_header(bytes(frames[0]), limits)
     version = h.get("v")
-    if version != SCHEMA_VERSION:
-        raise VersionError(f"schema version {version!r}, this side speaks {SCHEMA_VERSION}")
+    if type(version) is not int or version != SCHEMA_VERSION:  # True == 1.0 == 1, but not a version
+        raise VersionError(f"schema version {repr(version)[:40]} ({type(version).__name__}), "
+                           f"this side speaks {SCHEMA_VERSION} (int)")  # fmt: skip
     kind = h.get("kind")
-    if kind not in _FIELDS:
+    if not isinstance(kind, str) or kind not in _FIELDS:  # a list or map kind is unhashable
         raise SchemaError(f"unknown kind {str(kind)[:40]!r}; expected one of {sorted(_FIELDS)}")
     spec = _FIELDS[kind]
     present = set(h) - {"v", "kind"}

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from common.cli import config_to_dict, parse_config
+from common.draft import DEFAULT_FORWARD, FORWARD_HELP, FORWARDS, load_checkpoint
 from common.logs import setup_logging
 from common.policy import LayerwisePolicy, Observation
 from evaluator.rsd import AcceptanceConfig, ChunkResult, DraftProposer, RSDConfig, RSDEngine
@@ -52,6 +53,7 @@ class EvalConfig:
     draft: Path = field(metadata={"help": "draft checkpoint (common/draft.py format)"})
     out_dir: Path = field(metadata={"help": "where eval.json, report.md and the plots go"})
     closed_loop: bool = field(default=True, metadata={"help": "also measure closed-loop success rates"})
+    draft_forward: str = field(default=DEFAULT_FORWARD, metadata={"help": FORWARD_HELP, "choices": FORWARDS})
     policy: str = field(
         default="embedded",
         metadata={
@@ -179,10 +181,10 @@ def load_eval_policy(
     return policy
 
 
-def load_draft(path: str | Path, policy: LayerwisePolicy) -> tuple[DraftProposer, dict[str, Any]]:
-    from common.draft import load_checkpoint
-
-    model, ckpt = load_checkpoint(path)
+def load_draft(
+    path: str | Path, policy: LayerwisePolicy, forward: str = DEFAULT_FORWARD
+) -> tuple[DraftProposer, dict[str, Any]]:
+    model, ckpt = load_checkpoint(path, forward=forward)
     if model.input_dim != policy.hidden_dim:
         raise ValueError(
             f"draft {path} reads hidden states of size {model.input_dim}, the policy's are {policy.hidden_dim}"
@@ -197,6 +199,7 @@ def load_draft(path: str | Path, policy: LayerwisePolicy) -> tuple[DraftProposer
     info = {
         "path": str(path),
         "num_coarse_layers": model.num_coarse_layers,
+        "forward": model.forward_name,
         "val_accuracy": ckpt["val_accuracy"],
         "epoch": ckpt["epoch"],
         "config": ckpt["config"],
@@ -400,10 +403,11 @@ class RSDActFactory:
     weights_dir: str | None = None
     codec_dir: str | None = None
     allow_random: bool = False
+    draft_forward: str = DEFAULT_FORWARD
 
     def __call__(self) -> Callable[[Observation], np.ndarray]:
         policy = load_eval_policy(self.policy, self.weights_dir, self.codec_dir, self.allow_random)
-        proposer, _ = load_draft(self.draft, policy)
+        proposer, _ = load_draft(self.draft, policy, self.draft_forward)
         if self.rsd is None:
             engine = RSDEngine(policy, None, RSDConfig(stage_timing=False))
         else:
@@ -440,6 +444,7 @@ def run_closed_loop(cfg: EvalConfig, arms: dict[str, RSDConfig | None]) -> dict[
             weights_dir=str(cfg.weights_dir) if cfg.weights_dir else None,
             codec_dir=str(cfg.codec_dir) if cfg.codec_dir else None,
             allow_random=cfg.allow_random,
+            draft_forward=cfg.draft_forward,
         )
         log.info("closed loop: %s on %d episodes", name, len(jobs))
         t0 = time.time()
@@ -466,7 +471,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         str(cfg.codec_dir) if cfg.codec_dir else None,
         cfg.allow_random,
     )
-    proposer, draft_info = load_draft(cfg.draft, policy)
+    proposer, draft_info = load_draft(cfg.draft, policy, cfg.draft_forward)
     arms = cfg.arms(proposer.num_layers)
     rec = OpenLoopRecorder(policy, proposer, arms, cfg.warmup)
 

@@ -34,6 +34,7 @@ import torch
 from tqdm import tqdm
 
 from common.cli import config_to_dict, parse_config
+from common.draft import DEFAULT_FORWARD, FORWARD_HELP, FORWARDS, draft_loss, load_checkpoint
 from common.logs import setup_logging
 from common.schedule import INIT_STATES, parse_range
 from common.vla.embedded import normalize_images
@@ -83,6 +84,7 @@ class FitDraftConfig:
     batch_size: int = field(default=64, metadata={"help": "batch size"})
     lr: float = field(default=3e-4, metadata={"help": "AdamW learning rate"})
     draft_hidden_dim: int = field(default=512, metadata={"help": "draft model width"})
+    draft_forward: str = field(default=DEFAULT_FORWARD, metadata={"help": FORWARD_HELP, "choices": FORWARDS})
     extract_batch: int = field(default=64, metadata={"help": "frames per batched policy pass"})
     device: str = field(default="auto", metadata={"help": "torch device: auto (cuda if present), cpu, cuda"})
     cache: Path | None = field(default=None, metadata={"help": "npz cache of extracted (hidden, codes)"})
@@ -221,10 +223,9 @@ def evaluate(cfg: FitDraftConfig, policy, device: torch.device) -> dict[str, Any
     """Token accuracy per layer of a draft on the held-out demonstrations named in its checkpoint, with
     the codes decoded by the policy on this machine (for example a draft fitted on a GPU, scored on
     the CPU the evaluator runs on)."""
-    from common.draft import draft_loss, load_checkpoint
     from trainer.retrain import targets_from_codes
 
-    model, ckpt = load_checkpoint(cfg.evaluate, map_location=device)
+    model, ckpt = load_checkpoint(cfg.evaluate, map_location=device, forward=cfg.draft_forward)
     names = ckpt["config"].get("valid_episodes")
     if not names:
         raise ValueError(
@@ -429,6 +430,7 @@ def fit(cfg: FitDraftConfig) -> dict[str, Any]:
         total_steps=steps,
         batch_size=cfg.batch_size,
         draft_hidden_dim=cfg.draft_hidden_dim,
+        draft_forward=cfg.draft_forward,
     )
     learner = Learner(hidden.shape[1], shape, optim, device=device)
     learner.autocast = learner.autocast and cfg.bf16

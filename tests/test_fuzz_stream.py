@@ -80,6 +80,112 @@ def test_decoder_never_crashes_on_mutated_messages(data):
     decode_or_reject([bytes(head[:cut]), *frames[1:]])
 
 
+# any value msgpack can carry, containers (unhashable) included
+MSGPACK_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=8)
+    | st.binary(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=6,
+)
+# dtype strings built from the pieces numpy's parser reacts to (",", "(", "[", ":", ...) and plain text
+DTYPE_STRINGS = st.one_of(
+    st.text(max_size=12),
+    st.lists(
+        st.sampled_from(["f4", "<f2", "u1", "i8", "V", "S", "U", "O", "M8", ",", "(", ")", "[", "]", "2",
+                         ":", "'", " ", ">", "|", "=", "-1", "99999999999999999999"]),
+        max_size=8,
+    ).map("".join),
+)  # fmt: skip
+
+
+def good_messages() -> dict[str, list[bytes]]:
+    """One valid message of every kind, as frames (the sample with a raw observation)."""
+    rng = np.random.default_rng(0)
+    obs = wire.RawObservation(
+        agentview=rng.integers(0, 255, (8, 8, 3), dtype=np.uint8),
+        wrist=rng.integers(0, 255, (8, 8, 3), dtype=np.uint8),
+        proprio=rng.standard_normal(8).astype(np.float32),
+    )
+    sample = good_sample(0)
+    sample.obs = obs
+    msgs = [
+        sample,
+        wire.Hello("fz", "s", 0, "fuzz-backbone", D, SH.to_dict()),
+        wire.EpisodeEnd("fz", "s", 1, "libero_spatial", 0, 0, "success", 1, 8),
+        wire.Heartbeat("fz", "s", 1),
+        wire.Bye("fz", "s", 2, 1, 1),
+        wire.Ack("t", "fz", "s", 1),
+    ]
+    return {m.kind: [bytes(f) for f in wire.encode(m)] for m in msgs}
+
+
+GOOD = good_messages()
+
+
+def field_paths(h: dict, prefix: tuple = ()) -> list[tuple]:
+    """Every key of the header, and of the maps inside it (array descriptors, obs), as paths."""
+    out = []
+    for k, v in h.items():
+        out.append((*prefix, k))
+        if isinstance(v, dict):
+            out.extend(field_paths(v, (*prefix, k)))
+    return out
+
+
+def replaced(h: dict, path: tuple, value) -> dict:
+    if len(path) == 1:
+        return {**h, path[0]: value}
+    return {**h, path[0]: replaced(h[path[0]], path[1:], value)}
+
+
+@settings(max_examples=DECODE_EXAMPLES, deadline=None)
+@given(st.data())
+def test_decoder_rejects_any_value_in_any_field(data):
+    kind = data.draw(st.sampled_from(sorted(GOOD)), label="kind")
+    frames = GOOD[kind]
+    h = msgpack.unpackb(frames[0], raw=False)
+    path = data.draw(st.sampled_from(field_paths(h)), label="field")
+    value = data.draw(MSGPACK_VALUES, label="value")
+    decode_or_reject([msgpack.packb(replaced(h, path, value), use_bin_type=True), *frames[1:]])
+
+
+@settings(max_examples=DECODE_EXAMPLES, deadline=None)
+@given(st.sampled_from(["hidden", "codes", "actions", "obs.agentview", "obs.proprio"]), DTYPE_STRINGS)
+def test_decoder_rejects_arbitrary_dtype_strings(field, dtype):
+    frames = GOOD["sample"]
+    h = msgpack.unpackb(frames[0], raw=False)
+    good_dtype = h[field]["dtype"] if "." not in field else h["obs"][field[4:]]["dtype"]
+    msg = [msgpack.packb(replaced(h, (*field.split("."), "dtype"), dtype), use_bin_type=True), *frames[1:]]
+    try:
+        wire.decode(msg)
+    except wire.WireError as exc:
+        try:
+            parsed = np.dtype(dtype)
+        except Exception:  # numpy cannot parse it: that is what the rejection says
+            assert exc.reason == "dtype", (dtype, exc)
+        else:
+            assert parsed != np.dtype(good_dtype) or exc.reason == "dtype", (dtype, exc)
+    else:
+        assert np.dtype(dtype) == np.dtype(good_dtype), dtype
+
+
+@settings(max_examples=DECODE_EXAMPLES, deadline=None)
+@given(st.one_of(st.booleans(), st.floats(), st.integers(-(2**63), 2**64 - 1), MSGPACK_VALUES))
+def test_decoder_accepts_only_the_int_version(version):
+    frames = GOOD["heartbeat"]
+    h = msgpack.unpackb(frames[0], raw=False)
+    msg = [msgpack.packb({**h, "v": version}, use_bin_type=True)]
+    if type(version) is int and version == wire.SCHEMA_VERSION:
+        assert wire.decode(msg).kind == "heartbeat"
+    else:
+        with pytest.raises(wire.VersionError):
+            wire.decode(msg)
+
+
 # ------------------------------------------------------------------------ the live trainer
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
@@ -119,25 +225,36 @@ BAD_KINDS = st.one_of(
     st.tuples(st.just("random"), st.lists(st.binary(max_size=300), min_size=1, max_size=3)),
     st.tuples(st.just("truncate"), st.floats(0.0, 0.99)),
     st.tuples(
-        st.just("version"), st.one_of(st.integers(-5, 1000).filter(lambda v: v != 1), st.text(max_size=3))
+        st.just("version"),
+        st.one_of(
+            st.integers(-5, 1000).filter(lambda v: v != 1),
+            st.text(max_size=3),
+            st.booleans(),  # True == 1 in Python, but not a schema version
+            st.floats(),  # 1.0 neither
+            MSGPACK_VALUES.filter(lambda v: type(v) is not int),
+        ),
     ),
-    st.tuples(st.just("kind"), st.text(max_size=12).filter(lambda k: k not in wire._FIELDS)),
+    st.tuples(
+        st.just("kind"),
+        st.one_of(
+            st.text(max_size=12).filter(lambda k: k not in wire._FIELDS),
+            MSGPACK_VALUES.filter(lambda k: not isinstance(k, str)),
+        ),  # lists and maps: unhashable
+    ),  # fmt: skip
     st.tuples(
         st.just("field"),
-        st.sampled_from(["step", "task_id", "suite", "pid", "seq", "hidden", "codes"]),
-        st.one_of(
-            st.none(),
-            st.text(max_size=8),
-            st.floats(),
-            st.binary(max_size=8),
-            st.lists(st.integers(-(2**63), 2**64 - 1), max_size=3),  # what msgpack can encode
-        ),
+        st.sampled_from(sorted(msgpack.unpackb(GOOD["sample"][0], raw=False))),  # every field of a sample
+        MSGPACK_VALUES,
     ),
     st.tuples(
         st.just("dtype"),
         st.sampled_from(["hidden", "codes", "actions"]),
-        st.sampled_from(["<f8", "<i4", "|i1", ">f4", "O", "V8", "<c8", "S3", "garbage", "<M8"]),
+        st.one_of(
+            st.sampled_from(["<f8", "<i4", "|i1", ">f4", "O", "V8", "<c8", "S3", "garbage", "<M8"]),
+            DTYPE_STRINGS,
+        ),
     ),
+    st.tuples(st.just("wrong_dim")),  # decodes, but its hidden size is not the hello's: the trainer rejects
     st.tuples(
         st.just("shape"),
         st.sampled_from(["hidden", "codes", "actions"]),
@@ -202,7 +319,33 @@ def make_bad(
         return list(sent[0]) if len(sent) >= 2 else None
     if kind == "no_hello":
         return [bytes(f) for f in wire.encode(good_sample(fresh_seq, pid, "nohello" + session, rng_seed=7))]
+    if kind == "wrong_dim":
+        msg = good_sample(fresh_seq, pid, session, rng_seed=7)
+        msg.hidden = np.zeros(D + 1, np.float32)
+        return [bytes(f) for f in wire.encode(msg)]
     raise AssertionError(kind)
+
+
+TRAINER_REJECTS = (
+    "duplicate",
+    "replay",
+    "no_hello",
+    "wrong_dim",
+)  # valid on the wire, refused by the trainer
+
+
+def with_seq(frames: list[bytes], seq: int | None) -> list[bytes]:
+    """The same message claiming another sequence number (a rejected message must not move the
+    per-producer sequence accounting, whatever seq it claims)."""
+    if seq is None or not frames:
+        return frames
+    try:
+        h = msgpack.unpackb(frames[0], raw=False)
+    except Exception:
+        return frames
+    if not isinstance(h, dict) or "seq" not in h:
+        return frames
+    return [msgpack.packb({**h, "seq": seq}, use_bin_type=True), *frames[1:]]
 
 
 _ids = itertools.count()
@@ -220,7 +363,12 @@ def wait_ack(sock: zmq.Socket, session: str, seq: int, timeout: float = 20.0) ->
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 @given(
-    bad=st.lists(st.tuples(BAD_KINDS, st.integers(0, 5)), min_size=1, max_size=8), n_good=st.integers(1, 5)
+    bad=st.lists(
+        st.tuples(BAD_KINDS, st.integers(0, 5), st.one_of(st.none(), st.integers(0, 2**62))),
+        min_size=1,
+        max_size=8,
+    ),
+    n_good=st.integers(1, 5),
 )
 def test_live_trainer_rejects_bad_and_keeps_good(live, bad, n_good):
     trainer, thread, sock = live
@@ -232,13 +380,15 @@ def test_live_trainer_rejects_bad_and_keeps_good(live, bad, n_good):
     sent: list[list[bytes]] = []
     n_bad = 0
     for seq in range(n_good + 1):
-        for recipe, pos in bad:
+        for recipe, pos, claimed_seq in bad:
             if pos != seq:
                 continue
             frames = make_bad(recipe, pid, session, sent, seq)
             if frames is None:
                 continue
-            if recipe[0] not in ("duplicate", "replay", "no_hello"):
+            if recipe[0] not in ("duplicate", "replay"):
+                frames = with_seq(frames, claimed_seq)
+            if recipe[0] not in TRAINER_REJECTS:
                 try:  # the odd mutation that happens to be valid is not a bad message
                     wire.decode(frames)
                     continue
@@ -287,3 +437,76 @@ def _reasons(trainer: Trainer) -> dict[str, int]:
         for k, v in s.rejected.items():
             out[k] = out.get(k, 0) + v
     return out
+
+
+# ------------------------------------------------------------------------ the receive path, no socket
+class _Sock:
+    """Stands in for the ROUTER socket: collects what the trainer sends back."""
+
+    def __init__(self) -> None:
+        self.sent: list[list] = []
+
+    def send_multipart(self, frames, flags: int = 0) -> None:
+        self.sent.append(frames)
+
+
+def _quiet_trainer(tmp_path) -> tuple[Trainer, _Sock]:
+    cfg = TrainerConfig(
+        endpoint="tcp://127.0.0.1:*", run_dir=tmp_path, min_size=4, warmup_steps=5, samples_per_insert=4,
+        error_buffer=400, batch_size=8, draft_hidden_dim=64,
+    )  # fmt: skip
+    return Trainer(cfg), _Sock()
+
+
+def _frames(msg) -> list[bytes]:
+    return [bytes(f) for f in wire.encode(msg)]
+
+
+def test_rejected_message_with_absurd_seq_leaves_gaps_and_expected_seq_alone(tmp_path):
+    trainer, sock = _quiet_trainer(tmp_path)
+    trainer.handle(sock, b"id", _frames(wire.Hello("rx", "s", 0, "b", D, SH.to_dict())))
+    for seq in (2**40, 2**62, 3):
+        bad = good_sample(0, "rx", "s")
+        bad.seq = seq
+        bad.hidden = np.zeros(D + 1, np.float32)  # decodes, but not the hello's D: rejected by the trainer
+        trainer.handle(sock, b"id", _frames(bad))
+    st_ = trainer.stats["rx"]
+    assert st_.rejected == {"shape": 3}
+    assert st_.gaps == 0 and st_.gap_events == 0 and trainer.producers["rx"].expected_seq == 0
+    trainer.handle(sock, b"id", _frames(good_sample(0, "rx", "s")))
+    assert st_.accepted == 1 and st_.gaps == 0 and trainer.producers["rx"].expected_seq == 1
+
+
+def test_an_unexpected_decoder_exception_is_a_counted_rejection(tmp_path, monkeypatch):
+    trainer, sock = _quiet_trainer(tmp_path)
+
+    def defect(*args, **kwargs):
+        raise KeyError("a decoder defect")
+
+    monkeypatch.setattr(wire, "decode", defect)
+    trainer.handle(sock, b"id", _frames(good_sample(0, "rx", "s")))
+    trainer.handle(sock, b"id", [b"\x00"])
+    assert trainer.stats["rx"].rejected == {"malformed": 1} and trainer.stats["rx"].received == 1
+    assert trainer.unattributed == {"malformed": 1}
+
+
+def test_the_issue_messages_are_counted_rejections(tmp_path):
+    trainer, sock = _quiet_trainer(tmp_path)
+    trainer.handle(sock, b"id", [msgpack.packb({"v": 1, "kind": [1]})])  # 12 bytes that killed the trainer
+    for dtype in (",", "f4,,", "(2,"):
+        h = msgpack.unpackb(_frames(good_sample(0, "rx", "s"))[0], raw=False)
+        h["hidden"]["dtype"] = dtype
+        trainer.handle(sock, b"id", [msgpack.packb(h, use_bin_type=True)])
+    for v in (True, 1.0):
+        h = msgpack.unpackb(_frames(good_sample(0, "rx", "s"))[0], raw=False)
+        trainer.handle(sock, b"id", [msgpack.packb({**h, "v": v}, use_bin_type=True)])
+    assert trainer.unattributed == {"schema": 1}
+    assert trainer.stats["rx"].rejected == {"dtype": 3, "version": 2}
+
+
+def test_hello_with_deeply_nested_config_json_does_not_kill_the_trainer(tmp_path):
+    trainer, sock = _quiet_trainer(tmp_path)
+    deep = "[" * 4000  # json.loads raises RecursionError, not JSONDecodeError
+    trainer.handle(sock, b"id", _frames(wire.Hello("rx", "s", 0, "b", D, SH.to_dict(), config_json=deep)))
+    assert "rx" in trainer.producers and not trainer.stats["rx"].rejected
+    assert wire.decode(sock.sent[-1][1:]).error == ""

@@ -205,3 +205,71 @@ def test_error_reasons_are_distinct():
         wire.TokenRangeError,
     ]
     assert len({c.reason for c in classes}) == len(classes)
+
+
+# ------------------------------------------------------------------ any decode failure is a WireError
+def test_unhashable_kind_is_rejected():
+    # 12 bytes that used to raise TypeError (unhashable) out of decode
+    expect(wire.SchemaError, [msgpack.packb({"v": 1, "kind": [1]})])
+    expect(wire.SchemaError, [msgpack.packb({"v": 1, "kind": {"a": 1}})])
+
+
+def _good_frames() -> dict[str, list]:
+    return {
+        "sample": to_bytes(wire.encode(make_sample(obs=True))),
+        "hello": to_bytes(wire.encode(wire.Hello("p0", "s1", 0, "b", 64, SH.to_dict()))),
+        "episode_end": to_bytes(
+            wire.encode(wire.EpisodeEnd("p0", "s1", 5, "libero_spatial", 1, 2, "success", 4, 33))
+        ),
+        "heartbeat": to_bytes(wire.encode(wire.Heartbeat("p0", "s1", 12))),
+        "bye": to_bytes(wire.encode(wire.Bye("p0", "s1", 12, 10, 2))),
+        "ack": to_bytes(wire.encode(wire.Ack("t1", "p0", "s1", -1, False, "refused"))),
+    }
+
+
+@pytest.mark.parametrize("unhashable", [[1], {"a": 1}, [[]], {"k": [1, {"x": 2}]}])
+def test_unhashable_value_in_every_field_is_rejected(unhashable):
+    for kind, frames in _good_frames().items():
+        h = header(frames)
+        for key in h:
+            expect(wire.WireError, repack({**h, key: unhashable}, frames))
+        for key in ("hidden", "codes", "actions") if kind == "sample" else ():  # inside array descriptors
+            for sub in h[key]:
+                expect(wire.WireError, repack({**h, key: {**h[key], sub: unhashable}}, frames))
+        if kind == "sample":
+            for sub in h["obs"]:
+                expect(wire.WireError, repack({**h, "obs": {**h["obs"], sub: unhashable}}, frames))
+            expect(
+                wire.WireError,
+                repack(
+                    {**h, "obs": {**h["obs"], "agentview": {**h["obs"]["agentview"], "dtype": unhashable}}},
+                    frames,
+                ),
+            )
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    [",", "f4,,", "(2,", "f4,(2,", "(,)f4", "[", "{", "i4:", "(2)(3)u1", "V-1", "U99999999999999999999"],
+)
+def test_dtype_strings_numpy_cannot_parse_are_rejected(dtype):
+    frames = to_bytes(wire.encode(make_sample()))
+    h = header(frames)
+    for field in ("hidden", "codes", "actions"):
+        expect(wire.DtypeError, repack({**h, field: {**h[field], "dtype": dtype}}, frames))
+
+
+@pytest.mark.parametrize("version", [True, 1.0, False, 0.0, "1", b"\x01", [1], None])
+def test_version_must_be_the_int_1(version):
+    frames = to_bytes(wire.encode(make_sample()))
+    err = expect(wire.VersionError, repack({**header(frames), "v": version}, frames))
+    assert repr(version)[:10] in str(err)
+
+
+def test_any_unexpected_exception_in_decode_becomes_a_counted_wire_error(monkeypatch):
+    def boom(*args, **kwargs):
+        raise RuntimeError("a bug in the decoder")
+
+    monkeypatch.setattr(wire, "_decode_sample", boom)
+    err = expect(wire.WireError, to_bytes(wire.encode(make_sample())))
+    assert err.reason == "malformed" and "RuntimeError" in str(err)

@@ -173,7 +173,7 @@ class ArchiveWriter:
             producers = json.loads(a["producers"])
             try:
                 cfg = json.loads(producer_config)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # not JSON, or nested deeper than json can parse
                 cfg = {"raw": producer_config[:4096]}
             producers[producer_id] = cfg
             a["producers"] = json.dumps(producers, sort_keys=True)

@@ -18,7 +18,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.draft import RFSQDraftModelWithProjection, draft_loss, load_checkpoint, save_checkpoint
+from common.draft import (
+    DEFAULT_FORWARD,
+    build_draft,
+    check_forward,
+    draft_loss,
+    load_checkpoint,
+    save_checkpoint,
+)
 from common.shapes import RFSQShape
 
 log = logging.getLogger(__name__)
@@ -34,6 +41,10 @@ class OptimConfig:
     min_lr_ratio: float = 0.05
     batch_size: int = 32
     draft_hidden_dim: int = 512
+    draft_forward: str = DEFAULT_FORWARD  # "plan" (DESIGN §4) or "kpos" (common/draft.py)
+
+    def __post_init__(self) -> None:
+        check_forward(self.draft_forward)
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -62,7 +73,8 @@ class Learner:
 
     def __post_init__(self) -> None:
         s = self.shape
-        self.model = RFSQDraftModelWithProjection(
+        self.model = build_draft(
+            self.optim.draft_forward,
             input_dim=self.input_dim,
             hidden_dim=self.optim.draft_hidden_dim,
             num_coarse_layers=s.num_coarse_layers,
@@ -155,7 +167,7 @@ class Learner:
 
     def load(self, path: Path) -> dict[str, Any]:
         """Resume model, optimizer and schedule from a checkpoint written by :meth:`save`."""
-        model, ckpt = load_checkpoint(path, map_location=self.device)
+        model, ckpt = load_checkpoint(path, map_location=self.device, forward=self.optim.draft_forward)
         if model.model_config() != self.model.model_config():
             raise ValueError(f"{path}: model {model.model_config()} != expected {self.model.model_config()}")
         self.model.load_state_dict(model.state_dict())

@@ -40,6 +40,7 @@ import zmq
 from common import wire
 from common.cli import config_to_dict, parse_config
 from common.curve import check_bind_endpoint, server_curve
+from common.draft import DEFAULT_FORWARD, FORWARD_HELP, FORWARDS
 from common.logs import setup_logging
 from common.shapes import DEFAULT_SHAPE, RFSQShape
 from trainer.archive import ArchiveWriter, EpisodeRecord, archived_seqs, episode_attrs, iter_episodes
@@ -74,6 +75,7 @@ class TrainerConfig:
     warmup_steps: int = field(default=1000, metadata={"help": "linear warmup updates"})
     total_steps: int = field(default=20000, metadata={"help": "cosine schedule length in updates"})
     draft_hidden_dim: int = field(default=512, metadata={"help": "draft model width"})
+    draft_forward: str = field(default=DEFAULT_FORWARD, metadata={"help": FORWARD_HELP, "choices": FORWARDS})
     samples_per_insert: float = field(
         default=32.0, metadata={"help": "target number of times each inserted sample is drawn for training"}
     )
@@ -128,6 +130,7 @@ class TrainerConfig:
             total_steps=self.total_steps,
             batch_size=self.batch_size,
             draft_hidden_dim=self.draft_hidden_dim,
+            draft_forward=self.draft_forward,
         )
 
 
@@ -263,11 +266,15 @@ class Trainer:
         now = time.time()
         try:
             msg = wire.decode(frames, self.limits)
-        except wire.WireError as exc:
+        except Exception as exc:  # WireError; anything else (a decoder defect) is a rejection all the same
             pid = self._peek_pid(frames)
             if pid is not None:
                 self._stats(pid).received += 1
-            self._reject(exc.reason, str(exc), pid)
+            if isinstance(exc, wire.WireError):
+                self._reject(exc.reason, str(exc), pid)
+            else:
+                log.debug("decoder failed on a message from %s", pid or "?", exc_info=exc)
+                self._reject("malformed", f"undecodable message: {type(exc).__name__}: {exc}", pid)
             return
         pid = msg.producer_id
         st = self._stats(pid)
@@ -293,7 +300,13 @@ class Trainer:
         if isinstance(msg, wire.Bye):
             self._on_bye(msg, state)
             return
-        # data messages: sequence check
+        # data messages: every check first, then the sequence accounting (a rejected message leaves the
+        # expected seq and the gap count alone, whatever seq it claims)
+        if isinstance(msg, wire.Sample) and msg.hidden.shape[0] != state.hello.hidden_dim:
+            self._reject(
+                "shape", f"hidden [{msg.hidden.shape[0]}] != hello's D={state.hello.hidden_dim}", pid
+            )
+            return
         if msg.seq < state.expected_seq:
             self._reject("duplicate", f"seq {msg.seq} < expected {state.expected_seq}", pid)
             return
@@ -304,16 +317,10 @@ class Trainer:
             log.warning(
                 "producer %s: sequence gap, %d message(s) missing before seq %d", pid, missing, msg.seq
             )
+        state.expected_seq = msg.seq + 1
         if isinstance(msg, wire.Sample):
-            if msg.hidden.shape[0] != state.hello.hidden_dim:
-                self._reject(
-                    "shape", f"hidden [{msg.hidden.shape[0]}] != hello's D={state.hello.hidden_dim}", pid
-                )
-                return
-            state.expected_seq = msg.seq + 1
             self._on_sample(msg, state, now)
         else:
-            state.expected_seq = msg.seq + 1
             self._on_episode_end(sock, msg, state)
 
     def _on_hello(self, sock: zmq.Socket, identity: bytes, msg: wire.Hello, now: float) -> None:

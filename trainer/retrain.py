@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from common.cli import config_to_dict, parse_config
+from common.draft import DEFAULT_FORWARD, FORWARD_HELP, FORWARDS, load_checkpoint
 from common.logs import setup_logging
 from common.shapes import RFSQShape
 from trainer.archive import archive_meta, load_split
@@ -46,6 +47,7 @@ class RetrainConfig:
     grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clip"})
     warmup_steps: int = field(default=1000, metadata={"help": "linear warmup updates"})
     draft_hidden_dim: int = field(default=512, metadata={"help": "draft model width"})
+    draft_forward: str = field(default=DEFAULT_FORWARD, metadata={"help": FORWARD_HELP, "choices": FORWARDS})
     init_checkpoint: Path | None = field(default=None, metadata={"help": "start from this draft checkpoint"})
     num_coarse_layers: int | None = field(
         default=None, metadata={"help": "layers the draft predicts (none: the archive's K; up to L = 8)"}
@@ -117,12 +119,11 @@ def retrain(cfg: RetrainConfig, stop: threading.Event | None = None) -> dict[str
         total_steps=steps_per_epoch * cfg.epochs,
         batch_size=cfg.batch_size,
         draft_hidden_dim=cfg.draft_hidden_dim,
+        draft_forward=cfg.draft_forward,
     )
     learner = Learner(h_train.shape[1], shape, optim, device=device)
     if cfg.init_checkpoint is not None:
-        from common.draft import load_checkpoint
-
-        model, _ = load_checkpoint(cfg.init_checkpoint, map_location=device)
+        model, _ = load_checkpoint(cfg.init_checkpoint, map_location=device, forward=cfg.draft_forward)
         learner.model.load_state_dict(model.state_dict())
     run_config = {
         "run": config_to_dict(cfg),
