@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import msgpack
 import numpy as np
 import pytest
@@ -273,3 +275,65 @@ def test_any_unexpected_exception_in_decode_becomes_a_counted_wire_error(monkeyp
     monkeypatch.setattr(wire, "_decode_sample", boom)
     err = expect(wire.WireError, to_bytes(wire.encode(make_sample())))
     assert err.reason == "malformed" and "RuntimeError" in str(err)
+
+
+# ------------------------------------------------------------------ the byte format is pinned
+# sha256 of every frame, recorded from the hand-written encoder before the messages were declared once
+# (docs/DESIGN.md §7.3); a change here means producers and trainers of different versions disagree
+T0 = 1_700_000_000.25
+PINNED = {
+    "hello": ["69cc43da2c7e2959a420e0425fbda44557cd1aba9c73d6d103ab4d62218e63ab"],
+    "sample_inline": ["9adb4579530da93be5ae23b06b165dff79651c81f721dd9f9712a989b2065329"],
+    "sample_frames_obs": [
+        "92548d17da6739e09fb73f8a514d837063dec879bc97e1c727b6c2061d353758",
+        "1b6052fdce0460d821e615f424b03c9273a69d5d7fbbf343b99b0b066fef314f",
+        "5f24b2f16026ec7d0450a5a08283d3cfd47302fe859f579ed79fe7d2663b73f9",
+    ],
+    "episode_end": ["8f33651af43808563c565cf785a8faf1dd7547e2cda88c7eaa52d890b8005a82"],
+    "heartbeat": ["4d1f9c15780d2164fab4cab16deada0af6905d7b73e28afeefe244530159d5d4"],
+    "bye": ["cadfac183efd644e5243931e0bd8fd3f721c0841142502b12a5b3477f6846bfa"],
+    "ack": ["fa3b95e90a8f14ca6901a50036e7f16b633ce2832fd8b709943ca4d00aefa68c"],
+}
+
+
+def _fixed_arrays(d: int, dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    hidden = ((np.arange(d) % 17 - 8) / 4).astype(dtype)  # [D]
+    codes = (np.arange(np.prod(SH.codes_shape)) % SH.grid_size).astype(np.uint8).reshape(SH.codes_shape)
+    actions = np.linspace(-1, 1, np.prod(SH.chunk_shape)).astype(np.float32).reshape(SH.chunk_shape)
+    return hidden, codes, actions
+
+
+def pinned_messages() -> dict[str, wire.Message]:
+    """One message of each kind with fixed contents (no RNG, fixed sent_at), both array placements."""
+    h, c, a = _fixed_arrays(8, np.float16)  # every array inline
+    big_h, big_c, big_a = _fixed_arrays(4096, np.float32)  # hidden out of band
+    obs = wire.RawObservation(
+        agentview=(np.arange(32 * 32 * 3) % 251).astype(np.uint8).reshape(32, 32, 3),  # out of band
+        wrist=(np.arange(16 * 16 * 3) % 13).astype(np.uint8).reshape(16, 16, 3),  # inline
+        proprio=np.linspace(-2, 2, 8).astype(np.float32),
+    )
+    return {
+        "hello": wire.Hello(
+            "p0", "s1", 0, "embedded-vla@abc", 256, SH.to_dict(), "f" * 64, '{"a": 1}', sent_at=T0
+        ),
+        "sample_inline": wire.Sample("p0", "s1", 3, "libero_spatial", 1, 2, 16, h, c, a, sent_at=T0),
+        "sample_frames_obs": wire.Sample(
+            "p0", "s1", 4, "libero_spatial", 9, 0, 0, big_h, big_c, big_a, obs, sent_at=T0
+        ),
+        "episode_end": wire.EpisodeEnd(
+            "p0", "s1", 5, "libero_spatial", 1, 2, "errored", 4, 33, "RuntimeError: boom", sent_at=T0
+        ),
+        "heartbeat": wire.Heartbeat("p0", "s1", 12, sent_at=T0),
+        "bye": wire.Bye("p0", "s1", 12, 10, 2, sent_at=T0),
+        "ack": wire.Ack("t1", "p0", "s1", -1, False, "refused", sent_at=T0),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(PINNED))
+def test_encoding_is_byte_identical_to_the_pinned_format(name):
+    msg = pinned_messages()[name]
+    frames = to_bytes(wire.encode(msg))
+    assert [hashlib.sha256(f).hexdigest() for f in frames] == PINNED[name]
+    out = wire.decode(frames)
+    assert type(out) is type(msg)
+    assert to_bytes(wire.encode(out)) == frames  # decode gives back exactly what was sent
