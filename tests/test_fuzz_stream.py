@@ -237,7 +237,7 @@ BAD_KINDS = st.one_of(
     st.tuples(
         st.just("kind"),
         st.one_of(
-            st.text(max_size=12).filter(lambda k: k not in wire._FIELDS),
+            st.text(max_size=12).filter(lambda k: k not in wire.MESSAGES),
             MSGPACK_VALUES.filter(lambda k: not isinstance(k, str)),
         ),  # lists and maps: unhashable
     ),  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 
 import msgpack
@@ -272,7 +273,7 @@ def test_any_unexpected_exception_in_decode_becomes_a_counted_wire_error(monkeyp
     def boom(*args, **kwargs):
         raise RuntimeError("a bug in the decoder")
 
-    monkeypatch.setattr(wire, "_decode_sample", boom)
+    monkeypatch.setattr(wire.codec, "_decode_array", boom)
     err = expect(wire.WireError, to_bytes(wire.encode(make_sample())))
     assert err.reason == "malformed" and "RuntimeError" in str(err)
 
@@ -337,3 +338,55 @@ def test_encoding_is_byte_identical_to_the_pinned_format(name):
     out = wire.decode(frames)
     assert type(out) is type(msg)
     assert to_bytes(wire.encode(out)) == frames  # decode gives back exactly what was sent
+
+
+# ------------------------------------------------------------------ the declarations drive the decoder
+def test_checks_run_in_the_declared_order():
+    """With two faults, the one checked first decides the error: ids and seq before arrays, arrays
+    before the other bounds, hello's shape before hidden_dim."""
+    msg = make_sample()
+    msg.seq, msg.hidden = -1, np.full(64, np.nan, np.float16)
+    expect(wire.SchemaError, to_bytes(wire.encode(msg)))  # seq first
+    msg.seq, msg.task_id = 0, -1
+    expect(wire.NonFiniteError, to_bytes(wire.encode(msg)))  # the array before task_id
+    hello = wire.Hello("p0", "s1", 0, "b", 0, {**SH.to_dict(), "grid_size": 5})
+    expect(wire.ShapeError, to_bytes(wire.encode(hello)))
+    expect(wire.SchemaError, [to_bytes(wire.encode(hello))[0], b"x"])  # stray frame before the shape
+
+
+def test_every_kind_is_declared_once_with_its_wire_keys():
+    keys = {kind: [f.key for f in wire.schema.SCHEMA[cls]] for kind, cls in wire.MESSAGES.items()}
+    assert keys["ack"] == [
+        "trainer_session",
+        "pid",
+        "producer_session",
+        "archived_seq",
+        "known",
+        "error",
+        "sent_at",
+    ]
+    assert keys["sample"][:3] == ["pid", "session", "seq"] and "producer_id" not in keys["sample"]
+    for kind, frames in _good_frames().items():
+        assert list(header(frames))[2:] == keys[kind]  # the encoder writes the declared fields in order
+
+
+def test_a_declaration_the_codec_cannot_handle_is_refused_at_import():
+    @dataclasses.dataclass
+    class NoRule:
+        x: np.ndarray  # an array without its Array rule
+
+    @dataclasses.dataclass
+    class BadBounds:
+        x: str = wire.schema.rule(bounds=(0, 1))
+
+    @dataclasses.dataclass
+    class IdentInt:
+        x: int = wire.schema.rule(ident=True)
+
+    @dataclasses.dataclass
+    class NoWireForm:
+        x: list[int] = dataclasses.field(default_factory=list)
+
+    for cls in (NoRule, BadBounds, IdentInt, NoWireForm):
+        with pytest.raises(TypeError):
+            wire.schema._compile(cls)
