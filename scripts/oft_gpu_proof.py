@@ -14,7 +14,7 @@ over recorded LIBERO observations (``--replay-obs``), streaming over ZeroMQ on l
 ``--write-stubs DIR`` writes import stubs for tensorflow, tensorflow_datasets, tensorflow_graphics, dlimp
 and wandb: openvla-oft imports them at package import time for training and data loading only, and no
 TensorFlow matching OFT's pin installs on a Python 3.12 machine without network. Any call of a stub
-raises; the replayed images were prepared with OFT's real TensorFlow preprocessing on the machine that
+raises, except the one call openvla-oft makes at import (``tf.config.set_visible_devices([], "GPU")``); the replayed images were prepared with OFT's real TensorFlow preprocessing on the machine that
 recorded them (``python -m producer.replay prepare``). A random-weight model is no trained policy: the
 figures here are speed and memory, not success.
 """
@@ -39,6 +39,8 @@ STUBBED = ("tensorflow", "tensorflow_datasets", "tensorflow_graphics", "dlimp", 
 STUB_SOURCE = '''"""Import stub written by scripts/oft_gpu_proof.py: attribute access works, any call raises."""
 import sys, types
 
+ALLOWED = {"tensorflow.config.set_visible_devices"}  # prismatic/vla/datasets/rlds/dataset.py, at import
+
 
 class _Stub:
     def __init__(self, name):
@@ -50,6 +52,8 @@ class _Stub:
         return _Stub(self._name + "." + attr)
 
     def __call__(self, *args, **kwargs):
+        if self._name in ALLOWED:  # module-level calls made while openvla-oft is imported
+            return None
         raise RuntimeError(self._name + " is an import stub: this code path needs the real package")
 
     def __mro_entries__(self, bases):
@@ -85,7 +89,7 @@ def start_trainer(args: argparse.Namespace, endpoint: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *args.trainer_path])
     cmd = [
-        sys.executable, "-m", "trainer.online", "--endpoint", endpoint, "--run-dir", str(args.run_dir),
+        args.trainer_python, "-m", "trainer.online", "--endpoint", endpoint, "--run-dir", str(args.run_dir),
         "--input-dim", str(args.input_dim), "--draft-hidden-dim", "512", "--device", args.trainer_device,
         "--exit-after-byes", "1",
         "--min-size", "32", "--warmup-steps", "50", "--val-interval", "100", "--samples-per-insert", "8",
@@ -233,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", type=Path, default=Path("/tmp/oft_proof/run"), help="trainer run dir")
     parser.add_argument("--samples", type=int, default=448, help="samples to stream (at least)")
     parser.add_argument("--endpoint", default="tcp://127.0.0.1:5599", help="loopback endpoint")
+    parser.add_argument("--trainer-python", default=sys.executable, help="python of the trainer (.venv)")
     parser.add_argument("--trainer-path", nargs="*", default=[], help="PYTHONPATH entries of the trainer")
     parser.add_argument(
         "--size", choices=["7b", "tiny"], default="7b", help="tiny: a CPU dry run of the flow"

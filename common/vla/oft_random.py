@@ -77,7 +77,8 @@ def _shrunk_timm(overrides: dict[str, int] | None) -> Iterator[None]:
 
 
 def make_processor(tokenizer_model: str | Path | None = None) -> Any:
-    """PrismaticProcessor with the released image settings; Llama-2 tokenizer if a tokenizer.model is given."""
+    """PrismaticProcessor with the released image settings; Llama-2 tokenizer if a tokenizer.model (or a
+    folder saved from one) is given, else a small word-level tokenizer."""
     from prismatic.extern.hf.processing_prismatic import PrismaticImageProcessor, PrismaticProcessor
 
     image_processor = PrismaticImageProcessor(
@@ -95,6 +96,8 @@ def _tokenizer(tokenizer_model: str | Path | None) -> Any:
     if tokenizer_model is not None:
         from transformers import LlamaTokenizerFast
 
+        if Path(tokenizer_model).is_dir():  # saved by save_pretrained (tokenizer.json: no sentencepiece needed)
+            return LlamaTokenizerFast.from_pretrained(str(tokenizer_model))
         tok = LlamaTokenizerFast(vocab_file=str(tokenizer_model), legacy=False)
         tok.add_special_tokens({"pad_token": "<PAD>"})  # as the released checkpoints (id 32000)
         return tok
