@@ -15,6 +15,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from numpy.testing import assert_array_equal  # before openvla-oft patches json (json_numpy.patch)
 
 from common.codec import load_codec
 from common.policy import Observation
@@ -162,7 +163,7 @@ def test_act_returns_the_last_prompt_tokens_hidden_state(tiny_policy):
     (seq,) = seen  # one forward pass: [1, L, D] after the final norm
     assert seq.shape == (1, P + patches + 57, vla.llm_dim)  # BOS, patches, prompt, 56 action slots, stop
     last_prompt = patches + P - 1
-    np.testing.assert_array_equal(out.hidden, seq[0, last_prompt].float().numpy())
+    assert_array_equal(out.hidden, seq[0, last_prompt].float().numpy())
     for other in (last_prompt - 1, last_prompt + 1):
         assert not np.allclose(out.hidden, seq[0, other].float().numpy())
     D, shape = vla.llm_dim, tiny_policy.shape
