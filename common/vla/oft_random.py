@@ -96,7 +96,7 @@ def _tokenizer(tokenizer_model: str | Path | None) -> Any:
     if tokenizer_model is not None:
         from transformers import LlamaTokenizerFast
 
-        if Path(tokenizer_model).is_dir():  # saved by save_pretrained (tokenizer.json: no sentencepiece needed)
+        if Path(tokenizer_model).is_dir():  # save_pretrained output: tokenizer.json, no sentencepiece
             return LlamaTokenizerFast.from_pretrained(str(tokenizer_model))
         tok = LlamaTokenizerFast(vocab_file=str(tokenizer_model), legacy=False)
         tok.add_special_tokens({"pad_token": "<PAD>"})  # as the released checkpoints (id 32000)
