@@ -20,7 +20,7 @@ DEMOS ?= data/demos/libero_spatial_expert.hdf5
 ARGS ?=
 
 .PHONY: help venv test test-slow lint produce train retrain eval bench bench-gpu demos dataset-info \
-        train-codec train-vla eval-vla demo clean
+        train-codec train-vla eval-vla demo clean venv-oft produce-oft
 
 help:  ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -54,8 +54,8 @@ demos: venv  ## record scripted-expert demonstrations to HDF5
 dataset-info: venv  ## print a robomimic-style summary of an HDF5 file (FILE=…)
 	$(PY) -m producer.dataset_info $(or $(FILE),$(DEMOS))
 
-train-codec: venv  ## fit the RFSQ action codec on demonstration action chunks
-	$(PY) -m trainer.train_codec --demos $(DEMOS) $(ARGS)
+train-codec: venv  ## fit the RFSQ action codec on demo chunks (or FROM_ARCHIVE=a.hdf5 [NORM_STATS=…json])
+	$(PY) -m trainer.train_codec $(if $(FROM_ARCHIVE),--archives $(FROM_ARCHIVE) $(if $(NORM_STATS),--norm-stats $(NORM_STATS)),--demos $(DEMOS)) $(ARGS)
 
 train-vla: venv  ## behaviour-clone the embedded VLA on demonstrations
 	$(PY) -m trainer.train_vla --demos $(DEMOS) $(ARGS)
@@ -83,6 +83,42 @@ bench-gpu:  ## 7B timing twin on a GPU (run on a CUDA machine; uses the python t
 
 demo: venv  ## the main job: produce + train in parallel, then evaluate, then print a summary
 	$(PY) -m evaluator.demo --run-dir $(RUN) $(ARGS)
+
+# ---------------------------------------------------------------- OpenVLA-OFT producer environment
+# A second environment for the OFT producer only (docs/oft.md): CUDA torch 2.2.0 and OFT's own pins
+# (envs/oft-requirements.txt), its transformers fork with bidirectional attention, openvla-oft and
+# dlimp. The trainer stays in .venv; none of this enters requirements.lock. Point the three sources at
+# local copies with OFT_SRC=/path/openvla-oft TF_FORK_SRC=/path/transformers-openvla-oft
+# DLIMP_SRC=/path/dlimp_openvla; OFT_LIBERO=0 skips LIBERO (replaying recorded observations only).
+OFT_VENV := .venv-oft
+OFT_PY := $(OFT_VENV)/bin/python
+OFT_STAMP := $(OFT_VENV)/.rsd-oft-installed
+OFT_PYTHON ?= $(firstword $(foreach p,python3.10 python3.11 python3,$(shell $(p) -c 'print("$(p)")' 2>/dev/null)))
+OFT_SRC ?= git+https://github.com/moojink/openvla-oft.git@213c5ff8d6e9673885d7e4dd6f2ce73b5d8a45db
+TF_FORK_SRC ?= git+https://github.com/moojink/transformers-openvla-oft.git@bc339d9ad707454c0c115970db43c260067c61ab
+DLIMP_SRC ?= git+https://github.com/moojink/dlimp_openvla.git@040105d256bd28866cc6620621a3d5f7b6b91b46
+OFT_LIBERO ?= 1
+OFT_PIP := $(OFT_PY) -m pip install -q --disable-pip-version-check
+
+venv-oft: $(OFT_STAMP)  ## create .venv-oft for the OpenVLA-OFT producer (CUDA torch 2.2, OFT's pins)
+
+$(OFT_STAMP): envs/oft-requirements.txt envs/oft-libero-requirements.txt envs/oft-constraints.txt
+	@$(OFT_PYTHON) -c 'import sys; v = sys.version_info[:2]; sys.exit(0 if (3, 9) <= v <= (3, 11) else \
+	  f"OFT_PYTHON={sys.executable} is Python {v[0]}.{v[1]}; tensorflow 2.15 (an OpenVLA-OFT pin) needs 3.9-3.11: pass OFT_PYTHON=python3.10")'
+	@test -x $(OFT_PY) || $(OFT_PYTHON) -m venv $(OFT_VENV)
+	$(OFT_PIP) -r envs/oft-requirements.txt
+	$(OFT_PIP) --no-deps "$(TF_FORK_SRC)" "$(DLIMP_SRC)" "$(OFT_SRC)"
+	$(OFT_PY) -c "import site, pathlib; pathlib.Path(site.getsitepackages()[0], 'rsd-repo.pth').write_text('$(CURDIR)\\n')"
+ifeq ($(OFT_LIBERO),1)
+	$(OFT_PIP) -c envs/oft-constraints.txt -r envs/oft-libero-requirements.txt
+	LIBERO_CONFIG_PATH=$(CURDIR)/$(OFT_VENV)/libero-config $(OFT_PY) -m producer.libero_setup
+endif
+	$(OFT_PY) -m common.vla.openvla_oft --check-env
+	@touch $@
+
+produce-oft: venv-oft  ## stream OpenVLA-OFT samples (GPU) to `make train`; MODEL=hub id or folder
+	LIBERO_CONFIG_PATH=$(CURDIR)/$(OFT_VENV)/libero-config $(OFT_PY) -m producer.produce --vla openvla-oft \
+	  --model-id $(or $(MODEL),moojink/openvla-7b-oft-finetuned-libero-spatial) --endpoint $(ENDPOINT) $(ARGS)
 
 clean:  ## remove runs/ and caches (keeps .venv and data/)
 	rm -rf runs .pytest_cache .ruff_cache

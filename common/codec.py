@@ -75,6 +75,28 @@ class RFSQCodec(nn.Module):
         self.action_low.copy_(low)
         self.action_high.copy_(high)
 
+    def set_bounds(self, low: np.ndarray | torch.Tensor, high: np.ndarray | torch.Tensor) -> None:
+        """Set per-dimension low/high directly (e.g. a backbone's own q01/q99 statistics)."""
+        lo = torch.as_tensor(np.asarray(low), dtype=torch.float32)
+        hi = torch.as_tensor(np.asarray(high), dtype=torch.float32)
+        A = self.shape.action_dim
+        if (
+            lo.shape != (A,)
+            or hi.shape != (A,)
+            or not (torch.isfinite(lo).all() and torch.isfinite(hi).all())
+        ):
+            raise ValueError(f"bounds must be finite [{A}] arrays, got {list(lo.shape)} and {list(hi.shape)}")
+        if not bool((hi - lo > 1e-6).all()):
+            raise ValueError(f"every high must exceed its low: {hi.tolist()} vs {lo.tolist()}")
+        self.action_low.copy_(lo.to(self.action_low.device))
+        self.action_high.copy_(hi.to(self.action_high.device))
+
+    def clamped(self, actions: np.ndarray | torch.Tensor) -> np.ndarray:
+        """[..., A] actions -> [..., A] bool: the values :meth:`normalize` clamps (outside [low, high])."""
+        a = torch.as_tensor(np.asarray(actions), dtype=torch.float32)
+        low, high = self.action_low.cpu(), self.action_high.cpu()
+        return ((a < low) | (a > high)).numpy()
+
     def normalize(self, actions: torch.Tensor) -> torch.Tensor:
         span = self.action_high - self.action_low
         return (2.0 * (actions - self.action_low) / span - 1.0).clamp(-1.0, 1.0)

@@ -39,7 +39,9 @@ from common.cli import config_to_dict, parse_config
 from common.logs import setup_logging
 from common.policy import ChunkPolicy, Observation
 from common.schedule import episode_schedule
-from common.vla.openvla_oft import OpenVLAOFTUnavailable
+from common.vla.openvla_oft import OpenVLAOFTUnavailable, oft_image_prep, prepared_image_prep
+from producer.env import EnvConfig, LiberoEnv
+from producer.replay import ReplayEnv, load_replay
 from producer.sender import ReliableSender, TrainerRefused
 
 log = logging.getLogger("producer")
@@ -101,6 +103,13 @@ class ProducerConfig:
         },
     )
     send_obs: bool = field(default=False, metadata={"help": "also stream the observation (images, proprio)"})
+    replay_obs: Path | None = field(
+        default=None,
+        metadata={
+            "help": "replay observations recorded by `python -m producer.replay` instead of running LIBERO "
+            "(a producer machine without LIBERO; frames do not react to actions)"
+        },
+    )
     hidden_dtype: str = field(
         default="float32",
         metadata={"help": "dtype of the hidden state on the wire", "choices": ["float16", "float32"]},
@@ -143,11 +152,14 @@ class ProducerConfig:
 
 
 # ------------------------------------------------------------------------------ policy
-def build_policy(cfg: ProducerConfig) -> ChunkPolicy:
+def build_policy(cfg: ProducerConfig, prepared_images: bool = False) -> ChunkPolicy:
     if cfg.vla == "openvla-oft":
         from common.vla.openvla_oft import load_openvla_oft
 
-        return load_openvla_oft(cfg.model_id, device=cfg.device, codec_dir=cfg.codec_dir, suite=cfg.suite)
+        prep = prepared_image_prep if prepared_images else oft_image_prep
+        return load_openvla_oft(
+            cfg.model_id, device=cfg.device, codec_dir=cfg.codec_dir, suite=cfg.suite, image_prep=prep
+        )
     from common.vla import load_policy
 
     policy = load_policy(
@@ -167,6 +179,14 @@ def _codec_sha(policy: ChunkPolicy) -> str:
     return str(getattr(codec, "sha256", "") or "")
 
 
+def _codec_bounds(policy: ChunkPolicy) -> dict[str, list[float]] | None:
+    """The codec's normalization bounds (the trainer counts the action values clamped outside them)."""
+    codec = getattr(policy, "codec", None)
+    if codec is None or not hasattr(codec, "action_low"):
+        return None
+    return {"low": codec.action_low.cpu().tolist(), "high": codec.action_high.cpu().tolist()}
+
+
 class _InjectedError(RuntimeError):
     """Raised by --test-raise-in-episode to exercise the errored-episode path."""
 
@@ -181,10 +201,11 @@ class EpisodeResult:
 
 
 class Producer:
-    def __init__(self, cfg: ProducerConfig):
+    def __init__(self, cfg: ProducerConfig, policy: ChunkPolicy | None = None):
         self.cfg = cfg
         self.stop = threading.Event()
-        self.policy: ChunkPolicy | None = None
+        self.policy: ChunkPolicy | None = policy  # None: built from cfg in run()
+        self.replay = load_replay(cfg.replay_obs) if cfg.replay_obs is not None else None
         self.sender: ReliableSender | None = None
         self.counts = {"success": 0, "failed": 0, "errored": 0, "incomplete": 0}
         self.steps_total = 0
@@ -256,8 +277,6 @@ class Producer:
     def run(self) -> dict[str, Any]:
         from tqdm import tqdm
 
-        from producer.env import EnvConfig, LiberoEnv
-
         cfg = self.cfg
         import torch
 
@@ -265,11 +284,12 @@ class Producer:
         torch.manual_seed(
             cfg.seed
         )  # only matters for a random-weight plumbing policy: same on every producer
-        self.policy = build_policy(cfg)
+        if self.policy is None:
+            self.policy = build_policy(cfg, self.replay is not None and bool(self.replay["prepared"]))
         log.info("policy %s (D=%d) on %s", self.policy.backbone_id, self.policy.hidden_dim, cfg.device)
         self.sender = ReliableSender(cfg, self.stop)
         per_pass = len(cfg.tasks) * cfg.episodes_per_task  # episodes of one pass over the tasks
-        env: LiberoEnv | None = None
+        env: Any = None
         env_task = None
         hello_sent = False
         episode = 0
@@ -283,15 +303,7 @@ class Producer:
                 if env is None or env_task != task_id:
                     if env is not None:
                         env.close()
-                    env = LiberoEnv(
-                        EnvConfig(
-                            suite=cfg.suite,
-                            task_id=task_id,
-                            init_state=init_state,
-                            image_size=cfg.image_size,
-                            max_steps=cfg.max_steps,
-                        )
-                    )
+                    env = self._make_env(task_id, init_state)
                     env_task = task_id
                 if not hello_sent:
                     self.sender.send_hello(self._hello(env))
@@ -342,10 +354,26 @@ class Producer:
             print_summary(summary)
         return summary
 
-    def _hello(self, env: Any) -> wire.Hello:
-        cfg_json = json.dumps(
-            {"producer": config_to_dict(self.cfg), "env_args": env.env_args()}, sort_keys=True
+    def _make_env(self, task_id: int, init_state: int) -> Any:
+        if self.replay is not None:
+            return ReplayEnv(self.replay, task_id)
+        cfg = self.cfg
+        return LiberoEnv(
+            EnvConfig(
+                suite=cfg.suite,
+                task_id=task_id,
+                init_state=init_state,
+                image_size=cfg.image_size,
+                max_steps=cfg.max_steps,
+            )
         )
+
+    def _hello(self, env: Any) -> wire.Hello:
+        info = {"producer": config_to_dict(self.cfg), "env_args": env.env_args()}
+        bounds = _codec_bounds(self.policy)
+        if bounds is not None:
+            info["codec_bounds"] = bounds
+        cfg_json = json.dumps(info, sort_keys=True)
         return wire.Hello(
             producer_id=self.cfg.producer_id,
             session=self.sender.session,
@@ -397,7 +425,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(ProducerConfig, argv, prog="python -m producer.produce")
     setup_logging(f"producer-{cfg.producer_id}")
     os.environ.setdefault("MUJOCO_GL", "egl")
-    producer = Producer(cfg)
+    try:
+        producer = Producer(cfg)
+    except ValueError as exc:  # an unreadable --replay-obs file
+        log.error("%s", exc)
+        return 2
 
     def on_signal(signum: int, _frame: Any) -> None:
         log.info("%s: finishing the current step, then closing", signal.Signals(signum).name)

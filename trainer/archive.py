@@ -182,6 +182,12 @@ class ArchiveWriter:
             self.meta = dict(a)
         return None
 
+    def set_attr(self, name: str, value: str) -> None:
+        """Set one ``data`` attribute (e.g. a JSON report that grows with the archive)."""
+        with self._open("a") as f:
+            f["data"].attrs[name] = value
+            self.meta[name] = value
+
     # ------------------------------------------------------------------ writing
     def write_episode(self, ep: EpisodeRecord) -> str:
         """Write one episode, mark it complete, update totals and masks, close. Returns ``demo_N``."""

@@ -45,6 +45,8 @@ from common.logs import setup_logging
 from common.shapes import DEFAULT_SHAPE, RFSQShape
 from trainer.archive import ArchiveWriter, EpisodeRecord, archived_seqs, episode_attrs, iter_episodes
 from trainer.buffer import RateLimiter, ReplayBuffer
+from trainer.clamp import ATTR as clamp_attr
+from trainer.clamp import ClampStats
 from trainer.learner import Learner, OptimConfig
 from trainer.plots import plot_curves
 from trainer.report import ProducerStats, Progress, print_summary
@@ -76,6 +78,13 @@ class TrainerConfig:
     total_steps: int = field(default=20000, metadata={"help": "cosine schedule length in updates"})
     draft_hidden_dim: int = field(default=512, metadata={"help": "draft model width"})
     draft_forward: str = field(default=DEFAULT_FORWARD, metadata={"help": FORWARD_HELP, "choices": FORWARDS})
+    input_dim: int | None = field(
+        default=None,
+        metadata={
+            "help": "hidden size the draft reads (e.g. 4096 for OpenVLA-OFT): producers sending another are "
+            "refused at hello (default: the first producer's)"
+        },
+    )
     samples_per_insert: float = field(
         default=32.0, metadata={"help": "target number of times each inserted sample is drawn for training"}
     )
@@ -167,6 +176,10 @@ class Trainer:
         self.t_start = time.time()
         self.first_sample_at: float | None = None
         self.hidden_dim: int = int(self.archive.meta.get("hidden_dim", 0))
+        if cfg.input_dim and self.hidden_dim and cfg.input_dim != self.hidden_dim:
+            raise ValueError(f"--input-dim {cfg.input_dim} != the archive's hidden_dim {self.hidden_dim}")
+        self.hidden_dim = self.hidden_dim or cfg.input_dim or 0
+        self.clamp = ClampStats(self.archive.meta.get(clamp_attr))
         self.buffer: ReplayBuffer | None = None
         self.valset: ReplayBuffer | None = None
         self.limiter = RateLimiter(cfg.samples_per_insert, cfg.min_size, cfg.error_buffer)
@@ -326,15 +339,17 @@ class Trainer:
     def _on_hello(self, sock: zmq.Socket, identity: bytes, msg: wire.Hello, now: float) -> None:
         pid = msg.producer_id
         st = self._stats(pid)
-        err = self.archive.set_provenance(
-            backbone_id=msg.backbone_id,
-            hidden_dim=msg.hidden_dim,
-            codec_sha256=msg.codec_sha256,
-            producer_id=pid,
-            producer_config=msg.config_json,
-        )
-        if err is None and self.hidden_dim and msg.hidden_dim != self.hidden_dim:
+        err = None
+        if self.hidden_dim and msg.hidden_dim != self.hidden_dim:  # before provenance: nothing recorded
             err = f"hidden size {msg.hidden_dim} != this run's {self.hidden_dim}"
+        if err is None:
+            err = self.archive.set_provenance(
+                backbone_id=msg.backbone_id,
+                hidden_dim=msg.hidden_dim,
+                codec_sha256=msg.codec_sha256,
+                producer_id=pid,
+                producer_config=msg.config_json,
+            )
         if err is not None:
             self._reject("backbone_mismatch", err, pid)
             self._send_ack(sock, identity, pid, msg.session, error=f"trainer refuses this producer: {err}")
@@ -359,6 +374,7 @@ class Trainer:
             )
         if not self.hidden_dim:
             self._setup_model(msg.hidden_dim)
+        self.clamp.on_hello(pid, msg.config_json)
         self._send_ack(sock, identity, pid, msg.session)
 
     def _on_sample(self, msg: wire.Sample, state: ProducerState, now: float) -> None:
@@ -405,6 +421,9 @@ class Trainer:
 
     def _archive(self, ep: EpisodeRecord) -> None:
         name = self.archive.write_episode(ep)
+        if ep.actions:
+            self.clamp.add(ep.producer_id, np.stack(ep.actions))
+            self.archive.set_attr(clamp_attr, self.clamp.to_json())
         st = self._stats(ep.producer_id)
         st.archived += ep.num_samples
         st.episodes_archived += 1
@@ -689,6 +708,7 @@ class Trainer:
             "rate_limiter": vars(self.limiter.stats),
             "last_validation": self.last_val,
             "best_val_accuracy": self.learner.best_val if self.learner else None,
+            "action_clamping": self.clamp.to_dict(),
         }
 
 

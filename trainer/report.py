@@ -77,6 +77,12 @@ def print_summary(summary: dict[str, Any]) -> None:
         f"updates {summary['updates']}, {summary['samples_per_s']:.2f} samples/s, {summary['updates_per_s']:.2f} updates/s, "
         f"lag p50 {summary['lag_s']['p50'] * 1e3:.1f} ms"
     )
+    clamp = summary.get("action_clamping") or {}
+    if clamp.get("fraction"):
+        lines.append(
+            f"action values clamped by the codec, per dimension (of {clamp['values_per_dim']}): "
+            + " ".join(f"{f:.4f}" for f in clamp["fraction"])
+        )
     if summary["last_validation"]:
         v = summary["last_validation"]
         lines.append(

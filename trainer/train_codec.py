@@ -1,6 +1,12 @@
-"""Fit the RFSQ action codec on action chunks from demonstration HDF5 files.
+"""Fit the RFSQ action codec on action chunks from demonstration HDF5 files or streamed archives.
 
     python -m trainer.train_codec --demos data/demos/libero_spatial_expert.hdf5 --out-dir assets/codec
+    python -m trainer.train_codec --archives runs/oft/archive.hdf5 \
+        --norm-stats CKPT/dataset_statistics.json --out-dir runs/oft/codec      # OpenVLA-OFT's own chunks
+
+From archives the chunks are the backbone's own ([n, T, A] per episode, env convention); with
+``--norm-stats`` the normalization is the checkpoint's q01/q99 of ``--unnorm-key`` (arm dimensions; the
+binarized gripper keeps [-1, 1]), as the OFT backend sets it, instead of the data's own quantiles.
 
 Reads ``data/demo_*/actions`` ([N, A] per episode, robomimic/LIBERO layout), cuts a chunk of T
 actions at every step, holds out whole episodes for validation, trains with quantize dropout and
@@ -26,6 +32,8 @@ from common.cli import config_to_dict, parse_config
 from common.codec import RFSQCodec, action_chunks, reconstruction_report, save_codec
 from common.logs import setup_logging
 from common.shapes import RFSQShape
+from common.vla.openvla_oft import fit_codec_to_stats
+from trainer.archive import iter_episodes
 
 log = logging.getLogger("trainer.train_codec")
 
@@ -35,6 +43,14 @@ class CodecTrainConfig:
     """Fit the RFSQ action codec on demonstration action chunks."""
 
     demos: list[Path] = field(default_factory=list, metadata={"help": "demonstration HDF5 file(s)"})
+    archives: list[Path] = field(
+        default_factory=list,
+        metadata={"help": "streamed archive(s) instead: fit on the backbone's own chunks"},
+    )
+    norm_stats: Path | None = field(
+        default=None, metadata={"help": "a checkpoint's dataset_statistics.json: normalize with its q01/q99"}
+    )
+    unnorm_key: str = field(default="libero_spatial_no_noops", metadata={"help": "key in --norm-stats"})
     out_dir: Path = field(default=Path("assets/codec"), metadata={"help": "where to write the codec"})
     steps: int = field(default=4000, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=512, metadata={"help": "chunks per step"})
@@ -48,11 +64,13 @@ class CodecTrainConfig:
     threads: int = field(default=2, metadata={"help": "torch CPU threads"})
 
     def __post_init__(self) -> None:
-        if not self.demos:
-            raise ValueError("--demos needs at least one HDF5 file")
-        for p in self.demos:
+        if bool(self.demos) == bool(self.archives):
+            raise ValueError("pass either --demos or --archives (one or more HDF5 files)")
+        for p in [*self.demos, *self.archives]:
             if not Path(p).is_file():
-                raise ValueError(f"demos file not found: {p}")
+                raise ValueError(f"file not found: {p}")
+        if self.norm_stats is not None and not Path(self.norm_stats).is_file():
+            raise ValueError(f"--norm-stats file not found: {self.norm_stats}")
         if self.steps <= 0 or self.batch_size <= 0:
             raise ValueError(f"steps and batch_size must be positive, got {self.steps}, {self.batch_size}")
         if self.val_every < 2:
@@ -88,23 +106,51 @@ def load_episode_actions(paths: list[Path]) -> tuple[list[np.ndarray], str]:
     return episodes, digest.hexdigest()
 
 
+def load_archive_chunks(paths: list[Path], shape: RFSQShape) -> tuple[list[np.ndarray], str]:
+    """Every archived episode's action chunks [n, T, A] (episodes without samples skipped) + data hash."""
+    episodes: list[np.ndarray] = []
+    digest = hashlib.sha256()
+    for path in paths:
+        for ep in iter_episodes(path):
+            a = np.asarray(ep.actions, np.float32)
+            if not len(a):
+                continue
+            if a.shape[1:] != shape.chunk_shape or not np.isfinite(a).all():
+                raise ValueError(f"{path} {ep.name}: actions must be finite {list(shape.chunk_shape)} chunks")
+            episodes.append(a)
+            digest.update(a.tobytes())
+    if not episodes:
+        raise ValueError(f"no samples in {[str(p) for p in paths]}")
+    return episodes, digest.hexdigest()
+
+
+def load_norm_bounds(path: Path, key: str) -> dict:
+    stats = json.loads(Path(path).read_text())
+    if key not in stats or "action" not in stats[key]:
+        raise ValueError(f"{path} has no action statistics for {key!r}; it has {sorted(stats)}")
+    return stats[key]["action"]
+
+
 def train(cfg: CodecTrainConfig) -> dict:
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     shape = RFSQShape()
-    episodes, data_hash = load_episode_actions(cfg.demos)
-    if episodes[0].shape[1] != shape.action_dim:
-        raise ValueError(f"actions have {episodes[0].shape[1]} dims, the codec expects {shape.action_dim}")
+    if cfg.archives:
+        episodes, data_hash = load_archive_chunks(cfg.archives, shape)
+    else:
+        episodes, data_hash = load_episode_actions(cfg.demos)
+    if episodes[0].shape[-1] != shape.action_dim:
+        raise ValueError(f"actions have {episodes[0].shape[-1]} dims, the codec expects {shape.action_dim}")
+
+    def chunks(i: int) -> np.ndarray:
+        return episodes[i] if cfg.archives else action_chunks(episodes[i], shape.chunk_len)
+
     val_ids = [i for i in range(len(episodes)) if i % cfg.val_every == cfg.val_every - 1]
     if not val_ids:
         val_ids = [len(episodes) - 1]
     train_ids = [i for i in range(len(episodes)) if i not in set(val_ids)] or val_ids
-    train_chunks = torch.from_numpy(
-        np.concatenate([action_chunks(episodes[i], shape.chunk_len) for i in train_ids])
-    )
-    val_chunks = torch.from_numpy(
-        np.concatenate([action_chunks(episodes[i], shape.chunk_len) for i in val_ids])
-    )
+    train_chunks = torch.from_numpy(np.concatenate([chunks(i) for i in train_ids]))
+    val_chunks = torch.from_numpy(np.concatenate([chunks(i) for i in val_ids]))
     log.info(
         "episodes: %d train / %d validation; chunks: %d train / %d validation",
         len(train_ids),
@@ -114,7 +160,19 @@ def train(cfg: CodecTrainConfig) -> dict:
     )
 
     codec = RFSQCodec(shape=shape, mlp_hidden=cfg.mlp_hidden, quantize_dropout=cfg.quantize_dropout)
-    codec.set_normalization(train_chunks[:, 0])
+    clamped = None
+    if cfg.norm_stats is not None:
+        bounds = fit_codec_to_stats(codec, load_norm_bounds(cfg.norm_stats, cfg.unnorm_key))
+        clamped = codec.clamped(train_chunks).reshape(-1, shape.action_dim).mean(0).tolist()
+        log.info(
+            "normalization from %s[%s]: %s; clamped fraction per dim %s",
+            cfg.norm_stats,
+            cfg.unnorm_key,
+            bounds,
+            clamped,
+        )
+    else:
+        codec.set_normalization(train_chunks[:, 0])
     opt = torch.optim.AdamW(codec.parameters(), lr=cfg.lr, weight_decay=1e-5)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps))
@@ -147,7 +205,9 @@ def train(cfg: CodecTrainConfig) -> dict:
     }
     extra = {
         "trained_on": {
-            "files": [str(p) for p in cfg.demos],
+            "files": [str(p) for p in [*cfg.demos, *cfg.archives]],
+            "normalization": str(cfg.norm_stats or "data quantiles"),
+            "clamped_fraction_per_dim": clamped,
             "data_sha256": data_hash,
             "episodes_train": len(train_ids),
             "episodes_validation": len(val_ids),

@@ -1,43 +1,52 @@
-"""OpenVLA-OFT as a data source for draft training (docs/DESIGN.md §6.4): a :class:`ChunkPolicy` only.
+"""OpenVLA-OFT backend (``--vla openvla-oft``, docs/DESIGN.md §6.4): a GPU data source for draft training.
 
-    policy = load_openvla_oft("moojink/openvla-7b-oft-finetuned-libero-spatial", device="cuda:0")
-    out = policy.act([obs])[0]     # hidden [4096] float32, codes [8, 16, 8] uint8, actions [8, 7] float32
+Runs in its own environment, ``.venv-oft`` (``make venv-oft``, docs/oft.md): CUDA torch 2.2, the
+openvla-oft package and OFT's pins, including its transformers fork (4.40.1 with bidirectional
+attention). The trainer stays in ``.venv``; the wire decouples the two processes.
 
-What it does per query, following the model's own code (see /work/shared/OPENVLA_OFT_NOTES.md):
+One policy query is what OFT's own LIBERO evaluation does (``get_vla_action``), with two outputs kept:
 
-* inputs are prepared by the openvla-oft package's helpers (``experiments.robot.openvla_utils``):
-  both images resized to 224 the way the LIBERO evaluation does (JPEG round trip + lanczos3), center
-  crop (``center_crop=True``), third-person image first then wrist; proprio normalized with the
-  checkpoint's statistics; prompt ``"In: What action should the robot take to {task}?\\nOut:"``;
-* one ``vla.predict_action(...)`` call returns the un-normalized 8x7 chunk **and**
-  ``actions_hidden_states`` [1, 56, 4096]; row 0 is the last-layer hidden state at the last prompt
-  token, computed with the model's bidirectional attention: that is the draft's input (no second,
-  prompt-only pass, which would give a different vector);
+* both camera images go through OFT's own preprocessing (``resize_image_for_policy`` to 224 px, then
+  ``prepare_images_for_vla`` with the 0.9-area center crop), the processor runs once per image and the
+  wrist pixels are concatenated to the primary ones ([1, 12, 224, 224]); proprio is normalized with the
+  checkpoint's q01/q99 statistics;
+* ``predict_action`` returns the un-normalized 8x7 chunk and ``actions_hidden_states`` [1, 56, 4096];
+  its first row is the last-layer hidden state at the last prompt token (the appended token 29871),
+  computed with the model's bidirectional attention over the whole sequence. That vector is the
+  draft's input (not a second, prompt-only pass, which would give a different vector);
 * the chunk is turned into the env's action convention (gripper binarized to sign(2g-1) and inverted,
-  so -1 open / +1 close, as the OFT LIBERO evaluation does before ``env.step``) and encoded into RFSQ
-  codes with the project's codec.
+  -1 open / +1 close, as OFT's evaluation does before ``env.step``) and encoded into RFSQ codes.
 
-Requirements (checked up front, each with a clear error): a CUDA GPU (~16 GB), the weights (hub access
-or a local folder), the openvla-oft package (``prismatic`` and ``experiments``) with its pinned
-dependencies, including the transformers fork with bidirectional attention. None of this is installed on
-the CPU machines of this project; everything is imported lazily, only when this backend is selected.
-The checkpoint folder's name must keep "libero" on the command line: the openvla-oft package picks its
-action-chunk constants from ``sys.argv`` (it does here, through ``--model-id ...libero...``).
+The codec's normalization is set from the checkpoint's own ``dataset_statistics.json`` (q01/q99 of the
+unnorm key's arm dimensions; the binarized gripper keeps [-1, 1]) when the checkpoint ships it, so the
+codec sees OFT's actions on OFT's own scale; values outside it are clamped and the trainer reports how
+often, per dimension. ``make train-codec FROM_ARCHIVE=… NORM_STATS=…`` fits a codec on OFT's actions.
+
+Every requirement is checked up front and each failure is one :class:`OpenVLAOFTUnavailable` naming the
+fix: a CUDA GPU and a CUDA build of torch, the packages, the fork's bidirectional attention, a complete
+checkpoint, a known unnorm key. The openvla-oft package picks its chunk constants from ``sys.argv``
+("aloha" or "bridge" anywhere on the command line switches them); they are checked after import.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
+import inspect
 import json
 import logging
+import sys
+from collections.abc import Callable
+from importlib import metadata
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+import torch
 
 from common.policy import ChunkPolicy, Observation, PolicyOutput
-from common.shapes import OPENVLA_HIDDEN_DIM, RFSQShape
+from common.shapes import RFSQShape
 
 log = logging.getLogger(__name__)
 
@@ -49,79 +58,164 @@ UNNORM_KEYS = {
     "libero_goal": "libero_goal_no_noops",
     "libero_10": "libero_10_no_noops",
 }
-INSTALL_HINT = (
-    "install the openvla-oft code and its pins on a GPU machine: `git clone https://github.com/moojink/openvla-oft "
-    "&& pip install -e openvla-oft` (it pulls the transformers fork with bidirectional attention; a stock "
-    "transformers silently gives causal attention and a large success drop)"
-)
+ENV_HINT = "build the OFT environment with `make venv-oft` and run the producer from it (`make produce-oft`)"
+#: packages the inference path imports (openvla-oft's ``experiments`` module imports tensorflow)
+REQUIRED_MODULES = ("prismatic", "experiments", "transformers", "timm", "tensorflow")
+#: versions OpenVLA-OFT was trained and evaluated with (a mismatch is only a warning, as in OFT itself)
+PINNED = {"transformers": "4.40.1", "tokenizers": "0.19.1", "timm": "0.9.10", "torch": "2.2.0"}
+CHECKPOINT_FILES = ("config.json", "preprocessor_config.json", "tokenizer_config.json")
+
+ImagePrep = Callable[[Observation], list]  # observation -> [primary, wrist] PIL images, 224 px
 
 
 class OpenVLAOFTUnavailable(RuntimeError):
-    """The OFT backend cannot run here (no GPU, no weights or missing dependencies)."""
+    """The OFT backend cannot run here; the message names what is missing and the fix."""
 
 
+# ------------------------------------------------------------------------------ checks
 def check_requirements(device: str) -> None:
-    """Raise :class:`OpenVLAOFTUnavailable` naming what is missing (GPU first, then packages)."""
-    import torch
-
+    """GPU, CUDA torch, packages and the fork's bidirectional attention; raise naming the fix."""
     if not str(device).startswith("cuda"):
         raise OpenVLAOFTUnavailable(
-            f"OpenVLA-OFT needs a CUDA GPU (about 16 GB); got --device {device}. Use the embedded VLA on CPU."
+            f"OpenVLA-OFT needs a CUDA GPU (about 16 GB); got --device {device}: pass --device cuda:0 "
+            "(or use the embedded VLA on CPU)"
+        )
+    if torch.version.cuda is None:
+        raise OpenVLAOFTUnavailable(
+            f"this torch ({torch.__version__}, {sys.executable}) is a CPU-only build; {ENV_HINT}"
         )
     if not torch.cuda.is_available():
         raise OpenVLAOFTUnavailable(
-            "OpenVLA-OFT needs a CUDA GPU (about 16 GB), and torch sees none on this machine"
+            "OpenVLA-OFT needs a CUDA GPU (about 16 GB), and torch sees none on this machine "
+            "(check nvidia-smi and CUDA_VISIBLE_DEVICES)"
         )
-    missing = [
-        m for m in ("prismatic", "experiments", "timm", "tensorflow") if importlib.util.find_spec(m) is None
-    ]
+    missing = [m for m in REQUIRED_MODULES if importlib.util.find_spec(m) is None]
     if missing:
-        raise OpenVLAOFTUnavailable(f"OpenVLA-OFT dependencies missing: {', '.join(missing)}; {INSTALL_HINT}")
+        raise OpenVLAOFTUnavailable(f"OpenVLA-OFT dependencies missing: {', '.join(missing)}; {ENV_HINT}")
+    check_bidirectional_attention()
 
 
-def _component_path(model_id: str, prefix: str) -> str:
-    """Local path of ``{prefix}--<step>_checkpoint.pt`` in a checkpoint folder or hub repo."""
-    local = Path(model_id)
-    if local.is_dir():
-        found = sorted(local.glob(f"{prefix}--*_checkpoint.pt"))
-        if not found:
-            raise OpenVLAOFTUnavailable(f"{local} has no {prefix}--*_checkpoint.pt")
-        return str(found[-1])
-    from huggingface_hub import HfApi, hf_hub_download
+def check_bidirectional_attention() -> None:
+    """Refuse a stock transformers: its Llama SDPA attention is causal, OFT was trained bidirectional."""
+    from transformers.models.llama import modeling_llama
 
-    try:
-        names = [f for f in HfApi().list_repo_files(model_id) if f.startswith(f"{prefix}--")]
-    except Exception as exc:
+    sdpa = getattr(modeling_llama, "LlamaSdpaAttention", None)
+    if sdpa is None or "is_causal=False" not in inspect.getsource(sdpa.forward):
         raise OpenVLAOFTUnavailable(
-            f"cannot reach the weights of {model_id} ({type(exc).__name__}: {exc}); pass --model-id /path/to/local/checkpoint"
-        ) from exc
-    if not names:
-        raise OpenVLAOFTUnavailable(f"{model_id} has no {prefix}--*_checkpoint.pt")
-    return hf_hub_download(model_id, sorted(names)[-1])
+            f"transformers {_version('transformers')} is not OpenVLA-OFT's fork with bidirectional attention "
+            f"(stock Llama attention is causal: a large success drop, moojink/openvla-oft #135); {ENV_HINT}"
+        )
 
 
-def _dataset_statistics(model_id: str) -> dict[str, Any] | None:
-    local = Path(model_id) / "dataset_statistics.json"
-    if Path(model_id).is_dir():
-        return json.loads(local.read_text()) if local.is_file() else None
-    from huggingface_hub import hf_hub_download
+def check_constants() -> None:
+    """openvla-oft picked its constants from sys.argv; this backend needs LIBERO's (8 x 7 chunks)."""
+    from prismatic.vla import constants
 
+    if (constants.NUM_ACTIONS_CHUNK, constants.ACTION_DIM, constants.PROPRIO_DIM) != (8, 7, 8):
+        raise OpenVLAOFTUnavailable(
+            f"openvla-oft chose {constants.ROBOT_PLATFORM} constants (chunk {constants.NUM_ACTIONS_CHUNK}, "
+            f"action dim {constants.ACTION_DIM}) from the command line; LIBERO needs 8 x 7: keep 'aloha' and "
+            "'bridge' out of the command line (paths included)"
+        )
+
+
+def check_checkpoint(model_id: str) -> None:
+    """A local checkpoint folder must be complete; raise naming every missing file and the fix."""
+    path = Path(model_id)
+    if not path.is_dir():
+        if model_id.startswith((".", "/", "~")):
+            raise OpenVLAOFTUnavailable(
+                f"checkpoint folder {model_id} does not exist; {_download_hint(model_id)}"
+            )
+        return  # a hub id: from_pretrained resolves it (errors are wrapped at load)
+    missing = [f for f in CHECKPOINT_FILES if not (path / f).is_file()]
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+        missing += [s for s in shards if not (path / s).is_file()]
+    elif not (path / "model.safetensors").is_file():
+        missing.append("model.safetensors or model.safetensors.index.json (+ shards)")
+    for prefix in ("action_head", "proprio_projector"):
+        if not list(path.glob(f"{prefix}--*_checkpoint.pt")):
+            missing.append(f"{prefix}--<step>_checkpoint.pt")
+    if missing:
+        raise OpenVLAOFTUnavailable(
+            f"checkpoint {path} is incomplete, missing: {', '.join(missing)}; {_download_hint(str(path))}"
+        )
+    if not (path / "dataset_statistics.json").is_file():
+        log.warning("%s has no dataset_statistics.json: the norm_stats of its config.json are used", path)
+
+
+def _download_hint(target: str) -> str:
+    return (
+        f"download it with `.venv-oft/bin/huggingface-cli download {DEFAULT_MODEL_ID} --local-dir {target}` "
+        "(about 15 GB), or pass --model-id HUB_ID"
+    )
+
+
+def resolve_unnorm_key(norm_stats: dict[str, Any], suite: str, model_id: str) -> str:
+    """The checkpoint's statistics key for a LIBERO suite; raise naming the keys it has."""
+    if suite not in UNNORM_KEYS:
+        raise OpenVLAOFTUnavailable(
+            f"no OpenVLA-OFT unnorm key for suite {suite!r}: pass --suite one of {sorted(UNNORM_KEYS)}"
+        )
+    key = UNNORM_KEYS[suite]
+    if key not in norm_stats:
+        raise OpenVLAOFTUnavailable(
+            f"{model_id} has no statistics for {key} (suite {suite}); it has {sorted(norm_stats)}: pass the "
+            "--suite the checkpoint was fine-tuned on (e.g. libero_spatial for ...-libero-spatial)"
+        )
+    return key
+
+
+def _version(name: str) -> str:
     try:
-        return json.loads(Path(hf_hub_download(model_id, "dataset_statistics.json")).read_text())
-    except Exception:  # not every checkpoint ships it; norm_stats from config.json are used then
-        log.warning("%s has no dataset_statistics.json; using the norm_stats of its config", model_id)
-        return None
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "missing"
 
 
-def _load_component(module: Any, path: str, device: str) -> Any:
-    import torch
+# ------------------------------------------------------------------------------ codec fit
+def fit_codec_to_stats(codec: Any, action_stats: dict[str, Any]) -> dict[str, list[float]]:
+    """Normalize the codec with the checkpoint's q01/q99 action statistics (BOUNDS_Q99, as OFT).
 
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state = {k.removeprefix("module."): v for k, v in state.items()}  # saved from DDP
-    module.load_state_dict(state)
-    return module.to(torch.bfloat16).to(device).eval()
+    Normalized dimensions (mask True: the 6 arm dimensions) take [q01, q99]; the gripper (mask False)
+    is binarized to -1/+1 before encoding, so it keeps [-1, 1]. Returns the bounds set.
+    """
+    q01 = np.asarray(action_stats["q01"], np.float32)
+    q99 = np.asarray(action_stats["q99"], np.float32)
+    mask = np.asarray(action_stats.get("mask", [True] * len(q01)), bool)
+    A = codec.shape.action_dim
+    if q01.shape != (A,) or q99.shape != (A,) or mask.shape != (A,):
+        raise OpenVLAOFTUnavailable(f"action statistics must hold {A} values each, got {q01.shape}")
+    low = np.where(mask, q01, -1.0).astype(np.float32)
+    high = np.where(mask, q99, 1.0).astype(np.float32)
+    degenerate = high - low < 1e-6
+    low, high = np.where(degenerate, low - 1.0, low), np.where(degenerate, high + 1.0, high)
+    codec.set_bounds(low, high)
+    return {"low": low.tolist(), "high": high.tolist()}
 
 
+# ------------------------------------------------------------------------------ images
+def oft_image_prep(obs: Observation) -> list:
+    """OFT's own preprocessing (TensorFlow): JPEG round trip + lanczos3 to 224 px, then 0.9-area crop."""
+    from experiments.robot.openvla_utils import prepare_images_for_vla, resize_image_for_policy
+
+    images = [resize_image_for_policy(np.asarray(im, np.uint8), 224) for im in (obs.agentview, obs.wrist)]
+    return prepare_images_for_vla(images, SimpleNamespace(center_crop=True))  # [primary, wrist] PIL
+
+
+def prepared_image_prep(obs: Observation) -> list:
+    """Images already prepared by :func:`oft_image_prep` (224 px, cropped), e.g. replayed recordings."""
+    from PIL import Image
+
+    for im in (obs.agentview, obs.wrist):
+        if np.asarray(im).shape != (224, 224, 3):
+            raise ValueError(f"prepared images must be [224, 224, 3], got {np.asarray(im).shape}")
+    return [Image.fromarray(np.asarray(im, np.uint8)).convert("RGB") for im in (obs.agentview, obs.wrist)]
+
+
+# ------------------------------------------------------------------------------ policy
 class OpenVLAOFTPolicy(ChunkPolicy):
     """OpenVLA-OFT (L1 regression head, 2 images, proprio) -> hidden state, codes and env actions."""
 
@@ -135,47 +229,53 @@ class OpenVLAOFTPolicy(ChunkPolicy):
         model_id: str,
         unnorm_key: str,
         device: str,
+        image_prep: ImagePrep = oft_image_prep,
     ):
+        impl = vla.language_model.config._attn_implementation
+        if impl != "sdpa":  # flash-attention and eager Llama attention are causal even in the fork
+            raise OpenVLAOFTUnavailable(
+                f"the OFT language model runs {impl} attention; only the fork's sdpa path is bidirectional: "
+                "drop attn_implementation from the checkpoint's config.json"
+            )
+        if vla.vision_backbone.get_num_images_in_input() != 2:
+            raise ValueError("call vla.vision_backbone.set_num_images_in_input(2): primary + wrist images")
         self.vla, self.processor = vla, processor
         self.action_head, self.proprio_projector = action_head, proprio_projector
         self.codec = codec
         self.unnorm_key = unnorm_key
         self.device = device
-        self.hidden_dim = OPENVLA_HIDDEN_DIM
+        self.image_prep = image_prep
+        self.hidden_dim = int(vla.llm_dim)  # 4096 for the 7B checkpoints
         self.shape = codec.shape if hasattr(codec, "shape") else RFSQShape()
         self.backbone_id = f"openvla-oft@{model_id}"
 
-    def act(self, observations: list[Observation]) -> list[PolicyOutput]:
-        import torch
-        from experiments.robot.openvla_utils import (
-            normalize_proprio,
-            prepare_images_for_vla,
-            resize_image_for_policy,
-        )
+    def query(self, obs: Observation) -> tuple[np.ndarray, np.ndarray]:
+        """One ``predict_action`` call -> (hidden [D] at the last prompt token, chunk [8, 7] un-normalized)."""
+        primary, wrist = self.image_prep(obs)
+        prompt = f"In: What action should the robot take to {obs.instruction.lower()}?\nOut:"
+        inputs = self.processor(prompt, primary).to(self.device, dtype=torch.bfloat16)
+        wrist_px = self.processor(prompt, wrist)["pixel_values"].to(self.device, dtype=torch.bfloat16)
+        inputs["pixel_values"] = torch.cat([inputs["pixel_values"], wrist_px], dim=1)  # [1, 12, 224, 224]
+        from experiments.robot.openvla_utils import normalize_proprio
 
-        outs = []
-        for obs in observations:  # predict_action takes one observation (batch 1: bidirectional mask)
-            images = [resize_image_for_policy(np.asarray(im), 224) for im in (obs.agentview, obs.wrist)]
-            pil = prepare_images_for_vla(images, SimpleNamespace(center_crop=True))  # [primary, wrist] PIL
-            prompt = f"In: What action should the robot take to {obs.instruction.lower()}?\nOut:"
-            inputs = self.processor(prompt, pil[0]).to(self.device, dtype=torch.bfloat16)
-            wrist = self.processor(prompt, pil[1])["pixel_values"].to(self.device, dtype=torch.bfloat16)
-            inputs["pixel_values"] = torch.cat([inputs["pixel_values"], wrist], dim=1)  # [1, 12, 224, 224]
-            proprio = normalize_proprio(
-                np.asarray(obs.proprio), self.vla.norm_stats[self.unnorm_key]["proprio"]
+        proprio = normalize_proprio(np.asarray(obs.proprio), self.vla.norm_stats[self.unnorm_key]["proprio"])
+        with torch.inference_mode():  # batch 1: the all-ones mask makes attention fully bidirectional
+            actions, actions_hidden = self.vla.predict_action(
+                **inputs,
+                unnorm_key=self.unnorm_key,
+                do_sample=False,
+                proprio=proprio,
+                proprio_projector=self.proprio_projector,
+                action_head=self.action_head,
+                use_film=False,
             )
-            with torch.inference_mode():
-                actions, actions_hidden = self.vla.predict_action(
-                    **inputs,
-                    unnorm_key=self.unnorm_key,
-                    do_sample=False,
-                    proprio=proprio,
-                    proprio_projector=self.proprio_projector,
-                    action_head=self.action_head,
-                    use_film=False,
-                )
-            hidden = actions_hidden[0, 0].float().cpu().numpy()  # [4096]: last prompt token
-            chunk = np.asarray(actions, dtype=np.float32).copy()  # [8, 7], gripper in [0, 1] (1 = open)
+        return actions_hidden[0, 0].float().cpu().numpy(), np.asarray(actions, dtype=np.float32)
+
+    def act(self, observations: list[Observation]) -> list[PolicyOutput]:
+        outs = []
+        for obs in observations:  # predict_action takes one observation
+            hidden, chunk = self.query(obs)
+            chunk = chunk.copy()  # [8, 7], gripper in [0, 1] (1 = open)
             chunk[:, -1] = -np.sign(2 * chunk[:, -1] - 1)  # binarize + invert -> LIBERO: -1 open, +1 close
             with torch.no_grad():
                 codes = self.codec.encode(torch.from_numpy(chunk)[None])[0]  # [T, H, L]
@@ -185,15 +285,28 @@ class OpenVLAOFTPolicy(ChunkPolicy):
         return outs
 
 
+# ------------------------------------------------------------------------------ loading
 def load_openvla_oft(
     model_id: str = DEFAULT_MODEL_ID,
     device: str = "cuda:0",
     codec_dir: str | Path | None = None,
     suite: str = "libero_spatial",
+    image_prep: ImagePrep = oft_image_prep,
 ) -> OpenVLAOFTPolicy:
     """Load OpenVLA-OFT the way its LIBERO evaluation does; raise a clear error if it cannot run here."""
     check_requirements(device)
-    import torch
+    check_checkpoint(model_id)
+    return build_from_checkpoint(model_id, device, codec_dir, suite, image_prep)
+
+
+def build_from_checkpoint(
+    model_id: str,
+    device: str,
+    codec_dir: str | Path | None = None,
+    suite: str = "libero_spatial",
+    image_prep: ImagePrep = oft_image_prep,
+) -> OpenVLAOFTPolicy:
+    """The loading half of :func:`load_openvla_oft`, without the device checks."""
     from prismatic.models.action_heads import L1RegressionActionHead
     from prismatic.models.projectors import ProprioProjector
     from transformers import AutoModelForVision2Seq, AutoProcessor
@@ -201,40 +314,130 @@ def load_openvla_oft(
     from common.codec import load_codec
     from common.vla import DEFAULT_CODEC_DIR
 
-    if suite not in UNNORM_KEYS:
-        raise ValueError(f"no OpenVLA-OFT unnorm key for suite {suite!r}; known: {sorted(UNNORM_KEYS)}")
-    codec = load_codec(codec_dir or DEFAULT_CODEC_DIR)
+    check_constants()
     try:
-        vla = (
-            AutoModelForVision2Seq.from_pretrained(
-                model_id, torch_dtype=torch.bfloat16, low_cpu_mem_usage=True, trust_remote_code=True
-            )
-            .eval()
-            .to(device)
+        vla = AutoModelForVision2Seq.from_pretrained(
+            model_id, torch_dtype=torch.bfloat16, low_cpu_mem_usage=True, trust_remote_code=True
         )
         processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=True)
     except OSError as exc:
-        raise OpenVLAOFTUnavailable(f"cannot load the weights of {model_id}: {exc}") from exc
+        raise OpenVLAOFTUnavailable(
+            f"cannot load the weights of {model_id} ({exc}); {_download_hint('DIR')}"
+        ) from exc
+    vla = vla.eval().to(device)
     vla.vision_backbone.set_num_images_in_input(2)  # primary + wrist; otherwise the 1-image path runs
     stats = _dataset_statistics(model_id)
     if stats is not None:  # as the OFT loader does: the checkpoint's own statistics win
         vla.norm_stats = stats
-    unnorm_key = UNNORM_KEYS[suite]
-    if unnorm_key not in vla.norm_stats:
-        raise OpenVLAOFTUnavailable(
-            f"{model_id} has no statistics for {unnorm_key}: {sorted(vla.norm_stats)}"
-        )
+    unnorm_key = resolve_unnorm_key(vla.norm_stats, suite, model_id)
+    codec = load_codec(codec_dir or DEFAULT_CODEC_DIR)
+    bounds = fit_codec_to_stats(codec, vla.norm_stats[unnorm_key]["action"])
+    log.info("codec normalized with %s action q01/q99: %s (sha256 %s)", unnorm_key, bounds, codec.sha256[:12])
+    llm_dim = vla.llm_dim
     action_head = _load_component(
-        L1RegressionActionHead(input_dim=vla.llm_dim, hidden_dim=vla.llm_dim, action_dim=7),
+        L1RegressionActionHead(input_dim=llm_dim, hidden_dim=llm_dim, action_dim=7),
         _component_path(model_id, "action_head"),
         device,
     )
     proprio_projector = _load_component(
-        ProprioProjector(llm_dim=vla.llm_dim, proprio_dim=8),
+        ProprioProjector(llm_dim=llm_dim, proprio_dim=8),
         _component_path(model_id, "proprio_projector"),
         device,
     )
-    log.info("loaded OpenVLA-OFT %s on %s", model_id, device)
+    log.info("loaded OpenVLA-OFT %s on %s (unnorm key %s)", model_id, device, unnorm_key)
     return OpenVLAOFTPolicy(
-        vla, processor, action_head, proprio_projector, codec, model_id, unnorm_key, device
+        vla, processor, action_head, proprio_projector, codec, model_id, unnorm_key, device, image_prep
     )
+
+
+def _component_path(model_id: str, prefix: str) -> str:
+    """Local path of ``{prefix}--<step>_checkpoint.pt`` in a checkpoint folder or hub repo."""
+    local = Path(model_id)
+    if local.is_dir():
+        found = sorted(local.glob(f"{prefix}--*_checkpoint.pt"))
+        if not found:
+            raise OpenVLAOFTUnavailable(
+                f"{local} has no {prefix}--*_checkpoint.pt; {_download_hint(str(local))}"
+            )
+        return str(found[-1])
+    from huggingface_hub import HfApi, hf_hub_download
+
+    try:
+        names = [f for f in HfApi().list_repo_files(model_id) if f.startswith(f"{prefix}--")]
+        if not names:
+            raise OpenVLAOFTUnavailable(f"{model_id} has no {prefix}--*_checkpoint.pt")
+        return hf_hub_download(model_id, sorted(names)[-1])
+    except OpenVLAOFTUnavailable:
+        raise
+    except Exception as exc:
+        raise OpenVLAOFTUnavailable(
+            f"cannot fetch {prefix} of {model_id} ({type(exc).__name__}: {exc}); {_download_hint('DIR')}"
+        ) from exc
+
+
+def _dataset_statistics(model_id: str) -> dict[str, Any] | None:
+    path = Path(model_id)
+    if not path.is_dir():
+        from huggingface_hub import hf_hub_download
+
+        try:
+            path = Path(hf_hub_download(model_id, "dataset_statistics.json")).parent
+        except Exception:  # not every checkpoint ships it; norm_stats from config.json are used then
+            log.warning("%s has no dataset_statistics.json; using the norm_stats of its config", model_id)
+            return None
+    stats_file = path / "dataset_statistics.json"
+    return json.loads(stats_file.read_text()) if stats_file.is_file() else None
+
+
+def _load_component(module: Any, path: str, device: str) -> Any:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = {k.removeprefix("module."): v for k, v in state.items()}  # saved from DDP
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as exc:
+        raise OpenVLAOFTUnavailable(f"{path} does not fit {type(module).__name__}: {exc}") from exc
+    return module.to(torch.bfloat16).to(device).eval()
+
+
+# ------------------------------------------------------------------------------ environment report
+def environment_report() -> dict[str, Any]:
+    """Versions and checks of the OFT environment (``python -m common.vla.openvla_oft --check-env``)."""
+    report: dict[str, Any] = {"python": sys.version.split()[0], "executable": sys.executable}
+    for name in ("torch", "transformers", "tokenizers", "timm", "numpy", "tensorflow", "openvla-oft"):
+        report[name] = _version(name)
+    report["torch_cuda_build"] = torch.version.cuda
+    report["cuda_available"] = torch.cuda.is_available()
+    report["modules_missing"] = [m for m in REQUIRED_MODULES if importlib.util.find_spec(m) is None]
+    try:
+        check_bidirectional_attention()
+        report["bidirectional_attention"] = True
+    except (OpenVLAOFTUnavailable, ImportError) as exc:
+        report["bidirectional_attention"] = str(exc)
+    report["pins_differ"] = {k: report.get(k) for k, v in PINNED.items() if report.get(k) != v}
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m common.vla.openvla_oft",
+        description="Check the OpenVLA-OFT producer environment (.venv-oft): versions, packages, the "
+        "transformers fork's bidirectional attention, CUDA.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--check-env", action="store_true", help="print the report; exit 1 if unusable")
+    args = parser.parse_args(argv)
+    report = environment_report()
+    print(json.dumps(report, indent=2))
+    if not args.check_env:
+        return 0
+    ok = not report["modules_missing"] and report["bidirectional_attention"] is True
+    if torch.version.cuda is None:
+        ok = False
+        print(
+            f"torch {torch.__version__} is a CPU-only build: the producer needs CUDA torch", file=sys.stderr
+        )
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
