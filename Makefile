@@ -11,13 +11,18 @@ export PYOPENGL_PLATFORM ?= egl
 export LIBERO_CONFIG_PATH ?= $(CURDIR)/.venv/libero-config
 export TOKENIZERS_PARALLELISM := false
 
-# Defaults of the main jobs (override on the command line: make train STEPS=…)
+# Defaults of the main jobs (override on the command line: make train RUN=runs/mine ARGS="--lr 3e-4")
+# `make train` writes $(RUN)/train/, `make demo` $(RUN)/<timestamp>/; both point $(RUN)/latest at the
+# folder they write, and the jobs that read a run (eval, bench, retrain, dataset-info) default to it.
 RUN ?= runs/default
+TRAIN_DIR ?= $(RUN)/train
 ENDPOINT ?= tcp://127.0.0.1:5555
-ARCHIVE ?= $(RUN)/archive.hdf5
-CKPT ?= $(RUN)/draft_best.pt
+ARCHIVE ?= $(RUN)/latest/archive.hdf5
+CKPT ?= $(RUN)/latest/draft_best.pt
 DEMOS ?= data/demos/libero_spatial_expert.hdf5
 ARGS ?=
+# stop with a hint when the demonstrations file is missing (it is not shipped: `make demos` records it)
+NEED_DEMOS = @test -f "$(DEMOS)" || { echo "no demonstrations at $(DEMOS): record them with 'make demos', or pass DEMOS=file.hdf5" >&2; exit 2; }
 
 .PHONY: help venv test test-slow lint produce train retrain eval bench bench-gpu demos dataset-info \
         train-codec train-vla eval-vla demo clean venv-oft produce-oft
@@ -51,13 +56,15 @@ lint: venv  ## ruff lint + format check
 demos: venv  ## record scripted-expert demonstrations to HDF5
 	$(PY) -m producer.demos --out $(DEMOS) $(ARGS)
 
-dataset-info: venv  ## print a robomimic-style summary of an HDF5 file (FILE=…)
-	$(PY) -m producer.dataset_info $(or $(FILE),$(DEMOS))
+dataset-info: venv  ## print a robomimic-style summary of an HDF5 file (FILE=…; default: the latest archive, else DEMOS)
+	$(PY) -m producer.dataset_info $(or $(FILE),$(wildcard $(ARCHIVE)),$(DEMOS))
 
 train-codec: venv  ## fit the RFSQ action codec on demo chunks (or FROM_ARCHIVE=a.hdf5 [NORM_STATS=…json])
+	$(if $(FROM_ARCHIVE),,$(NEED_DEMOS))
 	$(PY) -m trainer.train_codec $(if $(FROM_ARCHIVE),--archives $(FROM_ARCHIVE) $(if $(NORM_STATS),--norm-stats $(NORM_STATS)),--demos $(DEMOS)) $(ARGS)
 
 train-vla: venv  ## behaviour-clone the embedded VLA on demonstrations
+	$(NEED_DEMOS)
 	$(PY) -m trainer.train_vla --demos $(DEMOS) $(ARGS)
 
 eval-vla: venv  ## closed-loop success rate of the embedded VLA in LIBERO
@@ -66,17 +73,18 @@ eval-vla: venv  ## closed-loop success rate of the embedded VLA in LIBERO
 produce: venv  ## run LIBERO episodes with the VLA and stream samples to the trainer
 	$(PY) -m producer.produce --endpoint $(ENDPOINT) $(ARGS)
 
-train: venv  ## receive samples, archive them to HDF5 and train the draft online
-	$(PY) -m trainer.online --endpoint $(ENDPOINT) --run-dir $(RUN) $(ARGS)
+train: venv  ## receive samples, archive them to HDF5 and train the draft online (into TRAIN_DIR)
+	@mkdir -p $(TRAIN_DIR) && ln -sfn "$$(realpath -m --relative-to=$(RUN) $(TRAIN_DIR))" $(RUN)/latest
+	$(PY) -m trainer.online --endpoint $(ENDPOINT) --run-dir $(TRAIN_DIR) $(ARGS)
 
 retrain: venv  ## train the draft offline from archives (ARCHIVE=a.hdf5 [b.hdf5 …])
 	$(PY) -m trainer.retrain --archives $(ARCHIVE) --run-dir $(RUN)/retrain $(ARGS)
 
-eval: venv  ## benchmark RSD vs baseline decoding: speedup, acceptance, fidelity, success
-	$(PY) -m evaluator.eval --draft $(CKPT) --out-dir $(RUN)/eval $(ARGS)
+eval: venv  ## benchmark RSD vs baseline decoding: speedup, acceptance, fidelity, success (beside CKPT)
+	$(PY) -m evaluator.eval --draft $(CKPT) --out-dir $(dir $(CKPT))eval $(ARGS)
 
-bench: venv  ## CPU latency benchmark of RSD vs baseline on the embedded VLA
-	$(PY) -m evaluator.eval --draft $(CKPT) --out-dir $(RUN)/bench --no-closed-loop $(ARGS)
+bench: venv  ## CPU latency benchmark of RSD vs baseline on the embedded VLA (beside CKPT)
+	$(PY) -m evaluator.eval --draft $(CKPT) --out-dir $(dir $(CKPT))bench --no-closed-loop $(ARGS)
 
 bench-gpu:  ## 7B timing twin on a GPU (run on a CUDA machine; uses the python that has CUDA torch)
 	$(PYTHON) -m evaluator.bench_gpu $(ARGS)

@@ -10,7 +10,8 @@
 
 Fields become ``--kebab-case`` flags; bools become ``--flag/--no-flag``; ``list[...]`` fields take
 several values; ``Optional`` fields accept ``none``. A ValueError from ``__post_init__`` is shown as a
-usage error (exit code 2), not a traceback.
+usage error (exit code 2), not a traceback. Flags must be spelled out (``allow_abbrev=False``: ``--epoch``
+is not ``--epochs``), and ``--help`` shows each default once (:class:`HelpFormatter`).
 """
 
 from __future__ import annotations
@@ -50,15 +51,41 @@ def _converter(tp: Any, optional: bool):
     return convert
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: …)`` to a flag's help unless the help text already says what the default is
+    (``(default: assets)``, ``(none: the suite's limit)``); ``None`` shows as ``none`` (what the flag
+    accepts), lists as their values separated by spaces."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" in text or "(default" in text.lower() or "(none" in text.lower():
+            return text
+        if action.default is argparse.SUPPRESS or action.option_strings == [] or action.nargs == 0:
+            return super()._get_help_string(action)
+        default = action.default
+        if default is None:
+            shown = "none"
+        elif isinstance(default, (list, tuple)):
+            shown = " ".join(str(x) for x in default)
+        else:
+            shown = str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})"
+
+
+def new_parser(**kwargs: Any) -> argparse.ArgumentParser:
+    """An ``argparse.ArgumentParser`` with the project's conventions: no abbreviated flags, one default each."""
+    kwargs.setdefault("formatter_class", HelpFormatter)
+    return argparse.ArgumentParser(allow_abbrev=False, **kwargs)
+
+
 def build_parser(
     cls: type, description: str | None = None, prog: str | None = None
 ) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = new_parser(
         prog=prog,
         description=description or (cls.__doc__ or "").strip().splitlines()[0]
         if cls.__doc__
         else description,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):

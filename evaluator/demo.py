@@ -1,6 +1,6 @@
 """The main job for a new user (`make demo`): stream, train the draft online, evaluate, summarize.
 
-    python -m evaluator.demo --run-dir runs/demo --train-minutes 6
+    python -m evaluator.demo --run-dir runs/default --train-minutes 6
 
 1. starts the trainer (`trainer.online`) and a producer (`producer.produce`) as two processes that
    talk over a real ZeroMQ socket on 127.0.0.1, with the shipped embedded VLA on libero_spatial;
@@ -9,6 +9,9 @@
 3. runs the evaluator (`evaluator.eval`) with the fresh draft: latency of RSD vs baseline on the same
    observations, acceptance, action deviation, closed-loop success of baseline vs RSD;
 4. prints a short summary and where the report, plots, archive and checkpoint are.
+
+Each run gets its own folder ``RUN_DIR/<timestamp>/``; ``RUN_DIR/latest`` points at the newest, and
+that is where the Makefile's defaults look (``make eval``, ``make retrain``, ``make dataset-info``).
 
 The children's output goes to log files in the run directory; this process shows one progress bar.
 Ctrl-C stops everything cleanly (the trainer still closes its archive and writes a checkpoint).
@@ -29,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.cli import parse_config
-from common.logs import setup_logging
+from common.logs import progress_bar, setup_logging
 
 log = logging.getLogger("evaluator.demo")
 REPO = Path(__file__).resolve().parents[1]
@@ -40,7 +43,8 @@ class DemoConfig:
     """Stream producer -> trainer with the shipped embedded VLA, train the draft online, evaluate it."""
 
     run_dir: Path = field(
-        default=Path("runs/demo"), metadata={"help": "output folder (a timestamped subfolder is made)"}
+        default=Path("runs/default"),
+        metadata={"help": "output folder: the run goes to RUN_DIR/<timestamp>/, RUN_DIR/latest points at it"},
     )
     train_minutes: float = field(
         default=6.0, metadata={"help": "online training budget (producer + trainer running)"}
@@ -106,7 +110,13 @@ def _spawn(args: list[str], log_path: Path, env: dict[str, str]) -> subprocess.P
     return proc
 
 
-def _stop(proc: subprocess.Popen, timeout: float, name: str) -> int | None:
+def _stop(proc: subprocess.Popen, timeout: float, name: str, grace: float = 0.0) -> int | None:
+    """End a child: let it finish on its own for ``grace`` seconds, then SIGINT, SIGTERM, SIGKILL."""
+    if grace > 0:
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
     if proc.poll() is None:
         proc.send_signal(signal.SIGINT)
         try:
@@ -123,6 +133,20 @@ def _stop(proc: subprocess.Popen, timeout: float, name: str) -> int | None:
     return proc.returncode
 
 
+def _shutdown(
+    producers: list[subprocess.Popen], trainer: subprocess.Popen, trainer_log: Path, grace: float = 60.0
+) -> int | None:
+    """Stop the producers (each closes its episode, waits for its acks, says bye), then give the trainer
+    ``grace`` seconds to finish on its own (it exits after every producer's bye) before signalling it:
+    a signal that lands while it is already exiting would end it with code -2. Returns its exit code."""
+    for i, p in enumerate(producers):
+        _stop(p, timeout=90, name=f"producer-{i}")
+    code = _stop(trainer, timeout=180, name="trainer", grace=grace)
+    if code != 0:
+        log.warning("the trainer exited with code %s; see %s", code, trainer_log)
+    return code
+
+
 def _tail(path: Path, n: int = 15) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
@@ -131,8 +155,6 @@ def _tail(path: Path, n: int = 15) -> str:
 
 
 def run(cfg: DemoConfig) -> dict:
-    from tqdm import tqdm
-
     check_assets()
     run_dir = (cfg.run_dir / time.strftime("%Y%m%d-%H%M%S")).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -194,7 +216,9 @@ def run(cfg: DemoConfig) -> dict:
     interrupted = False
     t0 = time.time()
     try:
-        with tqdm(total=int(budget_s), desc="online draft training", unit="s", dynamic_ncols=True) as bar:
+        with progress_bar(
+            total=int(budget_s), desc="online draft training", unit="s", dynamic_ncols=True
+        ) as bar:
             while (elapsed := time.time() - t0) < budget_s:
                 if trainer.poll() is not None:
                     raise RuntimeError(
@@ -214,10 +238,7 @@ def run(cfg: DemoConfig) -> dict:
         interrupted = True
         log.warning("interrupted: stopping producers and trainer cleanly")
     finally:
-        for i, p in enumerate(producers):
-            _stop(p, timeout=90, name=f"producer-{i}")
-        code = _stop(trainer, timeout=180, name="trainer")
-        log.info("trainer exited with code %s", code)
+        _shutdown(producers, trainer, run_dir / "trainer.log")
 
     summary = {"run_dir": str(run_dir), "endpoint": endpoint}
     trainer_summary = run_dir / "summary.json"
@@ -305,6 +326,9 @@ def print_summary(summary: dict) -> None:
         out.extend(_format_eval(ev))
     out.append("")
     out.append(f"run folder : {summary['run_dir']}")
+    latest = Path(summary["run_dir"]).parent / "latest"
+    if latest.resolve() == Path(summary["run_dir"]).resolve():
+        out.append(f"latest     : {latest} (the default of make eval, make retrain, make dataset-info)")
     out.append(f"checkpoint : {summary.get('checkpoint')}")
     out.append(f"archive    : {Path(summary['run_dir']) / 'archive.hdf5'}")
     if "eval_dir" in summary:

@@ -1,6 +1,6 @@
 """`make eval`: RSD vs baseline decoding of the embedded VLA on LIBERO (docs/DESIGN.md §9, §10).
 
-    python -m evaluator.eval --draft runs/default/draft_best.pt --out-dir runs/default/eval
+    python -m evaluator.eval --draft runs/default/latest/draft_best.pt --out-dir runs/default/latest/eval
     python -m evaluator.eval --draft CKPT --out-dir DIR --no-closed-loop      # `make bench`: latency only
 
 Two parts, one report:
@@ -37,7 +37,7 @@ import torch
 
 from common.cli import config_to_dict, parse_config
 from common.draft import DEFAULT_FORWARD, FORWARD_HELP, FORWARDS, load_checkpoint
-from common.logs import setup_logging
+from common.logs import progress_bar, setup_logging
 from common.policy import LayerwisePolicy, Observation
 from evaluator.rsd import AcceptanceConfig, ChunkResult, DraftProposer, RSDConfig, RSDEngine
 
@@ -81,7 +81,11 @@ class EvalConfig:
         metadata={"help": "arms run closed loop (any of baseline, rsd_strict, rsd_relaxed)"},
     )
     max_steps: int | None = field(
-        default=None, metadata={"help": "policy steps per episode (none: suite limit)"}
+        default=None,
+        metadata={
+            "help": "env steps (actions executed, after the settle steps) per episode, open and closed "
+            "loop; not policy queries (none: the suite's limit, 220 for libero_spatial)"
+        },
     )
     image_size: int = field(default=128, metadata={"help": "camera image size rendered by the env"})
     tau: float = field(default=0.8, metadata={"help": "relaxed arm: minimum token agreement per layer"})
@@ -116,6 +120,11 @@ class EvalConfig:
     seed: int = field(default=0, metadata={"help": "environment seed"})
 
     def __post_init__(self) -> None:
+        if not Path(self.draft).is_file():
+            raise ValueError(
+                f"no draft checkpoint at {self.draft}: train one first (make demo, or make train beside "
+                "make produce), or name one: make eval CKPT=path/to/draft_best.pt"
+            )
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
         for t in [self.tau, *self.sweep_tau]:
@@ -357,8 +366,6 @@ def run_open_loop(
     max_chunks: int | None = None,
 ) -> list[dict[str, Any]]:
     """Drive LIBERO episodes with the baseline's actions; every query is decoded by every arm."""
-    from tqdm import tqdm
-
     from evaluator.rollout import run_episode
 
     class Enough(Exception):
@@ -372,7 +379,7 @@ def run_open_loop(
     results = []
     env, env_task = None, None
     jobs = list(episodes)
-    bar = tqdm(jobs, desc="open-loop episodes", unit="ep", dynamic_ncols=True)
+    bar = progress_bar(jobs, desc="open-loop episodes", unit="ep", dynamic_ncols=True)
     try:
         for task_id, init_state in bar:
             if env_task != task_id:

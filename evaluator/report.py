@@ -1,6 +1,6 @@
 """Markdown report and plots of an eval.json (evaluator/eval.py).
 
-    python -m evaluator.report runs/default/eval/eval.json      # re-render report.md and the PNGs
+    python -m evaluator.report runs/default/latest/eval/eval.json      # re-render report.md and the PNGs
 
 Plots: ``latency.png`` (chunk latency distributions of the arms), ``acceptance.png`` (histogram of
 accepted layers j), ``accuracy.png`` (draft accuracy per layer), ``tradeoff.png`` (speedup against
@@ -14,11 +14,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from common.cli import new_parser
+
 MAIN_ARMS = ("baseline", "rsd_strict", "rsd_relaxed")
 
 
 def _fmt(x: float, nd: int = 2) -> str:
     return f"{x:.{nd}f}"
+
+
+def _fmt_small(x: float, nd: int = 3) -> str:
+    """``nd`` decimals, or scientific notation for a nonzero value that would show as 0.000 (1e-14)."""
+    return f"{x:.1e}" if x != 0 and abs(x) < 0.5 * 10**-nd else f"{x:.{nd}f}"
 
 
 def plot_all(result: dict[str, Any], out_dir: Path) -> list[str]:
@@ -139,7 +146,7 @@ def render_markdown(result: dict[str, Any], plots: list[str]) -> str:
         for i, (t, e, c) in enumerate(
             zip(acc["token_per_layer"], acc["exact_per_layer"], acc["confidence_per_layer_mean"])
         ):
-            lines.append(f"| L{i} | {t:.3f} | {e:.3f} | {c:.3f} |")
+            lines.append(f"| L{i} | {t:.3f} | {e:.3f} | {_fmt_small(c)} |")
     stages = {n: arms[n]["stage_ms_median"] for n in MAIN_ARMS if n in arms}
     if stages:
         lines += ["", "Median stage times (ms):", ""]
@@ -187,9 +194,7 @@ def write_report(result: dict[str, Any], out_dir: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import argparse
-
-    parser = argparse.ArgumentParser(
+    parser = new_parser(
         prog="python -m evaluator.report",
         description="Re-render report.md and the plots from an eval.json (written beside it).",
     )

@@ -33,7 +33,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from common.cli import config_to_dict, parse_config
-from common.logs import setup_logging
+from common.logs import progress_bar, setup_logging
 from common.policy import Observation
 
 log = logging.getLogger("evaluator.rollout")
@@ -196,8 +196,6 @@ def run_episodes(
     handed out in order, so consecutive jobs of one task reuse a worker's env. Raises RuntimeError
     with the worker's traceback if any worker crashes.
     """
-    from tqdm import tqdm
-
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     os.environ.setdefault("MUJOCO_GL", "egl")
@@ -223,7 +221,7 @@ def run_episodes(
     backbone = ""
     finished = 0
     deadline = time.monotonic() + timeout_s
-    bar = tqdm(total=len(jobs), desc="episodes", unit="ep", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=len(jobs), desc="episodes", unit="ep", disable=not progress, dynamic_ncols=True)
     try:
         while finished < n_workers:
             try:

@@ -10,13 +10,14 @@ dataset) of the first demo, and the action range per dimension.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
+
+from common.cli import new_parser
 
 
 def _sorted_demos(names: list[str]) -> list[str]:
@@ -36,7 +37,10 @@ def summarize(path: Path, out: TextIO = sys.stdout, verbose: bool = False) -> di
     import h5py
 
     if not path.exists():
-        raise FileNotFoundError(f"no such file: {path}")
+        raise FileNotFoundError(
+            f"no such file: {path} (make dataset-info FILE=…: archives come from `make train` or `make demo`, "
+            "demonstrations from `make demos`)"
+        )
     with h5py.File(path, "r", swmr=False) as f:
         if "data" not in f:
             raise ValueError(f"{path} has no 'data' group; not a robomimic/LIBERO-style file")
@@ -92,10 +96,12 @@ def summarize(path: Path, out: TextIO = sys.stdout, verbose: bool = False) -> di
                     p(f"  {name}: shape {obj.shape}, dtype {obj.dtype}{comp}")
 
             first.visititems(show)
-            if "actions" in first:
-                acts = np.concatenate([data[d]["actions"][()] for d in demos], axis=0)  # [total, A]
+            # demos hold actions [n, A], archives [n, T, A] (one chunk per query): statistics per action dim A
+            acts = [data[d]["actions"][()] for d in demos if "actions" in data[d]]
+            acts = np.concatenate(acts, axis=0).reshape(-1, acts[0].shape[-1]) if acts else np.zeros((0, 0))
+            if len(acts):
                 p("")
-                p("actions per dimension (min / mean / max):")
+                p(f"actions per dimension over {len(acts)} actions (min / mean / max):")
                 for i in range(acts.shape[1]):
                     col = acts[:, i]
                     p(f"  dim {i}: {col.min():+.3f} / {col.mean():+.3f} / {col.max():+.3f}")
@@ -113,7 +119,7 @@ def summarize(path: Path, out: TextIO = sys.stdout, verbose: bool = False) -> di
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = new_parser(
         prog="python -m producer.dataset_info",
         description="Print a robomimic-style summary of an HDF5 demonstration file or archive.",
     )

@@ -25,10 +25,13 @@ steps after the settle steps.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache, lru_cache
 from typing import Any
@@ -77,7 +80,11 @@ class EnvConfig:
     )
     settle_steps: int = field(default=10, metadata={"help": "no-op steps after reset so that objects settle"})
     max_steps: int | None = field(
-        default=None, metadata={"help": "policy steps per episode (none: the suite's limit)"}
+        default=None,
+        metadata={
+            "help": "env steps (actions executed, after the settle steps) per episode, not policy queries "
+            "(none: the suite's limit)"
+        },
     )
     seed: int = field(
         default=0, metadata={"help": "seed of the scene randomness (fixture placement), per init state"}
@@ -118,11 +125,15 @@ class TaskInfo:
     num_init_states: int
 
 
+@cache
 def _benchmark(suite: str) -> Any:
+    """LIBERO's benchmark object of a suite, built once per process (quietly: LIBERO prints a line
+    "[info] using task orders ..." every time one is built)."""
     ensure_libero()
     from libero.libero import benchmark  # imports torch; configured by ensure_libero()
 
-    return benchmark.get_benchmark_dict()[suite]()
+    with contextlib.redirect_stdout(io.StringIO()):
+        return benchmark.get_benchmark_dict()[suite]()
 
 
 @cache
@@ -384,14 +395,20 @@ class LiberoEnv:
         """The flattened MuJoCo state [S] (time, qpos, qvel), as in LIBERO's ``states`` datasets."""
         return np.asarray(self._env.get_sim_state(), dtype=np.float64)
 
-    def env_args(self) -> dict[str, Any]:
-        """JSON-safe description of how this environment was built (for dataset attributes)."""
+    def env_args(self, tasks: Sequence[int] | None = None) -> dict[str, Any]:
+        """JSON-safe description of how this environment was built (for dataset attributes).
+
+        ``tasks``: the task ids of the file it describes (default: this env's task); ``bddl_files``
+        names the bddl file of each (task id -> path under LIBERO's bddl_files/)."""
+        ids = sorted(set(tasks)) if tasks else [self.cfg.task_id]
+        infos = list_tasks(self.cfg.suite)
+        bddl = {str(t): infos[t].bddl_file.split("bddl_files/")[-1] for t in ids}
         return {
-            "env_name": self.task.name,
+            "env_name": self.task.name if ids == [self.cfg.task_id] else self.cfg.suite,
             "type": "libero",
             "env_kwargs": {
                 "suite": self.cfg.suite,
-                "bddl_file": self.task.bddl_file.split("bddl_files/")[-1],
+                "bddl_files": bddl,
                 "controller": "OSC_POSE",
                 "control_freq": 20,
                 "camera_names": list(self.cfg.cameras),

@@ -17,7 +17,6 @@ project calls it before importing ``libero`` (never at import time of a project 
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import logging
 import os
@@ -25,6 +24,8 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from common.cli import new_parser
 
 log = logging.getLogger(__name__)
 
@@ -181,9 +182,24 @@ def select_gl_backend() -> str:
     return backend
 
 
+class _NoMacroNotice(logging.Filter):
+    """Drops robosuite's import-time advice to write a private macro file: RSD runs on its defaults."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "macro" not in record.getMessage().lower()
+
+
+def quiet_robosuite() -> None:
+    """Silence robosuite's "No private macro file found!" warnings (three lines in every process)."""
+    logger = logging.getLogger("robosuite_logs")  # the logger robosuite creates at import
+    if not any(isinstance(f, _NoMacroNotice) for f in logger.filters):
+        logger.addFilter(_NoMacroNotice())
+
+
 def ensure_libero() -> LiberoPaths:
     """Prepare the process for ``import libero``: env defaults, config file, assets (once)."""
     global _done
+    quiet_robosuite()
     os.environ.setdefault("LIBERO_CONFIG_PATH", str(DEFAULT_CONFIG_DIR))
     if not _done:
         select_gl_backend()
@@ -195,7 +211,7 @@ def ensure_libero() -> LiberoPaths:
 def main(argv: list[str] | None = None) -> int:
     from common.logs import setup_logging
 
-    parser = argparse.ArgumentParser(
+    parser = new_parser(
         prog="python -m producer.libero_setup",
         description="Write LIBERO's config file ($LIBERO_CONFIG_PATH/config.yaml, default "
         f"{DEFAULT_CONFIG_DIR}) and link its assets from the installed asset wheels. Idempotent; "

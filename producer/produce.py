@@ -15,7 +15,10 @@ Delivery (:class:`ReliableSender`): a DEALER socket with a send high-water mark,
 blocks this loop instead of dropping data. Every data message is kept until the trainer acknowledges it
 as archived; if the trainer restarts (a new trainer session in an ack), the producer says hello again
 and resends everything not yet acknowledged. Ctrl-C / SIGTERM: the current episode is closed as
-``incomplete``, a ``bye`` goes out, the producer waits briefly for the last acks and prints its counts.
+``incomplete``, the producer waits for the last acks (at most ``--flush-timeout-s``; a second Ctrl-C
+stops waiting), says ``bye`` and prints its counts: sent, acknowledged and unacknowledged. When no
+trainer answers it warns after ``--no-trainer-warn-s``; it exits with code 1 if anything it sent was
+not acknowledged (not delivered).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import numpy as np
 
 from common import wire
 from common.cli import config_to_dict, parse_config
-from common.logs import setup_logging
+from common.logs import progress_bar, setup_logging
 from common.policy import ChunkPolicy, Observation
 from common.schedule import episode_schedule
 from common.vla.openvla_oft import OpenVLAOFTUnavailable, oft_image_prep, prepared_image_prep
@@ -88,7 +91,11 @@ class ProducerConfig:
     repeat: bool = field(default=False, metadata={"help": "loop over the tasks until stopped"})
     replan: int = field(default=8, metadata={"help": "actions executed per policy query (<= chunk length)"})
     max_steps: int | None = field(
-        default=None, metadata={"help": "policy steps per episode (none: the suite's limit; small for tests)"}
+        default=None,
+        metadata={
+            "help": "env steps (actions executed, after the settle steps) per episode, not policy queries "
+            "(none: the suite's limit, 220 for libero_spatial; small for tests)"
+        },
     )
     image_size: int | None = field(
         default=None,
@@ -118,6 +125,9 @@ class ProducerConfig:
     max_unacked: int = field(default=2048, metadata={"help": "unacknowledged messages kept before blocking"})
     heartbeat_s: float = field(default=2.0, metadata={"help": "heartbeat interval"})
     flush_timeout_s: float = field(default=30.0, metadata={"help": "at the end, wait this long for acks"})
+    no_trainer_warn_s: float = field(
+        default=10.0, metadata={"help": "warn when the trainer has not answered for this many seconds"}
+    )
     curve_dir: Path | None = field(
         default=None, metadata={"help": "CURVE keys (server.key, client.key_secret)"}
     )
@@ -143,6 +153,8 @@ class ProducerConfig:
             raise ValueError(f"max_steps must be > 0, got {self.max_steps}")
         if self.sndhwm <= 0 or self.max_unacked <= 0:
             raise ValueError("sndhwm and max_unacked must be > 0")
+        if self.no_trainer_warn_s <= 0 or self.flush_timeout_s < 0:
+            raise ValueError("no_trainer_warn_s must be > 0 and flush_timeout_s >= 0")
         if self.image_size is None:
             self.image_size = 256 if self.vla == "openvla-oft" else 128
         if self.vla == "openvla-oft" and self.device == "cpu":
@@ -204,6 +216,7 @@ class Producer:
     def __init__(self, cfg: ProducerConfig, policy: ChunkPolicy | None = None):
         self.cfg = cfg
         self.stop = threading.Event()
+        self.abort = threading.Event()  # a second Ctrl-C: do not wait for acks at exit either
         self.policy: ChunkPolicy | None = policy  # None: built from cfg in run()
         self.replay = load_replay(cfg.replay_obs) if cfg.replay_obs is not None else None
         self.sender: ReliableSender | None = None
@@ -275,7 +288,6 @@ class Producer:
             return EpisodeResult("errored", n_samples, step, f"{type(exc).__name__}: {exc}"[:1000])
 
     def run(self) -> dict[str, Any]:
-        from tqdm import tqdm
 
         cfg = self.cfg
         import torch
@@ -287,14 +299,14 @@ class Producer:
         if self.policy is None:
             self.policy = build_policy(cfg, self.replay is not None and bool(self.replay["prepared"]))
         log.info("policy %s (D=%d) on %s", self.policy.backbone_id, self.policy.hidden_dim, cfg.device)
-        self.sender = ReliableSender(cfg, self.stop)
+        self.sender = ReliableSender(cfg, self.stop, self.abort)
         per_pass = len(cfg.tasks) * cfg.episodes_per_task  # episodes of one pass over the tasks
         env: Any = None
         env_task = None
         hello_sent = False
         episode = 0
         total = None if cfg.repeat else per_pass
-        bar = tqdm(total=total, desc=f"produce {cfg.producer_id}", unit="ep", dynamic_ncols=True)
+        bar = progress_bar(total=total, desc=f"produce {cfg.producer_id}", unit="ep", dynamic_ncols=True)
         try:
             while not self.stop.is_set():
                 if episode >= per_pass and not cfg.repeat:
@@ -345,11 +357,17 @@ class Producer:
             bar.close()
             if env is not None:
                 env.close()
-            self.sender.bye()
             acked = self.sender.flush(cfg.flush_timeout_s)
-            if not acked:
-                log.warning("%d message(s) not acknowledged by the trainer at exit", len(self.sender.unacked))
+            self.sender.bye()  # after the flush: the trainer closes this producer's episodes at bye
             summary = self.summary()
+            if not acked:
+                log.error(
+                    "NOT DELIVERED: %d sample(s) and %d episode end(s) were not acknowledged by a trainer at %s%s",
+                    summary["samples_unacked"],
+                    summary["episodes_unacked"],
+                    cfg.endpoint,
+                    "" if self.sender.trainer_session else " (no trainer ever answered)",
+                )
             self.sender.close()
             print_summary(summary)
         return summary
@@ -369,7 +387,7 @@ class Producer:
         )
 
     def _hello(self, env: Any) -> wire.Hello:
-        info = {"producer": config_to_dict(self.cfg), "env_args": env.env_args()}
+        info = {"producer": config_to_dict(self.cfg), "env_args": env.env_args(self.cfg.tasks)}
         bounds = _codec_bounds(self.policy)
         if bounds is not None:
             info["codec_bounds"] = bounds
@@ -394,6 +412,10 @@ class Producer:
             "episodes": dict(self.counts),
             "samples_sent": s.samples_sent,
             "episodes_sent": s.episodes_sent,
+            "samples_acked": s.samples_acked,
+            "episodes_acked": s.episodes_acked,
+            "samples_unacked": len(self.sender.unacked_samples),
+            "episodes_unacked": len(self.sender.unacked) - len(self.sender.unacked_samples),
             "resent": s.resent,
             "unacked": len(self.sender.unacked),
             "refused": self.sender.refused,
@@ -412,8 +434,9 @@ def print_summary(s: dict[str, Any]) -> None:
     print(
         f"\n=== producer {s['producer_id']} summary ===\n"
         f"episodes: {e['success']} success, {e['failed']} failed, {e['errored']} errored, {e['incomplete']} incomplete\n"
-        f"sent {s['samples_sent']} samples + {s['episodes_sent']} episode ends (resent {s['resent']}), "
-        f"unacknowledged {s['unacked']}, acked up to seq {s['acked_seq']}\n"
+        f"sent {s['samples_sent']} samples + {s['episodes_sent']} episode ends (resent {s['resent']}); "
+        f"acknowledged by the trainer {s['samples_acked']} samples + {s['episodes_acked']} episode ends; "
+        f"unacknowledged (not delivered) {s['samples_unacked']} samples + {s['episodes_unacked']} episode ends\n"
         f"{s['steps']} env steps in {s['elapsed_s']:.1f}s: {s['steps_per_s']:.2f} steps/s, "
         f"{s['samples_per_s']:.3f} samples/s, blocked on backpressure {s['blocked_s']:.1f}s\n"
         f"SUMMARY_JSON {json.dumps(s, sort_keys=True)}",
@@ -432,6 +455,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     def on_signal(signum: int, _frame: Any) -> None:
+        if producer.stop.is_set():
+            log.warning(
+                "%s again: not waiting for the trainer's acknowledgements", signal.Signals(signum).name
+            )
+            producer.abort.set()
+            return
         log.info("%s: finishing the current step, then closing", signal.Signals(signum).name)
         producer.stop.set()
 
@@ -442,6 +471,9 @@ def main(argv: list[str] | None = None) -> int:
     except OpenVLAOFTUnavailable as exc:
         log.error("OpenVLAOFTUnavailable: %s", exc)
         return 2
+    finally:  # all is flushed: a late signal must not turn the exit into a kill (code -2)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if summary["refused"]:
         return 2
     return 0 if summary["unacked"] == 0 else 1

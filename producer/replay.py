@@ -86,7 +86,7 @@ class ReplayEnv:
             return None, 0.0, True, {"success": False, "truncated": True}
         return self._obs(), 0.0, False, {"success": False}
 
-    def env_args(self) -> dict[str, Any]:
+    def env_args(self, tasks: Any = None) -> dict[str, Any]:
         return {"replay": True, "suite": str(self.data["suite"]), "prepared": bool(self.data["prepared"])}
 
     def close(self) -> None:

@@ -44,6 +44,40 @@ ARCHIVE_SCHEMA_VERSION = 1
 SPLITS = ("train", "valid")
 
 
+class ArchiveError(RuntimeError):
+    """A file is not an archive this code can use (not HDF5, another layout, another schema or shape)."""
+
+
+def check_archive(path: str | Path) -> None:
+    """Raise :class:`ArchiveError` with a clear message unless ``path`` is an RSD archive.
+
+    A file that is no HDF5 file at all, or an HDF5 file without the archive's attributes, fails at once;
+    a read error is retried for a few seconds first (a trainer may be writing the file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArchiveError(f"no archive at {path}")
+    if not h5py.is_hdf5(path):
+        raise ArchiveError(f"{path} is not an HDF5 file (damaged, or another format)")
+
+    def read(f: h5py.File) -> dict[str, Any] | None:
+        data = f.get("data")
+        return {k: _attr(v) for k, v in data.attrs.items()} if isinstance(data, h5py.Group) else None
+
+    try:
+        attrs = _read_retrying(path, read)
+    except OSError as exc:
+        raise ArchiveError(f"{path} is an HDF5 file but cannot be read, it may be damaged: {exc}") from None
+    if attrs is None or not {"schema_version", "shape", "backbone_id", "hidden_dim"} <= set(attrs):
+        raise ArchiveError(
+            f"{path} is an HDF5 file but not an archive of `make train` (no data/ attributes schema_version, "
+            "shape, backbone_id, hidden_dim); demonstration files go to `make train-codec` / `make train-vla`"
+        )
+    if attrs["schema_version"] != ARCHIVE_SCHEMA_VERSION:
+        raise ArchiveError(
+            f"{path} is an archive of schema {attrs['schema_version']}; this code reads {ARCHIVE_SCHEMA_VERSION}"
+        )
+
+
 @dataclass
 class EpisodeRecord:
     """One episode as the trainer assembled it from the wire."""
@@ -88,6 +122,7 @@ class ArchiveWriter:
         self.shape = shape
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.removed_partial: list[str] = []
+        self.created = not self.path.exists()  # made by this writer (nothing of an earlier run in it)
         if self.path.exists():
             self._recover()
         else:
@@ -120,15 +155,17 @@ class ArchiveWriter:
         try:
             f = self._open("a")
         except OSError as exc:
-            raise RuntimeError(
+            raise ArchiveError(
                 f"archive {self.path} exists but cannot be opened ({exc}); move it away"
             ) from exc
         with f:
             if "data" not in f or f["data"].attrs.get("schema_version") != ARCHIVE_SCHEMA_VERSION:
-                raise RuntimeError(f"{self.path} is not an RSD archive of schema {ARCHIVE_SCHEMA_VERSION}")
+                raise ArchiveError(
+                    f"{self.path} is not an RSD archive of schema {ARCHIVE_SCHEMA_VERSION}; move it away"
+                )
             have = json.loads(f["data"].attrs["shape"])
             if have != self.shape.to_dict():
-                raise RuntimeError(f"{self.path} holds shape {have}, trainer expects {self.shape.to_dict()}")
+                raise ArchiveError(f"{self.path} holds shape {have}, trainer expects {self.shape.to_dict()}")
             for name in list(f["data"]):
                 if not f["data"][name].attrs.get("complete", False):
                     del f["data"][name]
@@ -177,8 +214,10 @@ class ArchiveWriter:
                 cfg = {"raw": producer_config[:4096]}
             producers[producer_id] = cfg
             a["producers"] = json.dumps(producers, sort_keys=True)
-            if isinstance(cfg, dict) and isinstance(cfg.get("env_args"), dict) and a["env_args"] == "{}":
-                a["env_args"] = json.dumps(cfg["env_args"], sort_keys=True)
+            if isinstance(cfg, dict) and isinstance(cfg.get("env_args"), dict):
+                a["env_args"] = json.dumps(
+                    merge_env_args(json.loads(a["env_args"]), cfg["env_args"]), sort_keys=True
+                )
             self.meta = dict(a)
         return None
 
@@ -239,6 +278,16 @@ class ArchiveWriter:
             f["data"].attrs["num_episodes"] = self.num_episodes
             f["data"].attrs["total"] = self.total
         return name
+
+
+def merge_env_args(have: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """The archive's env args after one more producer: the first producer's, with the bddl files of
+    every producer's tasks (``env_kwargs.bddl_files``, task id -> file) merged in."""
+    if not have:
+        return new
+    kwargs = have.get("env_kwargs", {})
+    files = {**kwargs.get("bddl_files", {}), **new.get("env_kwargs", {}).get("bddl_files", {})}
+    return {**have, "env_kwargs": {**kwargs, "bddl_files": files}} if files else have
 
 
 # ---------------------------------------------------------------------- reading
@@ -314,7 +363,8 @@ def _read_retrying(path: Path, read: Any) -> Any:
                 return read(f)
         except (OSError, KeyError, RuntimeError, ValueError) as exc:  # h5py's mapping of HDF5 errors
             if attempt == _READ_ATTEMPTS - 1:
-                raise OSError(f"{path}: unreadable after {_READ_ATTEMPTS} attempts: {exc}") from exc
+                waited = _READ_ATTEMPTS * 0.05
+                raise OSError(f"{path}: unreadable (retried for {waited:.0f} s): {exc}") from exc
             time.sleep(0.05)
 
 
@@ -326,6 +376,7 @@ def iter_episodes(
 
     Safe to call while the trainer is writing the file (see :func:`_read_retrying`).
     """
+    check_archive(path)
     if split is not None and split not in SPLITS:
         raise ValueError(f"split {split!r} not in {SPLITS}")
 
@@ -355,6 +406,7 @@ def iter_episodes(
 
 
 def archive_meta(path: str | Path) -> dict[str, Any]:
+    check_archive(path)
     return _read_retrying(Path(path), lambda f: {k: _attr(v) for k, v in f["data"].attrs.items()})
 
 

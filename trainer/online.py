@@ -43,7 +43,14 @@ from common.curve import check_bind_endpoint, server_curve
 from common.draft import DEFAULT_FORWARD, FORWARD_HELP, FORWARDS
 from common.logs import setup_logging
 from common.shapes import DEFAULT_SHAPE, RFSQShape
-from trainer.archive import ArchiveWriter, EpisodeRecord, archived_seqs, episode_attrs, iter_episodes
+from trainer.archive import (
+    ArchiveError,
+    ArchiveWriter,
+    EpisodeRecord,
+    archived_seqs,
+    episode_attrs,
+    iter_episodes,
+)
 from trainer.buffer import RateLimiter, ReplayBuffer
 from trainer.clamp import ATTR as clamp_attr
 from trainer.clamp import ClampStats
@@ -54,12 +61,19 @@ from trainer.report import ProducerStats, Progress, print_summary
 log = logging.getLogger("trainer.online")
 
 
+class BindError(RuntimeError):
+    """The trainer cannot listen on its endpoint (e.g. the port is in use)."""
+
+
 @dataclass
 class TrainerConfig:
     """Receive samples over ZeroMQ, archive them to HDF5 and train the draft online."""
 
     endpoint: str = field(default="tcp://127.0.0.1:5555", metadata={"help": "ZeroMQ endpoint to bind"})
-    run_dir: Path = field(default=Path("runs/default"), metadata={"help": "checkpoints, archive, logs"})
+    run_dir: Path = field(
+        default=Path("runs/default/train"),
+        metadata={"help": "checkpoints, archive, logs (make train's folder)"},
+    )
     curve_dir: Path | None = field(
         default=None,
         metadata={
@@ -164,6 +178,7 @@ class Trainer:
         self.limits = wire.WireLimits(shape=shape)
         self.session = uuid.uuid4().hex[:16]
         self.stop = threading.Event()
+        self._made_run_dir = not cfg.run_dir.exists()
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         self.archive = ArchiveWriter(cfg.run_dir / "archive.hdf5", shape, trainer_config=config_to_dict(cfg))
         self.archived = archived_seqs(self.archive.path)  # (pid, session) -> highest seq on disk
@@ -235,10 +250,12 @@ class Trainer:
         self.model_ready.set()
 
     def _targets(self, codes: np.ndarray) -> np.ndarray:
-        """codes [n, T, H, L] uint8 -> coarse targets [n, K, T*H] uint8 (flattened in (T, H) order)."""
+        """codes [n, T, H, L] uint8 -> coarse targets [n, K, T*H] uint8 (flattened in (T, H) order).
+
+        ``n`` may be 0: an episode archived without samples (its producer stopped right after it began)."""
         K = self.shape.num_coarse_layers
-        n = codes.shape[0]
-        return np.ascontiguousarray(codes[..., :K].transpose(0, 3, 1, 2)).reshape(n, K, -1)
+        n, T, H = codes.shape[:3]
+        return np.ascontiguousarray(codes[..., :K].transpose(0, 3, 1, 2)).reshape(n, K, T * H)
 
     # ================================================================== receiving
     def _stats(self, pid: str) -> ProducerStats:
@@ -598,7 +615,19 @@ class Trainer:
         sock.setsockopt(zmq.LINGER, 0)
         if cfg.curve_dir is not None:
             auth = server_curve(ctx, sock, cfg.curve_dir)
-        sock.bind(cfg.endpoint)
+        try:
+            sock.bind(cfg.endpoint)
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            if auth is not None:
+                auth.stop()
+            ctx.term()
+            self._discard_unused()
+            raise BindError(
+                f"cannot listen on {cfg.endpoint}: {exc.strerror}. Another trainer may be running there: "
+                "stop it, or use another port (make train ENDPOINT=tcp://127.0.0.1:5556, and the same "
+                "ENDPOINT for make produce)"
+            ) from None
         self.bound_endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.bound.set()
         try:
@@ -653,6 +682,16 @@ class Trainer:
             ctx.term()
             progress.close()
         return self.finish()
+
+    def _discard_unused(self) -> None:
+        """The trainer never started: remove the empty archive and run dir that __init__ created."""
+        if self.archive.created and self.archive.num_episodes == 0:
+            self.archive.path.unlink(missing_ok=True)
+        if self._made_run_dir:
+            try:
+                self.cfg.run_dir.rmdir()
+            except OSError:  # not empty: keep it
+                pass
 
     def finish(self) -> dict[str, Any]:
         if self.learner is not None and self.valset is not None and len(self.valset):
@@ -715,7 +754,11 @@ class Trainer:
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(TrainerConfig, argv, prog="python -m trainer.online")
     setup_logging("trainer")
-    trainer = Trainer(cfg)
+    try:
+        trainer = Trainer(cfg)
+    except ArchiveError as exc:
+        log.error("%s", exc)
+        return 2
 
     def on_signal(signum: int, _frame: Any) -> None:
         log.info("%s: shutting down", signal.Signals(signum).name)
@@ -723,7 +766,14 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    trainer.run()
+    try:
+        trainer.run()
+    except BindError as exc:
+        log.error("%s", exc)
+        return 2
+    finally:  # everything is saved: a late signal must not turn the clean exit into a kill (code -2)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     return 0
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from common.logs import progress_bar
+
 
 @dataclass
 class ProducerStats:
@@ -32,10 +34,8 @@ class Progress:
     """tqdm line: samples accepted, episodes archived, updates, validation accuracy."""
 
     def __init__(self, trainer: Any):
-        from tqdm import tqdm
-
         self.t = trainer
-        self.bar = tqdm(desc="train", unit="sample", dynamic_ncols=True, mininterval=1.0)
+        self.bar = progress_bar(desc="train", unit="sample", dynamic_ncols=True, mininterval=1.0)
         self.n = 0
 
     def update(self) -> None:

@@ -21,13 +21,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from common.cli import config_to_dict, parse_config
 from common.draft import DEFAULT_FORWARD, FORWARD_HELP, FORWARDS, load_checkpoint
-from common.logs import setup_logging
+from common.logs import progress_bar, setup_logging
 from common.shapes import RFSQShape
-from trainer.archive import archive_meta, load_split
+from trainer.archive import ArchiveError, archive_meta, check_archive, load_split
 from trainer.learner import Learner, OptimConfig
 from trainer.plots import plot_curves
 
@@ -62,7 +61,14 @@ class RetrainConfig:
             raise ValueError("give at least one archive with --archives")
         for a in self.archives:
             if not a.is_file():
-                raise ValueError(f"archive {a} does not exist")
+                raise ValueError(
+                    f"archive {a} does not exist (make train and make demo write archive.hdf5 into their run "
+                    "folder; runs/default/latest is the newest)"
+                )
+            try:
+                check_archive(a)
+            except ArchiveError as exc:
+                raise ValueError(str(exc)) from None
         if self.epochs <= 0 or self.batch_size <= 0:
             raise ValueError(f"epochs ({self.epochs}) and batch_size ({self.batch_size}) must be > 0")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -72,8 +78,8 @@ class RetrainConfig:
 
 def targets_from_codes(codes: np.ndarray, k: int) -> np.ndarray:
     """codes [N, T, H, L] uint8 -> [N, K, T*H] uint8 (first K layers, (T, H) order)."""
-    n = codes.shape[0]
-    return np.ascontiguousarray(codes[..., :k].transpose(0, 3, 1, 2)).reshape(n, k, -1)
+    n, t, h = codes.shape[:3]
+    return np.ascontiguousarray(codes[..., :k].transpose(0, 3, 1, 2)).reshape(n, k, t * h)
 
 
 def retrain(cfg: RetrainConfig, stop: threading.Event | None = None) -> dict[str, Any]:
@@ -103,6 +109,7 @@ def retrain(cfg: RetrainConfig, stop: threading.Event | None = None) -> dict[str
     if len(h_train) == 0:
         raise ValueError(f"no training samples in {[str(a) for a in cfg.archives]}")
     y_train, y_val = targets_from_codes(c_train, K), targets_from_codes(c_val, K) if len(h_val) else None
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)  # only now: bad input leaves no empty folder behind
     log.info(
         "train: %d samples from %d episodes; validation: %d samples from %d held-out episodes",
         len(h_train),
@@ -138,7 +145,7 @@ def retrain(cfg: RetrainConfig, stop: threading.Event | None = None) -> dict[str
     best = -1.0
     last_val = None
     t0 = time.time()
-    bar = tqdm(range(cfg.epochs), desc="retrain", unit="epoch", dynamic_ncols=True)
+    bar = progress_bar(range(cfg.epochs), desc="retrain", unit="epoch", dynamic_ncols=True)
     for epoch in bar:
         order = rng.permutation(len(h_train))
         losses = []
@@ -196,13 +203,16 @@ def retrain(cfg: RetrainConfig, stop: threading.Event | None = None) -> dict[str
         print(
             f"retrain: best val accuracy {best:.4f}; last per layer {[round(a, 4) for a in last_val['val_acc_per_layer']]}"
         )
+    print(
+        f"retrain: wrote {cfg.run_dir}/ (draft_best.pt, draft_last.pt, training_curve.png, summary.json); "
+        f"evaluate with: make eval CKPT={cfg.run_dir / 'draft_best.pt'}"
+    )
     return summary
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(RetrainConfig, argv, prog="python -m trainer.retrain")
     setup_logging("retrain")
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -211,7 +221,11 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    retrain(cfg, stop)
+    try:
+        retrain(cfg, stop)
+    except (ValueError, ArchiveError) as exc:  # archives that disagree, hold no training samples, ...
+        log.error("%s", exc)
+        return 2
     return 0
 
 
