@@ -38,74 +38,6 @@ from common.policy import Observation
 
 log = logging.getLogger("evaluator.rollout")
 
-ActFn = Callable[[Observation], np.ndarray]  # observation -> [T, A] action chunk
-
-
-class EpisodeEnv(Protocol):
-    """What :func:`run_episode` needs of an environment (``producer.env.LiberoEnv`` provides it)."""
-
-    def reset(self, init_state: int | None = None) -> Observation: ...
-
-    def step(
-        self, action: np.ndarray, observe: bool = True
-    ) -> tuple[Observation | None, float, bool, dict]: ...
-
-
-@dataclass
-class EpisodeResult:
-    """Per-episode statistics."""
-
-    suite: str
-    task_id: int
-    init_state: int
-    success: bool
-    steps: int  # policy steps taken (after settling)
-    queries: int  # policy calls (chunks)
-    act_s: float  # total wall time inside the policy
-    wall_s: float  # episode wall time (reset included)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def run_episode(
-    env: EpisodeEnv, act: ActFn, init_state: int, suite: str = "", task_id: int = -1
-) -> EpisodeResult:
-    """One episode: query ``act`` on the observation, run its whole chunk open-loop, repeat until done.
-
-    ``act`` returns [T, A] actions (or an object with an ``actions`` attribute, e.g. PolicyOutput).
-    Only the last action of a chunk renders an observation. Exceptions propagate (a crash is an error).
-    """
-    t0 = time.perf_counter()
-    obs = env.reset(init_state)
-    steps = queries = 0
-    act_s = 0.0
-    success = False
-    done = False
-    while not done:
-        ta = time.perf_counter()
-        chunk = act(obs)
-        act_s += time.perf_counter() - ta
-        actions = np.asarray(getattr(chunk, "actions", chunk), dtype=np.float32)
-        if actions.ndim != 2 or actions.shape[0] == 0 or not np.isfinite(actions).all():
-            raise ValueError(f"act() must return a finite [T, A] chunk, got shape {actions.shape}")
-        queries += 1
-        for i, action in enumerate(actions):
-            obs, _, done, info = env.step(action, observe=i == len(actions) - 1)
-            steps += 1
-            success = bool(info.get("success", False))
-            if done:
-                break
-    return EpisodeResult(
-        suite=suite,
-        task_id=task_id,
-        init_state=init_state,
-        success=success,
-        steps=steps,
-        queries=queries,
-        act_s=act_s,
-        wall_s=time.perf_counter() - t0,
-    )
-
-
 @dataclass(frozen=True)
 class PolicyActFactory:
     """Picklable recipe for a worker's act callable: ``load_policy(...)`` then ``act([obs])[0].actions``."""
@@ -134,13 +66,6 @@ class PolicyActFactory:
 
         act.backbone_id = policy.backbone_id  # type: ignore[attr-defined]
         return act
-
-
-def make_libero_env(env_cfg: dict[str, Any]) -> EpisodeEnv:
-    """Default env factory of the workers: a ``LiberoEnv`` from an ``EnvConfig`` dict."""
-    from producer.env import EnvConfig, LiberoEnv
-
-    return LiberoEnv(EnvConfig(**env_cfg))
 
 
 def _worker(
