@@ -16,7 +16,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
 from common.ray_cluster import actor_runtime_env, cluster_cpus, connect, shutdown
-from evaluator.fleet import EnvFactory, EpisodeRunner, Job, worker_env
+from evaluator.fleet_worker import EnvFactory, EpisodeRunner, Job, worker_env
 from evaluator.protocol import ArmSpec
 
 log = logging.getLogger("evaluator.fleet_ray")
