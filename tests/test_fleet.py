@@ -194,3 +194,19 @@ def test_ctrl_c_ends_cleanly_and_keeps_finished_episodes(tmp_path: Path) -> None
                        results_path=out, env_factory=make_fake_env, progress=False)  # fmt: skip
     assert res.complete and res.episodes_run == 60 - len(kept)
     assert len(outcomes(lines(out)[1:])[0]) == 60
+
+
+@pytest.mark.slow
+@pytest.mark.sim
+def test_real_libero_paired_arms_in_worker_processes(tmp_path: Path) -> None:
+    """Two real arms (the shipped policy and its random-weight baseline) on the same LIBERO episodes."""
+    pair = [ArmSpec("policy", allow_random=True), ArmSpec("random", random_weights=True, seed=3)]
+    res = run_protocol(pair, tasks=[0], init_states=[0, 1], workers=2, max_steps=16,
+                       results_path=tmp_path / "r.jsonl", progress=False)  # fmt: skip
+    s = res.summary()
+    assert res.complete and s["finished_episodes"] == 4 and s["errored_attempts"] == 0
+    assert s["comparisons"]["random"]["pairs"] == 2
+    assert (
+        "random" in s["arms"]["random"]["backbone"][0] and "random" not in s["arms"]["policy"]["backbone"][0]
+    )
+    assert all(r["steps"] == 16 or r["status"] == "success" for r in res.records)
