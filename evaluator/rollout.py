@@ -1,17 +1,20 @@
-"""Closed-loop success of a chunk policy in LIBERO, episodes in parallel worker processes.
+"""``make eval-vla``: closed-loop success of the embedded VLA in LIBERO under the standard protocol.
 
-    python -m evaluator.rollout                                  # shipped embedded VLA, libero_spatial 0-9 x init 0-4
+    python -m evaluator.rollout                                   # libero_spatial 10 tasks x init 0-49 (500 episodes)
+    python -m evaluator.rollout --tasks 0-1 --init-states 0-2     # a smaller run (the report says it is not standard)
     python -m evaluator.rollout --random-weights --out runs/eval_vla/random.json   # random-weight baseline
+    python -m evaluator.rollout --ray-address auto --workers 32   # on a Ray cluster (see README)
 
-The policy sees an observation, returns a chunk of T actions, and all T actions run open-loop;
-cameras are rendered only at query steps (``LiberoEnv.step(observe=False)`` inside a chunk).
+Episodes run in the evaluation fleet (:mod:`evaluator.fleet`): one simulator per worker process, each
+finished episode appended to ``--results`` (JSON lines) at once; running the same command again resumes
+where it stopped (Ctrl-C keeps every finished episode). Writes the report to ``--out`` (JSON) and
+beside it as markdown (``.md``): success with its Wilson 95 % interval, per-task successes, errored
+episodes (crashes, never counted as failures).
 
-Reusable pieces (the RSD evaluator drives them with its own decoding):
-
-* :func:`run_episode` runs one episode on an env given a callable ``obs -> [T, A] actions``.
-* :func:`run_episodes` runs (task, init state) jobs in worker processes; each worker builds its
-  act callable once from a picklable factory (e.g. :class:`PolicyActFactory`) and keeps one env per
-  task. A crash in a worker (env or policy) is raised as an error, never counted as a failure.
+Also here, for the RSD evaluator's closed loop until it moves to :func:`evaluator.fleet.run_protocol`:
+:func:`run_episodes` runs (task, init state) jobs in worker processes from a picklable act factory
+and raises on any crash; :func:`summarize` gives success rates per task. :func:`run_episode` and
+:func:`make_libero_env` live in :mod:`evaluator.episode`.
 """
 
 from __future__ import annotations
@@ -22,125 +25,37 @@ import multiprocessing as mp
 import os
 import platform
 import queue
+import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from common.cli import config_to_dict, parse_config
 from common.logs import progress_bar, setup_logging
-from common.policy import Observation
+from common.schedule import INIT_STATES, parse_range
+from evaluator.episode import ActFn, EpisodeEnv, EpisodeResult, make_libero_env, run_episode
+from evaluator.fleet import run_protocol
+from evaluator.protocol import ArmSpec, ProtocolMismatch
+from evaluator.stats import DEFAULT_MARGIN
+from producer.env import SUITES
+
+__all__ = [
+    "ActFn",
+    "EpisodeEnv",
+    "EpisodeResult",
+    "make_libero_env",
+    "run_episode",
+    "run_episodes",
+    "summarize",
+]
 
 log = logging.getLogger("evaluator.rollout")
-
-ActFn = Callable[[Observation], np.ndarray]  # observation -> [T, A] action chunk
-
-
-class EpisodeEnv(Protocol):
-    """What :func:`run_episode` needs of an environment (``producer.env.LiberoEnv`` provides it)."""
-
-    def reset(self, init_state: int | None = None) -> Observation: ...
-
-    def step(
-        self, action: np.ndarray, observe: bool = True
-    ) -> tuple[Observation | None, float, bool, dict]: ...
-
-
-@dataclass
-class EpisodeResult:
-    """Per-episode statistics."""
-
-    suite: str
-    task_id: int
-    init_state: int
-    success: bool
-    steps: int  # policy steps taken (after settling)
-    queries: int  # policy calls (chunks)
-    act_s: float  # total wall time inside the policy
-    wall_s: float  # episode wall time (reset included)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def run_episode(
-    env: EpisodeEnv, act: ActFn, init_state: int, suite: str = "", task_id: int = -1
-) -> EpisodeResult:
-    """One episode: query ``act`` on the observation, run its whole chunk open-loop, repeat until done.
-
-    ``act`` returns [T, A] actions (or an object with an ``actions`` attribute, e.g. PolicyOutput).
-    Only the last action of a chunk renders an observation. Exceptions propagate (a crash is an error).
-    """
-    t0 = time.perf_counter()
-    obs = env.reset(init_state)
-    steps = queries = 0
-    act_s = 0.0
-    success = False
-    done = False
-    while not done:
-        ta = time.perf_counter()
-        chunk = act(obs)
-        act_s += time.perf_counter() - ta
-        actions = np.asarray(getattr(chunk, "actions", chunk), dtype=np.float32)
-        if actions.ndim != 2 or actions.shape[0] == 0 or not np.isfinite(actions).all():
-            raise ValueError(f"act() must return a finite [T, A] chunk, got shape {actions.shape}")
-        queries += 1
-        for i, action in enumerate(actions):
-            obs, _, done, info = env.step(action, observe=i == len(actions) - 1)
-            steps += 1
-            success = bool(info.get("success", False))
-            if done:
-                break
-    return EpisodeResult(
-        suite=suite,
-        task_id=task_id,
-        init_state=init_state,
-        success=success,
-        steps=steps,
-        queries=queries,
-        act_s=act_s,
-        wall_s=time.perf_counter() - t0,
-    )
-
-
-@dataclass(frozen=True)
-class PolicyActFactory:
-    """Picklable recipe for a worker's act callable: ``load_policy(...)`` then ``act([obs])[0].actions``."""
-
-    name: str = "embedded"
-    weights_dir: str | None = None
-    codec_dir: str | None = None
-    random_weights: bool = False
-    seed: int = 0
-    device: str = "cpu"
-
-    def __call__(self) -> ActFn:
-        from common.vla import load_policy
-
-        policy = load_policy(
-            self.name,
-            device=self.device,
-            weights_dir=self.weights_dir,
-            codec_dir=self.codec_dir,
-            random_weights=self.random_weights,
-            seed=self.seed,
-        )
-
-        def act(obs: Observation) -> np.ndarray:
-            return policy.act([obs])[0].actions  # [T, A]
-
-        act.backbone_id = policy.backbone_id  # type: ignore[attr-defined]
-        return act
-
-
-def make_libero_env(env_cfg: dict[str, Any]) -> EpisodeEnv:
-    """Default env factory of the workers: a ``LiberoEnv`` from an ``EnvConfig`` dict."""
-    from producer.env import EnvConfig, LiberoEnv
-
-    return LiberoEnv(EnvConfig(**env_cfg))
 
 
 def _worker(
@@ -282,15 +197,20 @@ def summarize(results: list[EpisodeResult]) -> dict[str, Any]:
 
 @dataclass
 class RolloutConfig:
-    """Closed-loop success rate of the embedded VLA (or its random-weight baseline) in LIBERO."""
+    """Closed-loop success of the embedded VLA (or its random-weight baseline) in LIBERO, standard protocol."""
 
     suite: str = field(default="libero_spatial", metadata={"help": "LIBERO suite"})
-    tasks: list[int] = field(default_factory=lambda: list(range(10)), metadata={"help": "task ids"})
-    init_states: list[int] = field(
-        default_factory=lambda: list(range(5)),
-        metadata={"help": "initial-state ids per task (0-4 are kept out of the demonstrations)"},
+    tasks: str = field(default="0-9", metadata={"help": "task ids, e.g. 0-9 or 0,3,5 (standard: all)"})
+    init_states: str = field(
+        default="0-49", metadata={"help": "initial states per task, e.g. 0-49 or 0-4 (standard: 0-49)"}
     )
-    workers: int = field(default=2, metadata={"help": "parallel episode worker processes"})
+    workers: int = field(default=2, metadata={"help": "episode worker processes (or Ray actors)"})
+    ray_address: str | None = field(
+        default=None,
+        metadata={
+            "help": "run the workers as Ray actors: local, auto (a `ray start` cluster here) or HOST:PORT"
+        },
+    )
     weights_dir: Path | None = field(
         default=None, metadata={"help": "policy weights (none: assets/embedded_vla)"}
     )
@@ -298,70 +218,81 @@ class RolloutConfig:
     random_weights: bool = field(
         default=False, metadata={"help": "evaluate the architecture with random weights"}
     )
-    seed: int = field(default=0, metadata={"help": "seed of the random weights and the env"})
+    seed: int = field(default=0, metadata={"help": "seed of the env, the episodes and the random weights"})
     image_size: int = field(default=128, metadata={"help": "camera image size rendered by the env"})
     max_steps: int | None = field(
-        default=None, metadata={"help": "policy steps per episode (none: suite limit)"}
+        default=None, metadata={"help": "policy steps per episode (none: suite limit, the standard)"}
     )
+    retries: int = field(default=1, metadata={"help": "re-runs of an errored (crashed) episode"})
+    margin: float = field(default=DEFAULT_MARGIN, metadata={"help": "non-inferiority margin (fraction)"})
     torch_threads: int = field(default=1, metadata={"help": "torch threads per worker"})
-    out: Path = field(default=Path("runs/eval_vla/rollout.json"), metadata={"help": "JSON results file"})
+    out: Path = field(default=Path("runs/eval_vla/rollout.json"), metadata={"help": "JSON report (+ .md)"})
+    results: Path | None = field(
+        default=None, metadata={"help": "per-episode results, JSON lines (none: --out with .jsonl)"}
+    )
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    task_ids: list[int] = field(init=False, default_factory=list)
+    init_state_ids: list[int] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
-        if self.workers < 1:
-            raise ValueError(f"workers must be >= 1, got {self.workers}")
-        if not self.tasks or not self.init_states:
-            raise ValueError("tasks and init_states must be non-empty")
-        if any(i < 0 for i in [*self.tasks, *self.init_states]):
-            raise ValueError(f"task and init-state ids must be >= 0, got {self.tasks} {self.init_states}")
+        if self.suite not in SUITES:
+            raise ValueError(f"unknown suite {self.suite!r}; valid suites: {list(SUITES)}")
+        self.task_ids = parse_range(self.tasks, SUITES[self.suite], "task id")
+        self.init_state_ids = parse_range(self.init_states, INIT_STATES, "initial state")
+        if self.workers < 1 or self.torch_threads < 1 or self.retries < 0:
+            raise ValueError("workers and torch_threads must be >= 1, retries >= 0")
+        if not 0 < self.margin < 1:
+            raise ValueError(f"margin must be a fraction in (0, 1), got {self.margin}")
+        if self.results is None:
+            self.results = self.out.with_suffix(".jsonl")
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     setup_logging("rollout")
     cfg = parse_config(RolloutConfig, argv, prog="python -m evaluator.rollout")
-    from producer.env import EnvConfig
-
-    env_base = {
-        "suite": cfg.suite,
-        "image_size": cfg.image_size,
-        "max_steps": cfg.max_steps,
-        "seed": cfg.seed,
-    }
-    EnvConfig(**env_base, task_id=max(cfg.tasks), init_state=max(cfg.init_states))  # validate early
-    factory = PolicyActFactory(
-        weights_dir=str(cfg.weights_dir) if cfg.weights_dir else None,
-        codec_dir=str(cfg.codec_dir) if cfg.codec_dir else None,
+    arm = ArmSpec(
+        name="random" if cfg.random_weights else "policy",
+        weights=str(cfg.weights_dir) if cfg.weights_dir else None,
+        codec=str(cfg.codec_dir) if cfg.codec_dir else None,
         random_weights=cfg.random_weights,
         seed=cfg.seed,
     )
-    jobs = [(t, i) for t in cfg.tasks for i in cfg.init_states]
-    t0 = time.time()
-    results, backbone = run_episodes(
-        jobs, env_base, factory, workers=cfg.workers, torch_threads=cfg.torch_threads
-    )
-    summary = summarize(results)
+    try:
+        result = run_protocol(
+            [arm], cfg.task_ids, cfg.init_state_ids, cfg.workers, cfg.results, cfg.ray_address, cfg.seed,
+            cfg.max_steps, suite=cfg.suite, image_size=cfg.image_size, retries=cfg.retries,
+            torch_threads=cfg.torch_threads, progress=cfg.progress,
+        )  # fmt: skip
+    except (ProtocolMismatch, ValueError) as exc:
+        log.error("%s", exc)
+        return 2
+    except RuntimeError as exc:
+        log.error("stopped: %s (finished episodes are kept in %s)", exc, cfg.results)
+        return 1
     report = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         "machine": f"{platform.node()} {os.cpu_count()} CPUs, no GPU",
-        "policy": backbone,
+        "command": " ".join(["python -m evaluator.rollout", *(sys.argv[1:] if argv is None else argv)]),
         "config": config_to_dict(cfg),
-        "wall_s": time.time() - t0,
-        **summary,
-        "results": [asdict(r) for r in results],
+        **result.summary(cfg.margin),
     }
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
     cfg.out.write_text(json.dumps(report, indent=1))
+    cfg.out.with_suffix(".md").write_text(result.markdown(cfg.margin))
+    a = report["arms"][arm.name]
+    lo, hi = a["wilson95"]
     log.info(
-        "%s: success %.1f%% (%d/%d) in %.0f s -> %s",
-        backbone,
-        100 * summary["success_rate"],
-        summary["successes"],
-        summary["episodes"],
-        report["wall_s"],
-        cfg.out,
-    )
-    for t, s in summary["per_task"].items():
-        log.info("  task %s: %d/%d", t, s["successes"], s["episodes"])
+        "%s (%s): success %d/%d (Wilson 95%% %.1f-%.1f%%), %d errored, %d missing; %s -> %s",
+        ", ".join(a["backbone"]) or arm.name, report["protocol"]["description"], a["successes"],
+        a["episodes"], 100 * lo, 100 * hi, a["errored"], a["missing"],
+        "complete" if result.complete else "INCOMPLETE (run again to resume)", cfg.out,
+    )  # fmt: skip
+    for t, (k, n) in a["per_task"].items():
+        log.info("  task %s: %d/%d", t, k, n)
+    if result.interrupted:
+        return 130
+    return 0 if result.complete else 1
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -31,6 +31,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,16 @@ class ProducerConfig:
     test_raise_in_episode: int | None = field(
         default=None, metadata={"help": "TESTS ONLY: raise inside the policy call of this episode index"}
     )
+    ray_address: str | None = field(
+        default=None,
+        metadata={
+            "help": "run --num-producers producers as Ray actors: local, auto or HOST:PORT (producer/fleet.py)"
+        },
+    )
+    num_producers: int = field(
+        default=1, metadata={"help": "producers in the Ray fleet; the tasks are split among them round-robin"}
+    )
+    max_restarts: int = field(default=3, metadata={"help": "Ray fleet: restarts of a producer that dies"})
 
     def __post_init__(self) -> None:
         if not wire._ID_RE.match(self.producer_id):
@@ -161,6 +172,14 @@ class ProducerConfig:
             self.device = "cuda:0"
         if "://" not in self.endpoint:
             raise ValueError(f"endpoint {self.endpoint!r} must look like tcp://HOST:PORT")
+        if self.num_producers < 1 or self.max_restarts < 0:
+            raise ValueError("num_producers must be >= 1 and max_restarts >= 0")
+        if self.num_producers > 1 and not self.ray_address:
+            raise ValueError("--num-producers needs --ray-address (local for this machine, or a cluster)")
+        if self.num_producers > len(self.tasks):
+            raise ValueError(
+                f"--num-producers {self.num_producers} exceeds the {len(self.tasks)} task(s) to split among them"
+            )
 
 
 # ------------------------------------------------------------------------------ policy
@@ -223,6 +242,8 @@ class Producer:
         self.counts = {"success": 0, "failed": 0, "errored": 0, "incomplete": 0}
         self.steps_total = 0
         self.t_start = time.time()
+        self.first_episode = 0  # episode index to start from (a restarted fleet producer resumes)
+        self.on_episode: Callable[[int, str], None] | None = None  # called after each episode_end is sent
 
     def _sample(self, episode: int, task_id: int, step: int, out: Any, obs: Observation) -> wire.Sample:
         cfg = self.cfg
@@ -304,9 +325,11 @@ class Producer:
         env: Any = None
         env_task = None
         hello_sent = False
-        episode = 0
+        episode = self.first_episode
         total = None if cfg.repeat else per_pass
-        bar = progress_bar(total=total, desc=f"produce {cfg.producer_id}", unit="ep", dynamic_ncols=True)
+        bar = progress_bar(
+            total=total, initial=episode, desc=f"produce {cfg.producer_id}", unit="ep", dynamic_ncols=True
+        )
         try:
             while not self.stop.is_set():
                 if episode >= per_pass and not cfg.repeat:
@@ -341,6 +364,8 @@ class Producer:
                 )
                 self.counts[res.status] += 1
                 self.steps_total += res.num_steps
+                if self.on_episode is not None:
+                    self.on_episode(episode, res.status)
                 episode += 1
                 done = self.counts["success"] + self.counts["failed"]
                 bar.update(1)
@@ -448,6 +473,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(ProducerConfig, argv, prog="python -m producer.produce")
     setup_logging(f"producer-{cfg.producer_id}")
     os.environ.setdefault("MUJOCO_GL", "egl")
+    if cfg.ray_address:
+        from producer.fleet import run_fleet  # Ray: a heavy optional dependency, only for fleets
+
+        return run_fleet(cfg)
     try:
         producer = Producer(cfg)
     except ValueError as exc:  # an unreadable --replay-obs file

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -106,7 +107,7 @@ def test_summarize_per_task() -> None:
 @pytest.mark.sim
 def test_real_libero_episode_random_policy() -> None:
     """One short real LIBERO episode with a random-weight embedded VLA (plumbing, not success)."""
-    from evaluator.rollout import PolicyActFactory, make_libero_env
+    from evaluator.rollout import make_libero_env
 
     os.environ.setdefault("MUJOCO_GL", "egl")
     env = make_libero_env({"suite": "libero_spatial", "task_id": 0, "init_state": 0, "max_steps": 16})
@@ -122,7 +123,32 @@ def test_real_libero_episode_random_policy() -> None:
         assert res.steps == 16 and res.queries == 2
     finally:
         env.close()
-    assert PolicyActFactory().name == "embedded"
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--tasks", "0-10"], "task id [10] out of range; valid: 0..9"),
+        (["--init-states", "0,50"], "initial state [50] out of range; valid: 0..49"),
+        (["--suite", "libero_nope"], "unknown suite"),
+        (["--tasks", "a-b"], "bad task id range"),
+    ],
+)
+def test_eval_vla_unknown_tasks_and_init_states_are_usage_errors(argv, message, capsys) -> None:
+    from evaluator.rollout import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_eval_vla_defaults_to_the_standard_protocol() -> None:
+    from common.cli import parse_config
+    from evaluator.rollout import RolloutConfig
+
+    cfg = parse_config(RolloutConfig, [])
+    assert cfg.task_ids == list(range(10)) and cfg.init_state_ids == list(range(50))
+    assert cfg.results == Path("runs/eval_vla/rollout.jsonl")
 
 
 @pytest.mark.parametrize("module", ["evaluator.rollout", "trainer.train_vla"])
