@@ -218,7 +218,9 @@ def live(tmp_path_factory):
 
 
 def rejected_total(trainer: Trainer) -> int:
-    return sum(trainer.unattributed.values()) + sum(sum(s.rejected.values()) for s in trainer.stats.values())
+    return sum(trainer.delivery.unattributed.values()) + sum(
+        sum(s.rejected.values()) for s in trainer.delivery.stats.values()
+    )
 
 
 BAD_KINDS = st.one_of(
@@ -403,7 +405,7 @@ def test_live_trainer_rejects_bad_and_keeps_good(live, bad, n_good):
     end = wire.EpisodeEnd(pid, session, n_good, "libero_spatial", 0, 0, "success", n_good, 8 * n_good)
     sock.send_multipart(wire.encode(end))
     wait_ack(sock, session, n_good)
-    st_ = trainer.stats[pid]
+    st_ = trainer.delivery.stats[pid]
     assert thread.is_alive()
     assert st_.accepted == n_good and st_.archived == n_good and st_.samples_received == n_good
     assert rejected_total(trainer) - rejected_before == n_bad
@@ -432,8 +434,8 @@ def test_archive_holds_exactly_the_good_samples(live):
 
 
 def _reasons(trainer: Trainer) -> dict[str, int]:
-    out = dict(trainer.unattributed)
-    for s in trainer.stats.values():
+    out = dict(trainer.delivery.unattributed)
+    for s in trainer.delivery.stats.values():
         for k, v in s.rejected.items():
             out[k] = out.get(k, 0) + v
     return out
@@ -464,17 +466,17 @@ def _frames(msg) -> list[bytes]:
 
 def test_rejected_message_with_absurd_seq_leaves_gaps_and_expected_seq_alone(tmp_path):
     trainer, sock = _quiet_trainer(tmp_path)
-    trainer.handle(sock, b"id", _frames(wire.Hello("rx", "s", 0, "b", D, SH.to_dict())))
+    trainer.delivery.handle(sock, b"id", _frames(wire.Hello("rx", "s", 0, "b", D, SH.to_dict())))
     for seq in (2**40, 2**62, 3):
         bad = good_sample(0, "rx", "s")
         bad.seq = seq
         bad.hidden = np.zeros(D + 1, np.float32)  # decodes, but not the hello's D: rejected by the trainer
-        trainer.handle(sock, b"id", _frames(bad))
-    st_ = trainer.stats["rx"]
+        trainer.delivery.handle(sock, b"id", _frames(bad))
+    st_ = trainer.delivery.stats["rx"]
     assert st_.rejected == {"shape": 3}
-    assert st_.gaps == 0 and st_.gap_events == 0 and trainer.producers["rx"].expected_seq == 0
-    trainer.handle(sock, b"id", _frames(good_sample(0, "rx", "s")))
-    assert st_.accepted == 1 and st_.gaps == 0 and trainer.producers["rx"].expected_seq == 1
+    assert st_.gaps == 0 and st_.gap_events == 0 and trainer.delivery.producers["rx"].expected_seq == 0
+    trainer.delivery.handle(sock, b"id", _frames(good_sample(0, "rx", "s")))
+    assert st_.accepted == 1 and st_.gaps == 0 and trainer.delivery.producers["rx"].expected_seq == 1
 
 
 def test_an_unexpected_decoder_exception_is_a_counted_rejection(tmp_path, monkeypatch):
@@ -484,29 +486,36 @@ def test_an_unexpected_decoder_exception_is_a_counted_rejection(tmp_path, monkey
         raise KeyError("a decoder defect")
 
     monkeypatch.setattr(wire, "decode", defect)
-    trainer.handle(sock, b"id", _frames(good_sample(0, "rx", "s")))
-    trainer.handle(sock, b"id", [b"\x00"])
-    assert trainer.stats["rx"].rejected == {"malformed": 1} and trainer.stats["rx"].received == 1
-    assert trainer.unattributed == {"malformed": 1}
+    trainer.delivery.handle(sock, b"id", _frames(good_sample(0, "rx", "s")))
+    trainer.delivery.handle(sock, b"id", [b"\x00"])
+    assert (
+        trainer.delivery.stats["rx"].rejected == {"malformed": 1}
+        and trainer.delivery.stats["rx"].received == 1
+    )
+    assert trainer.delivery.unattributed == {"malformed": 1}
 
 
 def test_the_issue_messages_are_counted_rejections(tmp_path):
     trainer, sock = _quiet_trainer(tmp_path)
-    trainer.handle(sock, b"id", [msgpack.packb({"v": 1, "kind": [1]})])  # 12 bytes that killed the trainer
+    trainer.delivery.handle(
+        sock, b"id", [msgpack.packb({"v": 1, "kind": [1]})]
+    )  # 12 bytes that killed the trainer
     for dtype in (",", "f4,,", "(2,"):
         h = msgpack.unpackb(_frames(good_sample(0, "rx", "s"))[0], raw=False)
         h["hidden"]["dtype"] = dtype
-        trainer.handle(sock, b"id", [msgpack.packb(h, use_bin_type=True)])
+        trainer.delivery.handle(sock, b"id", [msgpack.packb(h, use_bin_type=True)])
     for v in (True, 1.0):
         h = msgpack.unpackb(_frames(good_sample(0, "rx", "s"))[0], raw=False)
-        trainer.handle(sock, b"id", [msgpack.packb({**h, "v": v}, use_bin_type=True)])
-    assert trainer.unattributed == {"schema": 1}
-    assert trainer.stats["rx"].rejected == {"dtype": 3, "version": 2}
+        trainer.delivery.handle(sock, b"id", [msgpack.packb({**h, "v": v}, use_bin_type=True)])
+    assert trainer.delivery.unattributed == {"schema": 1}
+    assert trainer.delivery.stats["rx"].rejected == {"dtype": 3, "version": 2}
 
 
 def test_hello_with_deeply_nested_config_json_does_not_kill_the_trainer(tmp_path):
     trainer, sock = _quiet_trainer(tmp_path)
     deep = "[" * 4000  # json.loads raises RecursionError, not JSONDecodeError
-    trainer.handle(sock, b"id", _frames(wire.Hello("rx", "s", 0, "b", D, SH.to_dict(), config_json=deep)))
-    assert "rx" in trainer.producers and not trainer.stats["rx"].rejected
+    trainer.delivery.handle(
+        sock, b"id", _frames(wire.Hello("rx", "s", 0, "b", D, SH.to_dict(), config_json=deep))
+    )
+    assert "rx" in trainer.delivery.producers and not trainer.delivery.stats["rx"].rejected
     assert wire.decode(sock.sent[-1][1:]).error == ""

@@ -28,6 +28,7 @@ from tests.stream_helpers import REPO, env, finish, kill_all, producer_args, pro
 from tests.test_archive import episode
 from tests.test_cli_help import COMMANDS
 from trainer.archive import ArchiveWriter, archive_meta
+from trainer.learning import coarse_targets
 from trainer.online import BindError, Trainer, TrainerConfig
 
 D = 16
@@ -64,9 +65,9 @@ def test_trainer_restarts_on_an_archive_holding_an_episode_without_samples(tmp_p
     empty = episode(1, 0, status="incomplete")
     make_archive(run / "archive.hdf5", [episode(0, 3, "valid"), empty, episode(2, 4)])
     trainer = Trainer(trainer_cfg(run))  # resumes: refills the buffers from the archive
-    assert trainer.model_ready.is_set()
-    assert len(trainer.buffer) == 4 and len(trainer.valset) == 3
-    assert trainer._targets(np.zeros((0, *SH.codes_shape), np.uint8)).shape == (0, 3, 128)
+    assert trainer.learning.ready.is_set()
+    assert len(trainer.learning.buffer) == 4 and len(trainer.learning.valset) == 3
+    assert coarse_targets(np.zeros((0, *SH.codes_shape), np.uint8), 3).shape == (0, 3, 128)
 
 
 # ---------------------------------------------------------------------------------------- producer, no trainer

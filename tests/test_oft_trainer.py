@@ -41,7 +41,7 @@ def sample(pid: str, seq: int, dim: int, actions: np.ndarray) -> wire.Sample:
 
 
 def send(trainer: Trainer, sock: FakeSocket, msg) -> None:
-    trainer.handle(sock, b"id", [bytes(f) for f in wire.encode(msg)])
+    trainer.delivery.handle(sock, b"id", [bytes(f) for f in wire.encode(msg)])
 
 
 def make_trainer(tmp_path, **kw) -> Trainer:
@@ -51,11 +51,13 @@ def make_trainer(tmp_path, **kw) -> Trainer:
 
 def test_input_dim_refuses_a_mismatched_producer_at_hello_and_records_nothing(tmp_path):
     trainer = make_trainer(tmp_path, input_dim=4096)
-    assert trainer.learner is not None and trainer.learner.input_dim == 4096  # built before any hello
+    assert (
+        trainer.learning.learner is not None and trainer.learning.learner.input_dim == 4096
+    )  # built before any hello
     sock = FakeSocket()
     send(trainer, sock, hello("small", 64))
     assert "hidden size 64 != this run's 4096" in sock.acks[-1].error
-    assert trainer.stats["small"].rejected == {"backbone_mismatch": 1}
+    assert trainer.delivery.stats["small"].rejected == {"backbone_mismatch": 1}
     # the refused hello left no provenance behind: the right producer is still welcome
     send(trainer, sock, hello("oft", 4096))
     assert sock.acks[-1].error == "" and trainer.archive.meta["backbone_id"] == "backbone-4096"

@@ -174,9 +174,9 @@ def test_slow_trainer_slows_the_producer_and_nothing_is_dropped(tmp_path):
     sender.close()
     trainer.stop.set()
     thread.join(30)
-    st = trainer.stats["fast"]
+    st = trainer.delivery.stats["fast"]
     assert st.accepted == st.archived == n_eps * per_ep and not st.rejected and st.gaps == 0
-    assert trainer.limiter.stats.insert_waits > 0  # the learner held the stream back ...
+    assert trainer.learning.limiter.stats.insert_waits > 0  # the learner held the stream back ...
     assert sender.stats.hwm_waits > 0  # ... and the producer felt it through the high-water marks
     seqs = [s for e in iter_episodes(trainer.archive.path) for s in e.seqs.tolist()]
     assert len(seqs) == len(set(seqs)) == n_eps * per_ep

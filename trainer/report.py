@@ -1,11 +1,19 @@
-"""Trainer accounting and reporting: per-producer counters, the progress line, the final summary."""
+"""Trainer accounting and reporting: per-producer counters, the progress line, TensorBoard scalars, the
+training history and curve, the final summary."""
 
 from __future__ import annotations
 
+import json
+import logging
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from common.logs import progress_bar
+from trainer.plots import plot_curves
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -40,19 +48,97 @@ class Progress:
 
     def update(self) -> None:
         t = self.t
-        if t.accepted_total != self.n:
-            self.bar.update(t.accepted_total - self.n)
-            self.n = t.accepted_total
-        val = t.last_val["val_accuracy"] if t.last_val else float("nan")
+        accepted, learning = t.delivery.accepted_total, t.learning
+        if accepted != self.n:
+            self.bar.update(accepted - self.n)
+            self.n = accepted
+        val = learning.last_val["val_accuracy"] if learning.last_val else float("nan")
         self.bar.set_postfix(
             episodes=t.archive.num_episodes,
-            updates=t.learner.updates if t.learner else 0,
+            updates=learning.learner.updates if learning.learner else 0,
             val_acc=f"{val:.3f}",
             refresh=False,
         )
 
     def close(self) -> None:
         self.bar.close()
+
+
+class Scalars:
+    """TensorBoard scalars under ``run_dir/tb``; off (with a warning) where tensorboard is not installed."""
+
+    def __init__(self) -> None:
+        self.writer: Any = None
+
+    def open(self, log_dir: Path) -> None:
+        try:  # tensorboard is an optional dependency: train without it
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(log_dir))
+        except Exception as exc:
+            log.warning("TensorBoard logging off: %s", exc)
+            self.writer = None
+
+    def add(self, prefix: str, metrics: dict[str, Any], step: int) -> None:
+        """Numbers as ``prefix/name``, lists (per layer) as ``prefix/name/L<i>``; anything else is skipped."""
+        if self.writer is None:
+            return
+        for k, v in metrics.items():
+            if isinstance(v, list):
+                for i, x in enumerate(v):
+                    self.writer.add_scalar(f"{prefix}/{k}/L{i}", x, step)
+            elif isinstance(v, (int, float)):
+                self.writer.add_scalar(f"{prefix}/{k}", v, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def save_history(history: list[dict[str, Any]], run_dir: Path, session: str) -> None:
+    """Append this session's records to ``history.jsonl`` (kept across restarts of the same run) and plot
+    the whole history to ``training_curve.png``."""
+    hist_file = run_dir / "history.jsonl"
+    with open(hist_file, "a") as fh:
+        for h in history:
+            fh.write(json.dumps({**h, "trainer_session": session}) + "\n")
+    everything = [json.loads(line) for line in hist_file.read_text().splitlines() if line.strip()]
+    if everything:
+        try:
+            plot_curves(everything, run_dir / "training_curve.png")
+        except Exception as exc:
+            log.warning("could not plot the training curve: %s", exc)
+
+
+def build_summary(t: Any, in_archive: dict[str, int]) -> dict[str, Any]:
+    """The trainer's summary (``summary.json``): ``t`` is the :class:`trainer.online.Trainer`,
+    ``in_archive`` the samples per producer in the archive, all sessions (also those before a restart)."""
+    d, learner = t.delivery, t.learning.learner
+    elapsed = time.time() - t.t_start
+    stream_s = time.time() - (d.first_sample_at or time.time())
+    return {
+        "trainer_session": t.session,
+        "elapsed_s": elapsed,
+        "producers": {
+            pid: {**vars(st), "in_archive": in_archive.get(pid, 0)} for pid, st in sorted(d.stats.items())
+        },
+        "rejected_unattributed": dict(d.unattributed),
+        "accepted_total": d.accepted_total,
+        "archive": {
+            "path": str(t.archive.path),
+            "episodes": t.archive.num_episodes,
+            "samples": t.archive.total,
+            "removed_partial_on_open": t.archive.removed_partial,
+        },
+        "updates": learner.updates if learner else 0,
+        "samples_per_s": d.accepted_total / stream_s if stream_s > 0 else 0.0,
+        "updates_per_s": (learner.updates / elapsed) if learner else 0.0,
+        "lag_s": d.lag_quantiles(),
+        "rate_limiter": vars(t.learning.limiter.stats),
+        "last_validation": t.learning.last_val,
+        "best_val_accuracy": learner.best_val if learner else None,
+        "action_clamping": t.clamp.to_dict(),
+    }
 
 
 def print_summary(summary: dict[str, Any]) -> None:
