@@ -45,7 +45,7 @@ class ClampStats:
                 or not np.isfinite(high).all()
             ):
                 raise ValueError("bounds must be two finite vectors of one length")
-        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        except (AttributeError, KeyError, TypeError, ValueError, RecursionError) as exc:  # any JSON at all
             log.info(
                 "producer %s sent no usable codec bounds (%s): its clamping is not counted", producer_id, exc
             )
