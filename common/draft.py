@@ -24,11 +24,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+Codes = TypeVar("Codes", np.ndarray, torch.Tensor)
 
 CHECKPOINT_KEYS = ("model_state_dict", "optimizer_state_dict", "epoch", "val_accuracy", "config")
 MAX_POSITIONS = 256
@@ -191,14 +194,22 @@ def build_draft(forward: str = DEFAULT_FORWARD, **model_args: Any) -> RFSQDraftM
 
 
 # --------------------------------------------------------------------------------- loss / targets
-def coarse_targets(codes: torch.Tensor, num_coarse_layers: int) -> torch.Tensor:
-    """codes [B, T, H, L] -> targets [B, K, T*H] (first K layers, flattened in (T, H) order)."""
-    if codes.dim() != 4:
-        raise ValueError(f"codes must be [B, T, H, L], got {list(codes.shape)}")
-    B, T, H, L = codes.shape
-    if num_coarse_layers > L:
-        raise ValueError(f"cannot take {num_coarse_layers} coarse layers from codes with {L} layers")
-    return codes[..., :num_coarse_layers].permute(0, 3, 1, 2).reshape(B, num_coarse_layers, T * H).long()
+def coarse_targets(codes: Codes, num_coarse_layers: int) -> Codes:
+    """codes [N, T, H, L] -> the draft's targets [N, K, T*H]: the first K layers, layer-major, each
+    layer's tokens flattened in (T, H) order (docs/DESIGN.md §3, the one place this layout is computed).
+
+    A numpy array stays numpy and keeps its dtype (uint8 codes: compact uint8 targets for buffers);
+    a tensor gives int64 targets (cross-entropy). ``N`` may be 0 (an episode archived without samples).
+    """
+    if codes.ndim != 4:
+        raise ValueError(f"codes must be [N, T, H, L], got {list(codes.shape)}")
+    n, t, h, layers = codes.shape
+    if num_coarse_layers > layers:
+        raise ValueError(f"cannot take {num_coarse_layers} coarse layers from codes with {layers} layers")
+    if isinstance(codes, np.ndarray):
+        out = np.ascontiguousarray(codes[..., :num_coarse_layers].transpose(0, 3, 1, 2))
+        return out.reshape(n, num_coarse_layers, t * h)
+    return codes[..., :num_coarse_layers].permute(0, 3, 1, 2).reshape(n, num_coarse_layers, t * h).long()
 
 
 def draft_loss(

@@ -223,7 +223,7 @@ def evaluate(cfg: FitDraftConfig, policy, device: torch.device) -> dict[str, Any
     """Token accuracy per layer of a draft on the held-out demonstrations named in its checkpoint, with
     the codes decoded by the policy on this machine (for example a draft fitted on a GPU, scored on
     the CPU the evaluator runs on)."""
-    from trainer.retrain import targets_from_codes
+    from common.draft import coarse_targets as targets_from_codes
 
     model, ckpt = load_checkpoint(cfg.evaluate, map_location=device, forward=cfg.draft_forward)
     names = ckpt["config"].get("valid_episodes")
@@ -267,8 +267,8 @@ def evaluate(cfg: FitDraftConfig, policy, device: torch.device) -> dict[str, Any
 
 
 def fit(cfg: FitDraftConfig) -> dict[str, Any]:
+    from common.draft import coarse_targets as targets_from_codes
     from trainer.learner import Learner, OptimConfig
-    from trainer.retrain import targets_from_codes
 
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -387,7 +387,8 @@ def fit(cfg: FitDraftConfig) -> dict[str, Any]:
                  cfg.observations, obs["backbone"], n_observed, int(o_val.sum()), cfg.val_inits or "none",
                  100 * same)  # fmt: skip
     if cfg.archives:  # on-policy pairs streamed by the producer: train on them, validate on their held-out
-        from trainer.archive import archive_meta, load_keyed
+        from common.archive import archive_meta
+        from trainer.pairs import load_keyed
 
         for a in cfg.archives:
             if archive_meta(a).get("backbone_id") != policy.backbone_id:

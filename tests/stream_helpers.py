@@ -120,7 +120,7 @@ def streamed_episode(policy, producer_id, task, episode, split, steps, rng, num_
     ``steps`` (hidden state, codes, zero actions; with ``obs_side`` > 0 also random observations)."""
     import numpy as np
 
-    from trainer.archive import EpisodeRecord
+    from common.archive import EpisodeRecord
 
     n = len(steps)
     ep = EpisodeRecord(producer_id, "s0", "libero_spatial", task, episode, split, status="success",

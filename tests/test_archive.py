@@ -15,16 +15,16 @@ import h5py
 import numpy as np
 import pytest
 
-from common.shapes import DEFAULT_SHAPE
-from trainer.archive import (
+from common.archive import (
     ArchiveWriter,
     EpisodeRecord,
     archive_meta,
     archived_seqs,
     iter_episodes,
-    load_split,
     open_archive,
 )
+from common.shapes import DEFAULT_SHAPE
+from trainer.pairs import load_split
 
 SH = DEFAULT_SHAPE
 REPO = Path(__file__).resolve().parents[1]
@@ -104,7 +104,7 @@ WRITER = textwrap.dedent(
     import sys, time
     sys.path.insert(0, {repo!r})
     from tests.test_archive import episode
-    from trainer.archive import ArchiveWriter
+    from common.archive import ArchiveWriter
     from common.shapes import DEFAULT_SHAPE
     w = ArchiveWriter({path!r}, DEFAULT_SHAPE)
     i = 0

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
+from common.archive import ArchiveWriter, EpisodeRecord
 from common.codec import load_codec
 from common.shapes import DEFAULT_SHAPE as SH
-from trainer.archive import ArchiveWriter, EpisodeRecord
 from trainer.train_codec import CodecTrainConfig, train
 
 

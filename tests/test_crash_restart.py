@@ -20,6 +20,7 @@ import time
 
 import pytest
 
+from common.archive import episode_attrs, iter_episodes
 from common.draft import load_checkpoint
 from tests.stream_helpers import (
     FAST_TRAINER_ARGS,
@@ -30,7 +31,6 @@ from tests.stream_helpers import (
     start_trainer,
     wait_for,
 )
-from trainer.archive import episode_attrs, iter_episodes
 
 pytestmark = pytest.mark.sim
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from common.archive import ArchiveWriter, EpisodeRecord
 from common.draft import (
     CHECKPOINT_KEYS,
     KPositionDraftModel,
@@ -18,7 +19,6 @@ from common.draft import (
     save_checkpoint,
 )
 from common.shapes import DEFAULT_SHAPE
-from trainer.archive import ArchiveWriter, EpisodeRecord
 from trainer.learner import Learner, OptimConfig
 from trainer.retrain import RetrainConfig, retrain
 

@@ -248,10 +248,10 @@ def test_fit_draft_rejects_bad_inputs(tmp_path):
 def test_fit_draft_trains_on_streamed_archives_and_validates_on_their_held_out_episodes(tmp_path):
     """Streamed (on-policy) pairs join the distillation pairs; the archive's held-out episodes are the
     validation set; an archive of another backbone is refused."""
+    from common.archive import ArchiveWriter
     from evaluator.eval import load_eval_policy
     from evaluator.fit_draft import main
     from tests.stream_helpers import streamed_episode
-    from trainer.archive import ArchiveWriter
 
     _write_demos(tmp_path / "d.hdf5", (4, 3, 5))
     policy = load_eval_policy("embedded")
@@ -284,10 +284,11 @@ def test_fit_draft_keys_trajectories_across_archives(tmp_path):
     """Archives of one policy share trajectories (deterministic sim and policy): a trajectory held out in
     one archive is never trained on from another, the copy with the most queries is used, and the
     validation set holds the acting queries only (observing queries of --sample-every tracked aside)."""
+    from common.archive import ArchiveWriter
     from evaluator.eval import load_eval_policy
     from evaluator.fit_draft import main
     from tests.stream_helpers import streamed_episode
-    from trainer.archive import ArchiveWriter, load_keyed
+    from trainer.pairs import load_keyed
 
     _write_demos(tmp_path / "d.hdf5", (4, 3, 5))
     policy = load_eval_policy("embedded")

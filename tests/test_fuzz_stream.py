@@ -25,8 +25,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from common import wire
+from common.archive import iter_episodes
 from common.shapes import DEFAULT_SHAPE
-from trainer.archive import iter_episodes
 from trainer.online import Trainer, TrainerConfig
 
 SH = DEFAULT_SHAPE

@@ -21,14 +21,14 @@ import pytest
 import zmq
 
 from common import wire
+from common.archive import ArchiveWriter, archive_meta
+from common.draft import coarse_targets
 from common.shapes import DEFAULT_SHAPE as SH
 from producer.produce import ProducerConfig
 from producer.sender import ReliableSender
 from tests.stream_helpers import REPO, env, finish, kill_all, producer_args, producer_summary, spawn, wait_for
 from tests.test_archive import episode
 from tests.test_cli_help import COMMANDS
-from trainer.archive import ArchiveWriter, archive_meta
-from trainer.learning import coarse_targets
 from trainer.online import BindError, Trainer, TrainerConfig
 
 D = 16

@@ -9,9 +9,10 @@ import json
 import numpy as np
 import pytest
 
+from common.archive import ArchiveWriter
 from common.schedule import INIT_STATES, parse_range
 from tests.stream_helpers import streamed_episode
-from trainer.archive import ArchiveWriter, load_keyed
+from trainer.pairs import load_keyed
 
 SIDE = 64  # the embedded VLA's input size: packing keeps these frames as they are
 
@@ -61,7 +62,7 @@ def test_load_keyed_splits_by_initial_state(tmp_path, policy):
 
 
 def test_pack_onpolicy_keeps_frames_codes_and_keys(tmp_path, policy):
-    from trainer.archive import iter_episodes
+    from common.archive import iter_episodes
     from trainer.pack_onpolicy import main
     from trainer.train_vla import unpack
 

@@ -16,6 +16,7 @@ import time
 import numpy as np
 import pytest
 
+from common.archive import archive_meta, episode_attrs, iter_episodes
 from common.draft import load_checkpoint
 from tests.stream_helpers import (
     FAST_TRAINER_ARGS,
@@ -26,7 +27,7 @@ from tests.stream_helpers import (
     spawn,
     start_trainer,
 )
-from trainer.archive import archive_meta, episode_attrs, iter_episodes, load_keyed
+from trainer.pairs import load_keyed
 
 pytestmark = pytest.mark.sim
 

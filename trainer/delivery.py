@@ -31,7 +31,7 @@ import numpy as np
 import zmq
 
 from common import wire
-from trainer.archive import EpisodeRecord
+from common.archive import EpisodeRecord
 from trainer.report import ProducerStats
 
 log = logging.getLogger(__name__)

@@ -24,10 +24,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.archive import iter_episodes
 from common.cli import config_to_dict
+from common.draft import coarse_targets
 from common.shapes import RFSQShape
 from trainer import checkpoints
-from trainer.archive import iter_episodes
 from trainer.buffer import RateLimiter, ReplayBuffer
 from trainer.config import TrainerConfig
 from trainer.learner import Learner
@@ -36,12 +37,6 @@ from trainer.report import Scalars
 log = logging.getLogger(__name__)
 
 WAIT_S = 0.2  # how long a blocked thread waits before it looks at the stop flag again
-
-
-def coarse_targets(codes: np.ndarray, k: int) -> np.ndarray:
-    """codes [n, T, H, L] uint8 -> coarse targets [n, K, T*H] uint8 (flattened in (T, H) order)."""
-    n, t, h = codes.shape[:3]
-    return np.ascontiguousarray(codes[..., :k].transpose(0, 3, 1, 2)).reshape(n, k, t * h)
 
 
 class OnlineLearning:

@@ -35,15 +35,16 @@ import numpy as np
 import torch
 
 from common import wire
+from common.archive import ArchiveError, ArchiveWriter, EpisodeRecord, archived_seqs, episode_attrs
 from common.cli import config_to_dict, parse_config
+from common.draft import coarse_targets
 from common.logs import setup_logging
 from common.shapes import DEFAULT_SHAPE, RFSQShape
-from trainer.archive import ArchiveError, ArchiveWriter, EpisodeRecord, archived_seqs, episode_attrs
 from trainer.clamp import ATTR as clamp_attr
 from trainer.clamp import ClampStats
 from trainer.config import TrainerConfig
 from trainer.delivery import Delivery
-from trainer.learning import OnlineLearning, coarse_targets
+from trainer.learning import OnlineLearning
 from trainer.report import Progress, Scalars, build_summary, print_summary, save_history
 from trainer.server import BindError, Server
 

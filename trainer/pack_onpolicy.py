@@ -7,7 +7,7 @@ of ``trainer.train_vla --pack-to`` (images at the policy's input size, per-episo
 optionally JPEG), plus what the stream knows about every frame: the policy's own codes, the episode's
 task, initial state and outcome. ``trainer.train_vla --onpolicy`` fine-tunes the VLA on them (no expert
 labels needed) and ``evaluator.fit_draft --observations`` relabels them with any policy.
-Trajectories are keyed by (task, initial state) across archives (``trainer.archive.load_keyed``): of
+Trajectories are keyed by (task, initial state) across archives (``trainer.pairs.load_keyed``): of
 several copies of one the first with observations is kept.
 """
 
@@ -51,9 +51,9 @@ class PackOnPolicyConfig:
 def read_onpolicy(cfg: PackOnPolicyConfig) -> dict[str, Any]:
     """Frames of every archived episode with observations, in the train_vla data layout plus
     ``codes`` [N, T, H, L] uint8, ``init_of_episode``, ``success_of_episode`` [E]."""
+    from common.archive import archive_meta, iter_episodes
     from common.vla.embedded import downsample_images
     from producer.env import instruction
-    from trainer.archive import archive_meta, iter_episodes
 
     images, proprio, episode, step, codes = [], [], [], [], []
     instr, task, init, success, names = [], [], [], [], []

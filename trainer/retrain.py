@@ -22,12 +22,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.archive import ArchiveError, archive_meta, check_archive
 from common.cli import config_to_dict, parse_config
-from common.draft import DEFAULT_FORWARD, FORWARD_HELP, FORWARDS, load_checkpoint
+from common.draft import DEFAULT_FORWARD, FORWARD_HELP, FORWARDS, coarse_targets, load_checkpoint
 from common.logs import progress_bar, setup_logging
 from common.shapes import RFSQShape
-from trainer.archive import ArchiveError, archive_meta, check_archive, load_split
 from trainer.learner import Learner, OptimConfig
+from trainer.pairs import load_split
 from trainer.plots import plot_curves
 
 log = logging.getLogger("trainer.retrain")
@@ -76,12 +77,6 @@ class RetrainConfig:
         self.run_dir = Path(self.run_dir)
 
 
-def targets_from_codes(codes: np.ndarray, k: int) -> np.ndarray:
-    """codes [N, T, H, L] uint8 -> [N, K, T*H] uint8 (first K layers, (T, H) order)."""
-    n, t, h = codes.shape[:3]
-    return np.ascontiguousarray(codes[..., :k].transpose(0, 3, 1, 2)).reshape(n, k, t * h)
-
-
 def retrain(cfg: RetrainConfig, stop: threading.Event | None = None) -> dict[str, Any]:
     """Train for ``cfg.epochs`` (or until ``stop`` is set: then the checkpoints of the epochs done are kept)."""
     stop = stop or threading.Event()
@@ -108,7 +103,7 @@ def retrain(cfg: RetrainConfig, stop: threading.Event | None = None) -> dict[str
     h_val, c_val, k_val = load_split(cfg.archives, "valid")
     if len(h_train) == 0:
         raise ValueError(f"no training samples in {[str(a) for a in cfg.archives]}")
-    y_train, y_val = targets_from_codes(c_train, K), targets_from_codes(c_val, K) if len(h_val) else None
+    y_train, y_val = coarse_targets(c_train, K), coarse_targets(c_val, K) if len(h_val) else None
     cfg.run_dir.mkdir(parents=True, exist_ok=True)  # only now: bad input leaves no empty folder behind
     log.info(
         "train: %d samples from %d episodes; validation: %d samples from %d held-out episodes",
