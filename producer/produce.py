@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import re
-import signal
 import socket
 import threading
 import time
@@ -43,6 +42,7 @@ from common.cli import config_to_dict, parse_config
 from common.logs import progress_bar, setup_logging
 from common.policy import ChunkPolicy, Observation
 from common.schedule import episode_schedule
+from common.shutdown import stop_on_signals
 from common.vla.openvla_oft import OpenVLAOFTUnavailable, oft_image_prep, prepared_image_prep
 from producer.env import EnvConfig, LiberoEnv
 from producer.replay import ReplayEnv, load_replay
@@ -482,27 +482,18 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # an unreadable --replay-obs file
         log.error("%s", exc)
         return 2
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        if producer.stop.is_set():
-            log.warning(
-                "%s again: not waiting for the trainer's acknowledgements", signal.Signals(signum).name
-            )
-            producer.abort.set()
-            return
-        log.info("%s: finishing the current step, then closing", signal.Signals(signum).name)
-        producer.stop.set()
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    try:
-        summary = producer.run()
-    except OpenVLAOFTUnavailable as exc:
-        log.error("OpenVLAOFTUnavailable: %s", exc)
-        return 2
-    finally:  # all is flushed: a late signal must not turn the exit into a kill (code -2)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    with stop_on_signals(  # a second signal: do not wait for acks; all is flushed after the block
+        producer.stop,
+        log,
+        "finishing the current step, then closing",
+        again=producer.abort,
+        again_message="not waiting for the trainer's acknowledgements",
+    ):
+        try:
+            summary = producer.run()
+        except OpenVLAOFTUnavailable as exc:
+            log.error("OpenVLAOFTUnavailable: %s", exc)
+            return 2
     if summary["refused"]:
         return 2
     return 0 if summary["unacked"] == 0 else 1

@@ -182,7 +182,13 @@ def test_retrain_prints_where_it_wrote(tmp_path, capsys):
 
     archive = make_archive(tmp_path / "a.hdf5", [episode(0, 3, "valid"), episode(1, 0), episode(2, 5)])
     out = tmp_path / "out"
-    assert main(["--archives", str(archive), "--run-dir", str(out), "--epochs", "1", "--threads", "1"]) == 0
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        code = main(["--archives", str(archive), "--run-dir", str(out), "--epochs", "1", "--threads", "1"])
+    finally:  # main ignores both signals once its work is saved (common.shutdown): not for the tests after
+        signal.signal(signal.SIGINT, handlers[0])
+        signal.signal(signal.SIGTERM, handlers[1])
+    assert code == 0
     text = capsys.readouterr().out
     assert f"wrote {out}/" in text and (out / "draft_best.pt").is_file()
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 import threading
 import time
 import uuid
@@ -40,6 +39,7 @@ from common.cli import config_to_dict, parse_config
 from common.draft import coarse_targets
 from common.logs import setup_logging
 from common.shapes import DEFAULT_SHAPE, RFSQShape
+from common.shutdown import stop_on_signals
 from trainer.clamp import ATTR as clamp_attr
 from trainer.clamp import ClampStats
 from trainer.config import TrainerConfig
@@ -221,21 +221,12 @@ def main(argv: list[str] | None = None) -> int:
     except ArchiveError as exc:
         log.error("%s", exc)
         return 2
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        log.info("%s: shutting down", signal.Signals(signum).name)
-        trainer.stop.set()
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    try:
-        trainer.run()
-    except BindError as exc:
-        log.error("%s", exc)
-        return 2
-    finally:  # everything is saved: a late signal must not turn the clean exit into a kill (code -2)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    with stop_on_signals(trainer.stop, log, "shutting down"):  # ignored once run() has saved everything
+        try:
+            trainer.run()
+        except BindError as exc:
+            log.error("%s", exc)
+            return 2
     return 0
 
 

@@ -12,7 +12,6 @@ import dataclasses
 import json
 import logging
 import math
-import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from common.cli import config_to_dict, parse_config
 from common.draft import DEFAULT_FORWARD, FORWARD_HELP, FORWARDS, coarse_targets, load_checkpoint
 from common.logs import progress_bar, setup_logging
 from common.shapes import RFSQShape
+from common.shutdown import stop_on_signals
 from trainer.learner import Learner, OptimConfig
 from trainer.pairs import load_split
 from trainer.plots import plot_curves
@@ -208,19 +208,12 @@ def retrain(cfg: RetrainConfig, stop: threading.Event | None = None) -> dict[str
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(RetrainConfig, argv, prog="python -m trainer.retrain")
     setup_logging("retrain")
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        log.info("%s: finishing the current batch, then saving", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    try:
-        retrain(cfg, stop)
-    except (ValueError, ArchiveError) as exc:  # archives that disagree, hold no training samples, ...
-        log.error("%s", exc)
-        return 2
+    with stop_on_signals(threading.Event(), log, "finishing the current batch, then saving") as stop:
+        try:
+            retrain(cfg, stop)
+        except (ValueError, ArchiveError) as exc:  # archives that disagree, hold no training samples, ...
+            log.error("%s", exc)
+            return 2
     return 0
 
 
