@@ -22,8 +22,12 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from common.archive import archive_meta, iter_episodes
 from common.cli import parse_config
+from common.libero_tasks import instruction
 from common.logs import setup_logging
+from common.vla.embedded import downsample_images
+from trainer.train_vla import pack
 
 log = logging.getLogger("trainer.pack_onpolicy")
 
@@ -51,10 +55,6 @@ class PackOnPolicyConfig:
 def read_onpolicy(cfg: PackOnPolicyConfig) -> dict[str, Any]:
     """Frames of every archived episode with observations, in the train_vla data layout plus
     ``codes`` [N, T, H, L] uint8, ``init_of_episode``, ``success_of_episode`` [E]."""
-    from common.archive import archive_meta, iter_episodes
-    from common.vla.embedded import downsample_images
-    from producer.env import instruction
-
     images, proprio, episode, step, codes = [], [], [], [], []
     instr, task, init, success, names = [], [], [], [], []
     seen: set[tuple[str, int, int]] = set()
@@ -110,8 +110,6 @@ def read_onpolicy(cfg: PackOnPolicyConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from trainer.train_vla import pack
-
     setup_logging("pack_onpolicy")
     cfg = parse_config(PackOnPolicyConfig, argv, prog="python -m trainer.pack_onpolicy")
     pack(read_onpolicy(cfg), cfg.out, cfg.jpeg_quality)
