@@ -11,11 +11,11 @@
 # with per-epoch history) and NAME.log; the extracted (hidden, codes) pairs are cached in $CACHE
 # (default /tmp/rsd_fit_cache.npz) and reused by later runs with at most as many --augment views.
 # Score the result on the CPU machine with
-#   python -m evaluator.fit_draft --demos FILE --evaluate OUT_DIR/NAME.pt --out scores.json
+#   python -m trainer.fit_draft --demos FILE --evaluate OUT_DIR/NAME.pt --out scores.json
 set -euo pipefail
 packed=$1 out=$2 name=$3
 shift 3
 mkdir -p "$out"
 export TQDM_DISABLE=1 PYTHONUNBUFFERED=1
-python -m evaluator.fit_draft --packed "$packed" --device cuda --extract-batch 512 --threads 4 \
+python -m trainer.fit_draft --packed "$packed" --device cuda --extract-batch 512 --threads 4 \
     --cache "${CACHE:-/tmp/rsd_fit_cache.npz}" --slim --out "$out/$name.pt" "$@" 2>&1 | tee "$out/$name.log"

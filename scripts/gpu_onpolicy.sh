@@ -25,6 +25,6 @@ if [ $# -gt 0 ]; then
         2>&1 | tee "$out/$name.vla.log"
     weights=$out/$name
 fi
-python -m evaluator.fit_draft --packed "$demos" --observations "$obs" --val-inits "$val" --weights-dir "$weights" \
+python -m trainer.fit_draft --packed "$demos" --observations "$obs" --val-inits "$val" --weights-dir "$weights" \
     --device cuda --extract-batch 512 --threads 4 --soft-weight 0.5 --epochs "${DRAFT_EPOCHS:-15}" --lr 3e-4 \
     --batch-size 64 --slim --out "$out/$name.draft.pt" 2>&1 | tee "$out/$name.draft.log"

@@ -21,7 +21,7 @@ COMMANDS = [
     "trainer.keys",
     "evaluator.rollout",
     "evaluator.eval",
-    "evaluator.fit_draft",
+    "trainer.fit_draft",
     "evaluator.bench_gpu",
     "evaluator.report",
     "evaluator.demo",
@@ -49,7 +49,7 @@ def test_demo_rejects_bad_values(capsys) -> None:
 
 
 def test_initial_state_splits_and_missing_archives_are_usage_errors(tmp_path, capsys) -> None:
-    from evaluator.fit_draft import main as fit_main
+    from trainer.fit_draft import main as fit_main
     from trainer.pack_onpolicy import main as pack_main
 
     demos = tmp_path / "d.hdf5"

@@ -309,7 +309,7 @@ def test_retrain_writes_the_plan_by_default_and_the_flag_selects_kpos(tmp_path) 
 def test_command_lines_default_to_the_plan_and_take_draft_forward(tmp_path) -> None:
     from common.cli import parse_config
     from evaluator.eval import EvalConfig
-    from evaluator.fit_draft import FitDraftConfig
+    from trainer.fit_draft import FitDraftConfig
     from trainer.online import TrainerConfig
 
     (tmp_path / "d.hdf5").touch()
@@ -332,8 +332,8 @@ def test_fit_draft_fits_both_forwards_on_the_same_pairs_and_split(tmp_path) -> N
     """The comparison command: one cache of the policy's pairs, the same seed, so the same held-out set."""
     import json
 
-    from evaluator.fit_draft import main
     from tests.test_eval import _write_demos
+    from trainer.fit_draft import main
 
     _write_demos(tmp_path / "d.hdf5", (4, 3, 5))
     args = ["--demos", str(tmp_path / "d.hdf5"), "--epochs", "1", "--val-fraction", "0.34", "--batch-size", "4",

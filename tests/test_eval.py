@@ -170,7 +170,7 @@ def test_fit_draft_batched_extraction_equals_run_time_decoding(tmp_path):
 
     from common.policy import Observation
     from evaluator.eval import load_eval_policy
-    from evaluator.fit_draft import extract
+    from trainer.distill_pairs import extract
     from trainer.train_vla import read_demos
 
     _write_demos(tmp_path / "d.hdf5", (3, 4))
@@ -198,7 +198,7 @@ def test_fit_draft_end_to_end_with_augmented_views(tmp_path):
     import torch
 
     from common.draft import load_checkpoint
-    from evaluator.fit_draft import main
+    from trainer.fit_draft import main
 
     _write_demos(tmp_path / "d.hdf5", (4, 3, 5, 2))
     out = tmp_path / "draft.pt"
@@ -232,7 +232,7 @@ def test_fit_draft_end_to_end_with_augmented_views(tmp_path):
 
 
 def test_fit_draft_rejects_bad_inputs(tmp_path):
-    from evaluator.fit_draft import FitDraftConfig
+    from trainer.fit_draft import FitDraftConfig
 
     with pytest.raises(ValueError, match="either --demos"):
         FitDraftConfig(out=tmp_path / "x.pt")
@@ -250,8 +250,8 @@ def test_fit_draft_trains_on_streamed_archives_and_validates_on_their_held_out_e
     validation set; an archive of another backbone is refused."""
     from common.archive import ArchiveWriter
     from evaluator.eval import load_eval_policy
-    from evaluator.fit_draft import main
     from tests.stream_helpers import streamed_episode
+    from trainer.fit_draft import main
 
     _write_demos(tmp_path / "d.hdf5", (4, 3, 5))
     policy = load_eval_policy("embedded")
@@ -286,8 +286,8 @@ def test_fit_draft_keys_trajectories_across_archives(tmp_path):
     validation set holds the acting queries only (observing queries of --sample-every tracked aside)."""
     from common.archive import ArchiveWriter
     from evaluator.eval import load_eval_policy
-    from evaluator.fit_draft import main
     from tests.stream_helpers import streamed_episode
+    from trainer.fit_draft import main
     from trainer.pairs import load_keyed
 
     _write_demos(tmp_path / "d.hdf5", (4, 3, 5))

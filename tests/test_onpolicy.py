@@ -91,8 +91,8 @@ def test_pack_onpolicy_keeps_frames_codes_and_keys(tmp_path, policy):
 
 
 def test_fit_draft_relabels_observations_and_validates_on_held_out_initial_states(tmp_path, policy):
-    from evaluator.fit_draft import main
     from tests.test_eval import _write_demos
+    from trainer.fit_draft import main
 
     _write_demos(tmp_path / "d.hdf5", (4, 3, 5))
     _write_archive(tmp_path / "a.hdf5", policy, [(0, "train", 3), (1, "train", 2), (3, "train", 4)])

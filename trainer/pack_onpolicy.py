@@ -6,7 +6,7 @@ The policy's own closed-loop states are the states a draft meets at run time. Pa
 of ``trainer.train_vla --pack-to`` (images at the policy's input size, per-episode delta + LZMA, wrist
 optionally JPEG), plus what the stream knows about every frame: the policy's own codes, the episode's
 task, initial state and outcome. ``trainer.train_vla --onpolicy`` fine-tunes the VLA on them (no expert
-labels needed) and ``evaluator.fit_draft --observations`` relabels them with any policy.
+labels needed) and ``trainer.fit_draft --observations`` relabels them with any policy.
 Trajectories are keyed by (task, initial state) across archives (``trainer.pairs.load_keyed``): of
 several copies of one the first with observations is kept.
 """
