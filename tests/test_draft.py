@@ -313,7 +313,8 @@ def test_command_lines_default_to_the_plan_and_take_draft_forward(tmp_path) -> N
     from trainer.online import TrainerConfig
 
     (tmp_path / "d.hdf5").touch()
-    (tmp_path / "a.hdf5").touch()
+    ArchiveWriter(tmp_path / "a.hdf5", DEFAULT_SHAPE)  # retrain checks its archives: a real (empty) one
+    (tmp_path / "x.pt").touch()  # eval checks that its draft exists
     cases = [
         (TrainerConfig, ["--run-dir", str(tmp_path / "run")]),
         (RetrainConfig, ["--archives", str(tmp_path / "a.hdf5")]),
