@@ -15,6 +15,9 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import zmq
+import zmq.auth
+
 from common.cli import parse_config
 from common.logs import setup_logging
 
@@ -36,9 +39,6 @@ class KeysConfig:
 
 
 def generate_keys(out_dir: Path, client_name: str = "client", overwrite: bool = False) -> dict[str, Path]:
-    import zmq
-    import zmq.auth
-
     if not zmq.has("curve"):
         raise RuntimeError("this libzmq was built without CURVE support")
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -5,17 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from matplotlib.figure import Figure
+
 
 def plot_curves(history: list[dict[str, Any]], out: Path, title: str = "draft training") -> Path:
     """history: dicts with ``updates`` and either ``loss`` (training) or ``val_acc_per_layer``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     train = [h for h in history if "loss" in h]
     val = [h for h in history if "val_acc_per_layer" in h]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))  # no pyplot: no GUI backend, no global figure state
+    ax_loss, ax_acc = fig.subplots(1, 2)
     if train:
         ax_loss.plot([h["updates"] for h in train], [h["loss"] for h in train], lw=1)
     ax_loss.set(xlabel="updates", ylabel="training loss (cross-entropy)", title="loss")
@@ -31,5 +29,4 @@ def plot_curves(history: list[dict[str, Any]], out: Path, title: str = "draft tr
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
-    plt.close(fig)
     return out

@@ -77,6 +77,62 @@ class RetrainConfig:
         self.run_dir = Path(self.run_dir)
 
 
+@dataclass
+class Splits:
+    """The archives' samples as the trainer split them: hidden [N, D] float32, targets [N, K, S] uint8."""
+
+    h_train: np.ndarray
+    y_train: np.ndarray
+    train_keys: list[str]  # episode keys ("archive:demo_N")
+    h_val: np.ndarray
+    y_val: np.ndarray | None  # None: no held-out episodes
+    val_keys: list[str]
+
+
+def archives_shape(cfg: RetrainConfig) -> tuple[RFSQShape, dict[str, Any]]:
+    """The archives' common shape (with ``--num-coarse-layers``) and the first archive's attributes;
+    ValueError if they disagree on shape or backbone."""
+    metas = [archive_meta(a) for a in cfg.archives]
+    shapes = {m["shape"] for m in metas}
+    backbones = {m["backbone_id"] for m in metas}
+    if len(shapes) != 1 or len(backbones) != 1:
+        raise ValueError(
+            f"archives disagree on shape {shapes} or backbone {backbones}; retrain one backbone at a time"
+        )
+    shape = RFSQShape(**json.loads(shapes.pop()))
+    if cfg.num_coarse_layers is not None:  # deeper drafts (K up to L): the archives hold all L layers
+        shape = dataclasses.replace(shape, num_coarse_layers=cfg.num_coarse_layers)
+    return shape, metas[0]
+
+
+def load_splits(cfg: RetrainConfig, k: int) -> Splits:
+    h_train, c_train, k_train = load_split(cfg.archives, "train")
+    h_val, c_val, k_val = load_split(cfg.archives, "valid")
+    if len(h_train) == 0:
+        raise ValueError(f"no training samples in {[str(a) for a in cfg.archives]}")
+    y_val = coarse_targets(c_val, k) if len(h_val) else None
+    return Splits(h_train, coarse_targets(c_train, k), k_train, h_val, y_val, k_val)
+
+
+def build_learner(cfg: RetrainConfig, shape: RFSQShape, data: Splits, device: torch.device) -> Learner:
+    steps_per_epoch = math.ceil(len(data.h_train) / cfg.batch_size)
+    optim = OptimConfig(
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        grad_clip=cfg.grad_clip,
+        warmup_steps=min(cfg.warmup_steps, max(1, steps_per_epoch * cfg.epochs // 10)),
+        total_steps=steps_per_epoch * cfg.epochs,
+        batch_size=cfg.batch_size,
+        draft_hidden_dim=cfg.draft_hidden_dim,
+        draft_forward=cfg.draft_forward,
+    )
+    learner = Learner(data.h_train.shape[1], shape, optim, device=device)
+    if cfg.init_checkpoint is not None:
+        model, _ = load_checkpoint(cfg.init_checkpoint, map_location=device, forward=cfg.draft_forward)
+        learner.model.load_state_dict(model.state_dict())
+    return learner
+
+
 def retrain(cfg: RetrainConfig, stop: threading.Event | None = None) -> dict[str, Any]:
     """Train for ``cfg.epochs`` (or until ``stop`` is set: then the checkpoints of the epochs done are kept)."""
     stop = stop or threading.Event()
@@ -88,71 +144,58 @@ def retrain(cfg: RetrainConfig, stop: threading.Event | None = None) -> dict[str
         if cfg.device == "auto" and torch.cuda.is_available()
         else ("cpu" if cfg.device == "auto" else cfg.device)
     )
-    metas = [archive_meta(a) for a in cfg.archives]
-    shapes = {m["shape"] for m in metas}
-    backbones = {m["backbone_id"] for m in metas}
-    if len(shapes) != 1 or len(backbones) != 1:
-        raise ValueError(
-            f"archives disagree on shape {shapes} or backbone {backbones}; retrain one backbone at a time"
-        )
-    shape = RFSQShape(**json.loads(shapes.pop()))
-    if cfg.num_coarse_layers is not None:  # deeper drafts (K up to L): the archives hold all L layers
-        shape = dataclasses.replace(shape, num_coarse_layers=cfg.num_coarse_layers)
-    K = shape.num_coarse_layers
-    h_train, c_train, k_train = load_split(cfg.archives, "train")
-    h_val, c_val, k_val = load_split(cfg.archives, "valid")
-    if len(h_train) == 0:
-        raise ValueError(f"no training samples in {[str(a) for a in cfg.archives]}")
-    y_train, y_val = coarse_targets(c_train, K), coarse_targets(c_val, K) if len(h_val) else None
+    shape, meta = archives_shape(cfg)
+    data = load_splits(cfg, shape.num_coarse_layers)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)  # only now: bad input leaves no empty folder behind
     log.info(
         "train: %d samples from %d episodes; validation: %d samples from %d held-out episodes",
-        len(h_train),
-        len(k_train),
-        len(h_val),
-        len(k_val),
+        len(data.h_train),
+        len(data.train_keys),
+        len(data.h_val),
+        len(data.val_keys),
     )
-    steps_per_epoch = math.ceil(len(h_train) / cfg.batch_size)
-    optim = OptimConfig(
-        lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        grad_clip=cfg.grad_clip,
-        warmup_steps=min(cfg.warmup_steps, max(1, steps_per_epoch * cfg.epochs // 10)),
-        total_steps=steps_per_epoch * cfg.epochs,
-        batch_size=cfg.batch_size,
-        draft_hidden_dim=cfg.draft_hidden_dim,
-        draft_forward=cfg.draft_forward,
-    )
-    learner = Learner(h_train.shape[1], shape, optim, device=device)
-    if cfg.init_checkpoint is not None:
-        model, _ = load_checkpoint(cfg.init_checkpoint, map_location=device, forward=cfg.draft_forward)
-        learner.model.load_state_dict(model.state_dict())
+    learner = build_learner(cfg, shape, data, device)
     run_config = {
         "run": config_to_dict(cfg),
         "source": "retrain",
-        "backbone_id": metas[0]["backbone_id"],
-        "codec_sha256": metas[0]["codec_sha256"],
-        "train_episodes": len(k_train),
-        "valid_episodes": len(k_val),
-        "optim": vars(optim),
+        "backbone_id": meta["backbone_id"],
+        "codec_sha256": meta["codec_sha256"],
+        "train_episodes": len(data.train_keys),
+        "valid_episodes": len(data.val_keys),
+        "optim": vars(learner.optim),
     }
+    t0 = time.time()
+    history, best, last_val = _epochs(cfg, learner, data, run_config, rng, stop)
+    return _finish(cfg, learner, data, run_config, history, best, last_val, t0)
+
+
+def _epochs(
+    cfg: RetrainConfig,
+    learner: Learner,
+    data: Splits,
+    run_config: dict[str, Any],
+    rng: np.random.Generator,
+    stop: threading.Event,
+) -> tuple[list[dict[str, Any]], float, dict[str, Any] | None]:
+    """Shuffled passes, validation and ``draft_best.pt`` after each; returns history, best accuracy
+    (-1: none) and the last validation."""
     history: list[dict[str, Any]] = []
     best = -1.0
     last_val = None
-    t0 = time.time()
     bar = progress_bar(range(cfg.epochs), desc="retrain", unit="epoch", dynamic_ncols=True)
     for epoch in bar:
-        order = rng.permutation(len(h_train))
+        order = rng.permutation(len(data.h_train))
         losses = []
         for i in range(0, len(order), cfg.batch_size):
             if stop.is_set():
                 break
             idx = order[i : i + cfg.batch_size]
-            m = learner.train_step(h_train[idx], y_train[idx])  # [B, D], [B, K, S]
+            m = learner.train_step(data.h_train[idx], data.y_train[idx])  # [B, D], [B, K, S]
             losses.append(m["loss"])
         history.append({"updates": learner.updates, "loss": float(np.mean(losses))})
-        if y_val is not None:
-            r = learner.validate(h_val, y_val)
+        acc = float("nan")
+        if data.y_val is not None:
+            r = learner.validate(data.h_val, data.y_val)
             last_val = {
                 "updates": learner.updates,
                 "epoch": epoch + 1,
@@ -167,13 +210,25 @@ def retrain(cfg: RetrainConfig, stop: threading.Event | None = None) -> dict[str
                 learner.best_val = best
                 learner.save(cfg.run_dir / "draft_best.pt", epoch + 1, r.accuracy, run_config)
             acc = r.accuracy
-        else:
-            acc = float("nan")
         bar.set_postfix(loss=f"{np.mean(losses):.4f}", val_acc=f"{acc:.4f}")
         if stop.is_set():
             log.info("stopped after epoch %d of %d", epoch + 1, cfg.epochs)
             break
     bar.close()
+    return history, best, last_val
+
+
+def _finish(
+    cfg: RetrainConfig,
+    learner: Learner,
+    data: Splits,
+    run_config: dict[str, Any],
+    history: list[dict[str, Any]],
+    best: float,
+    last_val: dict[str, Any] | None,
+    t0: float,
+) -> dict[str, Any]:
+    """``draft_last.pt`` (and ``draft_best.pt`` without held-out episodes), curve, ``summary.json``."""
     final_val = last_val["val_accuracy"] if last_val else 0.0
     if last_val is None:
         log.warning("no held-out episodes in the archives: val_accuracy of the checkpoint is 0.0 (unknown)")
@@ -183,10 +238,10 @@ def retrain(cfg: RetrainConfig, stop: threading.Event | None = None) -> dict[str
         learner.save(cfg.run_dir / "draft_best.pt", epochs_done, final_val, run_config)
     plot_curves(history, cfg.run_dir / "training_curve.png", title="draft retraining")
     summary = {
-        "train_samples": len(h_train),
-        "valid_samples": len(h_val),
-        "train_episodes": len(k_train),
-        "valid_episodes": len(k_val),
+        "train_samples": len(data.h_train),
+        "valid_samples": len(data.h_val),
+        "train_episodes": len(data.train_keys),
+        "valid_episodes": len(data.val_keys),
         "epochs": cfg.epochs,
         "updates": learner.updates,
         "best_val_accuracy": best if best >= 0 else None,
