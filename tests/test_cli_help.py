@@ -25,6 +25,8 @@ COMMANDS = [
     "evaluator.bench_gpu",
     "evaluator.report",
     "evaluator.demo",
+    "evaluator.lossless_bound",
+    "common.layer_info",
 ]
 
 

@@ -186,3 +186,33 @@ def test_hit_rates_and_strict_projection():
     wide = strict_projection(t, 3, ranks, (4, 2))
     assert wide["verify_ms"] == 6.0 and wide["mean_j"] == pytest.approx(0.75 + 0.5)
     assert t.verify_ms(8) == pytest.approx(4.7 + 5 * 1.3 / 10)
+
+
+def test_demo_summary_explains_columns_and_says_when_rsd_was_slower(capsys):
+    from evaluator.demo import print_summary
+
+    def arm(kind, speed, j=0.0, lossless=False, rsd=True):
+        a = _arm(kind, speed, 0.0 if lossless else 0.004, 0.0 if lossless else 0.02)
+        a.update(latency_ms={"median": 20 / speed}, mean_j=j, identical_fraction=1.0 if lossless else 0.0)
+        a.update(lossless=lossless, rsd={"acceptance": {}} if rsd else None)
+        return a
+
+    ev = {
+        "chunks": 10,
+        "meta": {"decode_layers": 3},
+        "arms": {
+            "baseline": arm("baseline", 1.0, lossless=True, rsd=False),
+            "strict": arm("strict", 0.87, 0.1, lossless=True),
+            "relaxed": arm("relaxed", 1.1, 1.5),
+            "draft-substitution": arm("substitution", 1.2, 2.0),
+            "truncate-k2": arm("truncation", 1.4, rsd=False),
+        },
+    }
+    ev["frontier"] = frontier(ev)
+    print_summary({"run_dir": "/tmp/x", "eval": ev})
+    out = capsys.readouterr().out
+    assert "`strict` was SLOWER than ordinary decoding here (0.87x" in out
+    assert "relaxed` was SLOWER" not in out
+    assert "columns: speedup" in out and "UNVERIFIED" in out and "truncate-k2" in out
+    line = next(x for x in out.splitlines() if x.strip().startswith("draft-substitution"))
+    assert "UNVERIFIED" in line and "no win" in line  # truncate-k2 is faster and as faithful
