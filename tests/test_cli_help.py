@@ -26,6 +26,7 @@ COMMANDS = [
     "evaluator.report",
     "evaluator.demo",
     "evaluator.lossless_bound",
+    "evaluator.bench_7b",
     "common.layer_info",
 ]
 
