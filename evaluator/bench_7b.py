@@ -69,6 +69,12 @@ class Bench7BConfig:
         default_factory=lambda: [1, 2, 3, 5, 9, 17, 33, 65, 129],
         metadata={"help": "verify-pass widths (blocks of 8 positions) of the tree sweep"},
     )
+    prefix_study: bool = field(
+        default=False,
+        metadata={
+            "help": "also time the prefix's matrix products alone and a max-autotune prefix (fastest mode)"
+        },
+    )
     eval_json: Path | None = field(default=None, metadata={"help": "eval.json of a CPU eval to project"})
     timings: Path | None = field(default=None, metadata={"help": "reuse this JSON's timings (no GPU)"})
     tiny: bool = field(default=False, metadata={"help": "tiny twin and encoder (CPU smoke test)"})
@@ -354,7 +360,54 @@ def measure(cfg: Bench7BConfig, argv: list[str]) -> dict[str, Any]:
         log.info("mode %s", mode)
         results["twin"]["modes"][mode] = bench_mode(cfg, policy, mode, vis["runner"], proposer, cuda)
         write(results, cfg)
+    if cfg.prefix_study and cuda:
+        results["twin"]["prefix_study"] = prefix_study(cfg, policy)
     return results
+
+
+@torch.no_grad()
+def prefix_study(cfg: Bench7BConfig, policy: TwinPolicy) -> dict[str, Any]:
+    """Where the prefix pass's time goes: its 128 matrix products alone (cuBLAS, one CUDA graph), and
+    the causal flash prefix with a max-autotune compiled layer (Triton GEMM templates for P rows)."""
+    from evaluator.twin import layer_step
+
+    c = policy.cfg
+    P, D, I = c.prefix_len, c.hidden_size, c.intermediate_size
+    xd = torch.randn(P, D, device=policy.device, dtype=policy.dtype)
+    xi = torch.randn(P, I, device=policy.device, dtype=policy.dtype)
+
+    def products():
+        for layer in policy.model.layers:
+            torch.nn.functional.linear(xd, layer.wqkv)
+            torch.nn.functional.linear(xd, layer.wo)
+            torch.nn.functional.linear(xd, layer.wgu)
+            torch.nn.functional.linear(xi, layer.wdown)
+
+    products()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        products()
+    out: dict[str, Any] = {"products_only": time_events(graph.replay, cfg.pass_reps)}
+    embeds = torch.randn(1, P, D, device=policy.device).to(policy.dtype)
+    policy.prefix_flash = True
+    try:
+        t0 = time.perf_counter()
+        policy.model.prefix_fn = torch.compile(
+            layer_step, dynamic=False, fullgraph=True, mode="max-autotune-no-cudagraphs"
+        )
+        policy.reset_graphs()
+        policy.prefix_from_embeds(embeds)
+        out["autotune_s"] = time.perf_counter() - t0
+        out["prefix_flash_max_autotune"] = time_events(
+            lambda: policy.prefix_from_embeds(embeds), cfg.pass_reps
+        )
+    except Exception as exc:  # noqa: BLE001 - optional variant
+        log.error("max-autotune prefix failed: %s", exc)
+        out["autotune_error"] = str(exc)
+    finally:
+        policy.model.prefix_fn = None
+    log.info("prefix study: %s", {k: v["median_ms"] for k, v in out.items() if isinstance(v, dict)})
+    return out
 
 
 def write(results: dict[str, Any], cfg: Bench7BConfig) -> None:

@@ -85,6 +85,25 @@ def _passes(res: dict[str, Any], floor: float) -> list[str]:
     return lines
 
 
+def _prefix_study(twin: dict[str, Any]) -> list[str]:
+    st = twin.get("prefix_study")
+    if not st:
+        return []
+    floor = twin["prefix_compute_floor_ms"]
+    out = [
+        "",
+        f"Where the prefix time goes: its 128 matrix products alone (cuBLAS, one CUDA graph) "
+        f"{st['products_only']['median_ms']:.2f} ms ({st['products_only']['median_ms'] / floor:.2f}× the compute floor)",
+    ]
+    if "prefix_flash_max_autotune" in st:
+        v = st["prefix_flash_max_autotune"]["median_ms"]
+        out[-1] += (
+            f"; causal flash prefix with max-autotune layers {v:.2f} ms ({v / floor:.2f}×, {st['autotune_s']:.0f} s to tune)"
+        )
+    out[-1] += "."
+    return out
+
+
 def render_markdown(results: dict[str, Any]) -> str:
     meta, twin, vis = results["meta"], results["twin"], results["vision"]
     p = results["projection_inputs"]
@@ -118,6 +137,7 @@ def render_markdown(results: dict[str, Any]) -> str:
             for m, r in modes.items()
         )
         + ".",
+        *_prefix_study(twin),
         "",
         *_passes(modes, twin["floor_ms"]),
         "",

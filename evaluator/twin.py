@@ -268,6 +268,7 @@ class TwinModel(nn.Module):
         self.ensure_positions(cfg.max_len)
         self.register_buffer("h_index", torch.arange(s.action_hidden_dim), persistent=False)
         self.layer_fn = layer_step
+        self.prefix_fn: Callable | None = None  # the prefix pass's layer function (None: layer_fn)
         self.math_attention = False
         self.skinny = False
 
@@ -398,8 +399,9 @@ class TwinModel(nn.Module):
                 )
             mask = None
         eps, nh = self.cfg.rms_eps, self.cfg.num_heads
+        fn = self.prefix_fn if (causal and self.prefix_fn is not None) else self.layer_fn
         for i, layer in enumerate(self.layers):
-            x = self.layer_fn(
+            x = fn(
                 x,
                 *layer.weights(),
                 cos,
