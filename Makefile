@@ -19,7 +19,7 @@ CKPT ?= $(RUN)/draft_best.pt
 DEMOS ?= data/demos/libero_spatial_expert.hdf5
 ARGS ?=
 
-.PHONY: help venv test test-slow lint produce train retrain eval bench bench-gpu demos dataset-info \
+.PHONY: help venv test test-slow lint produce train retrain eval bench bench-gpu bench-7b demos dataset-info \
         train-codec train-vla eval-vla demo clean
 
 help:  ## list targets
@@ -80,6 +80,9 @@ bench: venv  ## CPU latency benchmark of RSD vs baseline on the embedded VLA
 
 bench-gpu:  ## 7B timing twin on a GPU (run on a CUDA machine; uses the python that has CUDA torch)
 	$(PYTHON) -m evaluator.bench_gpu $(ARGS)
+
+bench-7b:  ## OFT-sized 7B chunks with the vision encoder on a GPU; project an eval (ARGS="--eval-json …")
+	$(PYTHON) -m evaluator.bench_7b $(ARGS)
 
 demo: venv  ## the main job: produce + train in parallel, then evaluate, then print a summary
 	$(PY) -m evaluator.demo --run-dir $(RUN) $(ARGS)
