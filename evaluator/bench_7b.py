@@ -34,7 +34,7 @@ import torch
 from common.cli import config_to_dict, parse_config
 from common.draft import RFSQDraftModelWithProjection
 from common.logs import setup_logging
-from evaluator.bench_7b_report import projection, render_markdown
+from evaluator.bench_7b_report import projection, projection_inputs, render_markdown
 from evaluator.bench_gpu import (
     FixedProposer,
     GraphedProposer,
@@ -436,30 +436,6 @@ def main(argv: list[str] | None = None) -> None:
         p["chunk_ms"]["truncate_k8"], p["chunk_ms"]["truncate_k3"] / p["chunk_ms"]["D3_rsd_k2_j2"],
     )  # fmt: skip
     log.info("wrote %s", cfg.out)
-
-
-def projection_inputs(results: dict[str, Any]) -> dict[str, Any]:
-    """The fastest mode's pass and chunk latencies (what evaluator.lossless_bound and projections use)."""
-    modes = results["twin"]["modes"]
-    if not modes:
-        raise ValueError("no twin mode was measured")
-    mode = min(modes, key=lambda m: modes[m]["chunks"]["truncate_k3"]["median_ms"])
-    r = modes[mode]
-    ps = r["passes"]
-    verify = {1: ps["block0"]["median_ms"]}
-    verify.update({1 + k: ps[f"verify_k{k}"]["median_ms"] for k in range(1, 8)})
-    for n, v in r["tree_sweep"].items():
-        verify.setdefault(int(n), v["median_ms"])
-    prefix = ps["prefix_flash" if r["prefix_used"] == "flash" else "prefix_masked"]["median_ms"]
-    return {
-        "mode": mode,
-        "vision_ms": results["vision"]["ms"],
-        "prefix_ms": prefix,
-        "block_ms": ps["block"]["median_ms"],
-        "draft_ms": results["draft_ms"]["median_ms"],
-        "verify_ms_by_blocks": {str(k): v for k, v in sorted(verify.items())},
-        "chunk_ms": {n: v["median_ms"] for n, v in r["chunks"].items()},
-    }
 
 
 if __name__ == "__main__":

@@ -70,6 +70,30 @@ def projection(results: dict[str, Any], ev: dict[str, Any], source: str) -> dict
     }
 
 
+def projection_inputs(results: dict[str, Any]) -> dict[str, Any]:
+    """The fastest mode's pass and chunk latencies (what evaluator.lossless_bound and projections use)."""
+    modes = results["twin"]["modes"]
+    if not modes:
+        raise ValueError("no twin mode was measured")
+    mode = min(modes, key=lambda m: modes[m]["chunks"]["truncate_k3"]["median_ms"])
+    r = modes[mode]
+    ps = r["passes"]
+    verify = {1: ps["block0"]["median_ms"]}
+    verify.update({1 + k: ps[f"verify_k{k}"]["median_ms"] for k in range(1, 8)})
+    for n, v in r["tree_sweep"].items():
+        verify.setdefault(int(n), v["median_ms"])
+    prefix = ps["prefix_flash" if r["prefix_used"] == "flash" else "prefix_masked"]["median_ms"]
+    return {
+        "mode": mode,
+        "vision_ms": results["vision"]["ms"],
+        "prefix_ms": prefix,
+        "block_ms": ps["block"]["median_ms"],
+        "draft_ms": results["draft_ms"]["median_ms"],
+        "verify_ms_by_blocks": {str(k): v for k, v in sorted(verify.items())},
+        "chunk_ms": {n: v["median_ms"] for n, v in r["chunks"].items()},
+    }
+
+
 def _passes(res: dict[str, Any], floor: float) -> list[str]:
     lines = [
         "| pass | " + " | ".join(f"{m} (ms) | × floor" for m in res) + " |",
@@ -102,6 +126,28 @@ def _prefix_study(twin: dict[str, Any]) -> list[str]:
         )
     out[-1] += "."
     return out
+
+
+def _projection_lines(proj: dict[str, Any] | None) -> list[str]:
+    if not proj:
+        return []
+    lines = [
+        "",
+        f"## Projection of `{proj['eval_json']}` (policy `{proj['policy']}`, D = {proj['decode_layers']})",
+        "",
+        f"Baseline chunk {proj['baseline_ms']:.2f} ms (full 8-layer decoding {proj['full_decoding_ms']:.2f} ms). "
+        f"{proj['acceptance_note']}.",
+        "",
+        "| arm | kind | mean j | 7B speedup | CPU speedup | mean \\|Δa\\| | p99 \\|Δa\\| |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for n, a in proj["arms"].items():
+        lines.append(
+            f"| `{n}` | {a['kind']} | {a['mean_j']:.2f} | {a['speedup_7b']:.2f}× | {a['speedup_cpu']:.2f}× | "
+            f"{a['mean_abs']:.4f} | {a['p99_abs']:.4f} |"
+        )
+    lines += ["", "Frontier at 7B (same rule, projected speedups):", "", *verdict_lines(proj["frontier"])]
+    return lines
 
 
 def render_markdown(results: dict[str, Any]) -> str:
@@ -166,22 +212,5 @@ def render_markdown(results: dict[str, Any]) -> str:
         f"{ch['truncate_k8'] / ch['D8_rsd_k7_j7']:.2f}×. The D = 3 baseline itself is "
         f"{ch['truncate_k8'] / ch['truncate_k3']:.2f}× faster than the full 8-layer decoding.",
     ]
-    proj = results.get("projection")
-    if proj:
-        lines += [
-            "",
-            f"## Projection of `{proj['eval_json']}` (policy `{proj['policy']}`, D = {proj['decode_layers']})",
-            "",
-            f"Baseline chunk {proj['baseline_ms']:.2f} ms (full 8-layer decoding {proj['full_decoding_ms']:.2f} ms). "
-            f"{proj['acceptance_note']}.",
-            "",
-            "| arm | kind | mean j | 7B speedup | CPU speedup | mean \\|Δa\\| | p99 \\|Δa\\| |",
-            "|---|---|---:|---:|---:|---:|---:|",
-        ]
-        for n, a in proj["arms"].items():
-            lines.append(
-                f"| `{n}` | {a['kind']} | {a['mean_j']:.2f} | {a['speedup_7b']:.2f}× | {a['speedup_cpu']:.2f}× | "
-                f"{a['mean_abs']:.4f} | {a['p99_abs']:.4f} |"
-            )
-        lines += ["", "Frontier at 7B (same rule, projected speedups):", "", *verdict_lines(proj["frontier"])]
+    lines += _projection_lines(results.get("projection"))
     return "\n".join(lines) + "\n"
