@@ -58,7 +58,7 @@ class DemoConfig:
         metadata={"help": "closed-loop init states per task (baseline and RSD arms)"},
     )
     eval_arms: list[str] = field(
-        default_factory=lambda: ["baseline", "relaxed"],
+        default_factory=lambda: ["baseline", "relaxed", "truncate-k2"],
         metadata={
             "help": "arms run closed loop (baseline, strict, relaxed, draft-substitution, truncate-kK); "
             "strict equals baseline by construction"
