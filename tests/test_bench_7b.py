@@ -80,3 +80,19 @@ def test_bench_7b_end_to_end_on_a_tiny_twin(tmp_path):
     assert proj["arms"]["truncate-k2"]["speedup_7b"] == pytest.approx(ch["truncate_k3"] / ch["truncate_k2"])
     assert np.isclose(proj["arms"]["baseline"]["speedup_7b"], 1.0)
     assert "7B" in (tmp_path / "b.md").read_text()
+
+
+def test_bench_gpu_refuses_an_eval_of_another_depth(tmp_path):
+    """The 8-layer twin timings of evaluator.bench_gpu cannot project an eval of a 3-layer baseline."""
+    from evaluator.bench_gpu import BenchGPUConfig, acceptance_distributions
+
+    ev = tmp_path / "eval.json"
+    ev.write_text(json.dumps({"meta": {"decode_layers": 3, "num_layers": 8}, "arms": {}}))
+    with pytest.raises(ValueError, match="bench_7b"):
+        acceptance_distributions(BenchGPUConfig(eval_json=ev))
+    ev.write_text(
+        json.dumps(
+            {"meta": {"decode_layers": 8, "num_layers": 8}, "arms": {"strict": {"j_histogram": [3, 1]}}}
+        )
+    )
+    assert acceptance_distributions(BenchGPUConfig(eval_json=ev)) == {"embedded_vla_strict": [0.75, 0.25]}
