@@ -373,3 +373,28 @@ def test_fit_draft_keys_trajectories_across_archives(tmp_path):
     assert len(summary["history"][0]["val_all_queries_acc_per_layer"]) == 3
     per_archive = summary["history"][0]["val_per_archive_acc_per_layer"]
     assert set(per_archive) == {str(tmp_path / "a.hdf5")}  # b holds nothing out
+
+
+def test_closed_loop_worker_recipe_rebuilds_every_kind_of_arm(draft_ckpt):
+    """The picklable recipe of a rollout worker decodes exactly as the open loop's arm does."""
+    import pickle
+
+    from evaluator.rsd import RSDEngine
+
+    cfg = make_cfg(draft_ckpt, Path("unused"))
+    policy = ev.load_eval_policy("twin-tiny", decode_layers=4)
+    proposer, _ = ev.load_draft(draft_ckpt, policy)
+    arms = cfg.arms(proposer.num_layers, 8, 4)
+    obs = FakeEnv(3).reset()
+    for name in ("baseline", "truncate-k2", "strict", "relaxed", "draft-substitution"):
+        arm = arms[name]
+        factory = ev.RSDActFactory(
+            draft=str(draft_ckpt),
+            rsd=arm.to_dict()["rsd"],
+            policy="twin-tiny",
+            decode_layers=4,
+            truncate=arm.layers,
+        )
+        act = pickle.loads(pickle.dumps(factory))()
+        ref = arm.decode(RSDEngine(policy, proposer if arm.drafted else None, arm.rsd), [obs])
+        np.testing.assert_array_equal(act(obs), ref.actions[0].float().numpy(), err_msg=name)
