@@ -24,7 +24,7 @@ ARGS ?=
 # stop with a hint when the demonstrations file is missing (it is not shipped: `make demos` records it)
 NEED_DEMOS = @test -f "$(DEMOS)" || { echo "no demonstrations at $(DEMOS): record them with 'make demos', or pass DEMOS=file.hdf5" >&2; exit 2; }
 
-.PHONY: help venv test test-slow lint produce train retrain eval bench bench-gpu demos dataset-info \
+.PHONY: help venv test test-slow lint produce train retrain eval bench bench-gpu bench-7b demos dataset-info \
         train-codec train-vla eval-vla demo clean venv-oft produce-oft
 
 help:  ## list targets
@@ -88,6 +88,9 @@ bench: venv  ## CPU latency benchmark of RSD vs baseline on the embedded VLA (be
 
 bench-gpu:  ## 7B timing twin on a GPU (run on a CUDA machine; uses the python that has CUDA torch)
 	$(PYTHON) -m evaluator.bench_gpu $(ARGS)
+
+bench-7b:  ## OFT-sized 7B chunks with the vision encoder on a GPU; project an eval (ARGS="--eval-json …")
+	$(PYTHON) -m evaluator.bench_7b $(ARGS)
 
 demo: venv  ## the main job: produce + train in parallel, then evaluate, then print a summary
 	$(PY) -m evaluator.demo --run-dir $(RUN) $(ARGS)

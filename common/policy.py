@@ -92,7 +92,25 @@ class PrefixState:
 
 
 class LayerwisePolicy(ChunkPolicy):
-    """A backend whose language model decodes RFSQ layers block by block (docs/DESIGN.md §9.1)."""
+    """A backend whose language model decodes RFSQ layers block by block (docs/DESIGN.md §9.1-§9.2).
+
+    ``decode_layers`` (D <= L) is how many layers the policy decodes sequentially; layers D..L-1 are
+    set to the centre level (the zero of every layer's grid) without a pass, so codes keep their
+    [T, H, L] shape on the wire and in archives. D = L decodes every layer.
+    """
+
+    _decode_layers: int | None = None
+
+    @property
+    def decode_layers(self) -> int:
+        return self.shape.num_layers if self._decode_layers is None else self._decode_layers
+
+    @decode_layers.setter
+    def decode_layers(self, value: int | None) -> None:
+        L = self.shape.num_layers
+        if value is not None and not (isinstance(value, int) and 1 <= value <= L):
+            raise ValueError(f"decode_layers must be an int in 1..{L} (or None: all {L}), got {value!r}")
+        self._decode_layers = value
 
     @abc.abstractmethod
     def prefix(self, observations: list[Observation]) -> PrefixState:
@@ -126,18 +144,34 @@ class LayerwisePolicy(ChunkPolicy):
         """[B, T, H, L] long codes -> [B, T, A] float actions in the env's action space."""
 
     def decode_sequential(
-        self, state: PrefixState, logits_out: list[torch.Tensor] | None = None
+        self,
+        state: PrefixState,
+        logits_out: list[torch.Tensor] | None = None,
+        num_layers: int | None = None,
     ) -> torch.Tensor:
-        """Baseline: L block passes after the prefix. Returns [B, T, H, L] long codes.
+        """Baseline: one block pass per decoded layer after the prefix. Returns [B, T, H, L] long codes.
 
-        logits_out: if given, each layer's logits [B, T, H, G] are appended to it (layer order).
+        num_layers: layers decoded (default :attr:`decode_layers`); the later layers are at the
+        centre level. logits_out: if given, each decoded layer's logits [B, T, H, G] are appended.
         """
+        n = self.decode_layers if num_layers is None else num_layers
+        if not 1 <= n <= self.shape.num_layers:
+            raise ValueError(f"num_layers must be in 1..{self.shape.num_layers}, got {n}")
         codes: list[torch.Tensor] = []
         prev = None
-        for _ in range(self.shape.num_layers):
+        for _ in range(n):
             logits = self.decode_block(state, prev)  # [B, T, H, G]
             if logits_out is not None:
                 logits_out.append(logits)
             prev = logits.argmax(-1)
             codes.append(prev)
-        return torch.stack(codes, dim=-1)
+        return fill_center(torch.stack(codes, dim=-1), self.shape.num_layers, self.shape.grid_size)
+
+
+def fill_center(codes: torch.Tensor, num_layers: int, grid_size: int) -> torch.Tensor:
+    """codes [B, T, H, l] (first l layers) -> [B, T, H, L] with the centre level (G // 2) in later layers."""
+    B, T, H, l = codes.shape
+    if l == num_layers:
+        return codes
+    rest = torch.full((B, T, H, num_layers - l), grid_size // 2, dtype=codes.dtype, device=codes.device)
+    return torch.cat([codes, rest], dim=-1)

@@ -1,119 +1,179 @@
-"""The default builder of an :class:`~evaluator.protocol.ArmSpec`: spec -> ``obs -> [T, A]`` act callable.
+"""Decoding arms of an evaluation, each named for what it does (DESIGN §6).
 
-Decodings (``ArmSpec.decoding``):
+| kind | name(s) | what it does | output |
+|---|---|---|---|
+| baseline | ``baseline`` | the policy's own decoding: D layers sequentially (D = its ``decode_layers``) | reference |
+| truncation | ``truncate-k1`` … ``truncate-kL`` | the first k layers, the rest at the centre level; no draft | lossy, no check |
+| strict | ``strict``, ``strict-kN`` | speculative decoding, a drafted layer kept only if it equals the policy's | **lossless** |
+| relaxed | ``relaxed``, ``relaxed-tauX``, ``relaxed-confX`` | speculative decoding, a drafted layer kept if ≥ τ > 0 of its tokens agree | verified, lossy |
+| substitution | ``draft-substitution`` | every drafted layer taken as context unchecked (the old "relaxed τ = 0") | **unverified**, lossy; not speculative decoding |
 
-* ``policy``   — the backend's own ``act`` (what ``make eval-vla`` measures);
-* ``baseline`` — layer-by-layer decoding in the RSD engine without a draft (ordinary decoding);
-* ``strict`` / ``relaxed`` — residual speculative decoding with the arm's draft; ``params`` holds the
-  :class:`~evaluator.rsd.RSDConfig` / :class:`~evaluator.rsd.AcceptanceConfig` fields ``tau``,
-  ``epsilon``, ``max_proposals``, ``confidence_threshold``, ``confidence_kind``.
-
-Policies and drafts are loaded once per worker process and shared by the arms that name the same
-files. RSD act callables count chunks, accepted layers and passes; ``episode_extra()`` returns (and
-resets) them for the episode's record.
+``truncate-kD`` decodes exactly what the baseline decodes (a timing-noise check); ``truncate-kL`` is
+the full L-layer decoding. A lossy arm is judged against the truncations on the speed/fidelity
+frontier (evaluator/frontier.py).
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
+import re
+from dataclasses import asdict, dataclass
 from typing import Any
 
-import numpy as np
-
 from common.policy import Observation
-from common.vla import load_policy
-from evaluator.eval import load_draft, load_eval_policy
-from evaluator.protocol import ArmSpec
-from evaluator.rsd import AcceptanceConfig, RSDConfig, RSDEngine
+from evaluator.rsd import AcceptanceConfig, ChunkResult, RSDConfig, RSDEngine
 
-DECODINGS = ("policy", "baseline", "strict", "relaxed")
-RSD_PARAMS = ("tau", "epsilon", "max_proposals", "confidence_threshold", "confidence_kind")
+KINDS = ("baseline", "truncation", "strict", "relaxed", "substitution")
+SUBSTITUTION = "draft-substitution"
+FIXED_NAMES = ("baseline", "strict", "relaxed", SUBSTITUTION)
+_TRUNC = re.compile(r"^truncate-k([1-9][0-9]*)$")
 
-
-@lru_cache(maxsize=4)
-def _policy(backend: str, weights: str | None, codec: str | None, random_weights: bool, allow_random: bool,
-            seed: int, device: str, layerwise: bool) -> Any:  # fmt: skip
-    if layerwise:
-        return load_eval_policy(backend, weights, codec, allow_random, device)
-    return load_policy(backend, device=device, weights_dir=weights, codec_dir=codec,
-                       allow_random=allow_random, random_weights=random_weights, seed=seed)  # fmt: skip
-
-
-@lru_cache(maxsize=4)
-def _draft(path: str, policy: Any) -> Any:
-    return load_draft(path, policy)[0]
+DESCRIPTION = {
+    "baseline": "the policy's own decoding (reference)",
+    "truncation": "first k layers decoded, the rest at the centre level (lossy; no draft, no check)",
+    "strict": "speculative decoding, strict: output identical to the baseline (lossless)",
+    "relaxed": "speculative decoding, relaxed(τ > 0): verified, lossy",
+    "substitution": "UNVERIFIED draft substitution: drafted layers used unchecked (not speculative decoding)",
+}
+_MODE_OF_KIND = {"strict": "strict", "relaxed": "relaxed", "substitution": "substitute"}
 
 
-def rsd_config(spec: ArmSpec) -> RSDConfig | None:
-    """The RSD config of a strict / relaxed arm (None for the baseline); ValueError names bad params."""
-    bad = set(spec.params) - set(RSD_PARAMS)
-    if bad:
-        raise ValueError(f"arm {spec.name}: unknown decoding params {sorted(bad)}; valid: {RSD_PARAMS}")
-    if spec.decoding == "baseline":
-        return None
-    p = spec.params
-    acceptance = AcceptanceConfig(spec.decoding, p.get("tau", 1.0), p.get("epsilon"))
-    return RSDConfig(
-        acceptance,
-        max_proposals=p.get("max_proposals"),
-        confidence_threshold=p.get("confidence_threshold", 0.0),
-        confidence_kind=p.get("confidence_kind", "layer"),
-        stage_timing=False,
-    )
+def truncation_layers(name: str) -> int | None:
+    """k of a ``truncate-kK`` arm name, else None."""
+    m = _TRUNC.match(name)
+    return int(m.group(1)) if m else None
 
 
-class RSDAct:
-    """Act callable of a baseline / strict / relaxed arm, with per-episode decoding counters."""
+def is_known_name(name: str) -> bool:
+    """Names a closed-loop arm may take before the arms are built (sweep names are open loop only)."""
+    return name in FIXED_NAMES or truncation_layers(name) is not None
 
-    def __init__(self, engine: RSDEngine, use_draft: bool) -> None:
-        self.engine, self.use_draft = engine, use_draft
-        self.backbone_id = engine.policy.backbone_id
-        self._reset()
 
-    def _reset(self) -> None:
-        self.chunks = self.accepted = self.proposed = self.passes = 0
+@dataclass(frozen=True)
+class Arm:
+    """One way of decoding a chunk. ``rsd`` for the drafted kinds; ``layers`` (k) for truncations."""
 
-    def __call__(self, obs: Observation) -> np.ndarray:
-        out = self.engine.rsd([obs]) if self.use_draft else self.engine.baseline([obs])
-        self.chunks += 1
-        self.accepted += out.stats.accepted
-        self.proposed += out.stats.proposed
-        self.passes += out.stats.passes
-        return out.actions[0].float().cpu().numpy()  # [T, A]
+    name: str
+    kind: str
+    rsd: RSDConfig | None = None
+    layers: int | None = None
 
-    def episode_extra(self) -> dict[str, Any]:
-        n = max(self.chunks, 1)
-        extra = {
-            "chunks": self.chunks,
-            "mean_accepted": self.accepted / n,
-            "mean_proposed": self.proposed / n,
-            "mean_passes": self.passes / n,
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"arm kind must be one of {KINDS}, got {self.kind!r}")
+        drafted = self.kind in _MODE_OF_KIND
+        if drafted != (self.rsd is not None):
+            raise ValueError(
+                f"arm {self.name!r}: kind {self.kind} {'needs' if drafted else 'takes no'} RSD config"
+            )
+        if drafted and self.rsd.acceptance.mode != _MODE_OF_KIND[self.kind]:
+            raise ValueError(
+                f"arm {self.name!r} of kind {self.kind} has acceptance mode {self.rsd.acceptance.mode!r}"
+            )
+        if (self.kind == "truncation") != (self.layers is not None):
+            raise ValueError(f"arm {self.name!r}: only truncations (and all of them) name their layers")
+
+    @property
+    def drafted(self) -> bool:
+        return self.rsd is not None
+
+    @property
+    def lossless(self) -> bool:
+        return self.kind in ("baseline", "strict")
+
+    @property
+    def verified(self) -> bool | None:
+        """True for strict/relaxed, False for draft substitution, None where nothing is drafted."""
+        return None if self.rsd is None else self.rsd.acceptance.verified
+
+    @property
+    def speculative(self) -> bool:
+        return self.kind in ("strict", "relaxed")
+
+    def label(self) -> str:
+        if self.kind == "truncation":
+            return f"truncated decoding, first {self.layers} layers (lossy, no check)"
+        if self.rsd is None:
+            return DESCRIPTION["baseline"]
+        extra = []
+        if self.rsd.max_proposals is not None:
+            extra.append(f"at most {self.rsd.max_proposals} drafted layers")
+        if self.rsd.confidence_threshold > 0:
+            extra.append(f"{self.rsd.confidence_kind} confidence ≥ {self.rsd.confidence_threshold:g}")
+        return self.rsd.acceptance.label() + (f"; {', '.join(extra)}" if extra else "")
+
+    def decode(self, engine: RSDEngine, observations: list[Observation]) -> ChunkResult:
+        if self.kind == "truncation":
+            return engine.truncated(observations, self.layers)
+        return engine.baseline(observations) if self.rsd is None else engine.rsd(observations)
+
+    def describe(self) -> dict[str, Any]:
+        """What eval.json records about the arm."""
+        return {
+            "kind": self.kind,
+            "label": self.label(),
+            "lossless": self.lossless,
+            "verified": self.verified,
+            "speculative_decoding": self.speculative,
+            "layers": self.layers,
+            "rsd": None
+            if self.rsd is None
+            else {**asdict(self.rsd), "acceptance": asdict(self.rsd.acceptance)},
         }
-        self._reset()
-        return extra
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self.describe()
+        return {"name": self.name, "kind": self.kind, "layers": self.layers, "rsd": d["rsd"]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Arm:
+        rsd = None
+        if d.get("rsd") is not None:
+            kw = dict(d["rsd"])
+            kw["acceptance"] = AcceptanceConfig(**kw["acceptance"])
+            rsd = RSDConfig(**kw)
+        return cls(name=d["name"], kind=d["kind"], rsd=rsd, layers=d.get("layers"))
 
 
-def build_act(spec: ArmSpec) -> Any:
-    """Build the arm's act callable (in a worker process)."""
-    if spec.decoding not in DECODINGS:
-        raise ValueError(f"arm {spec.name}: decoding must be one of {DECODINGS}, got {spec.decoding!r}")
-    if spec.decoding == "policy":
-        policy = _policy(spec.backend, spec.weights, spec.codec, spec.random_weights, spec.allow_random,
-                         spec.seed, spec.device, False)  # fmt: skip
+def build_arms(
+    *,
+    num_layers: int,
+    num_drafted: int,
+    decode_layers: int,
+    tau: float,
+    epsilon: float | None,
+    confidence_threshold: float,
+    max_proposals: int | None,
+    sweep_tau: list[float],
+    sweep_confidence: list[float],
+    sweep_max_proposals: list[int],
+    substitution: bool,
+    truncations: bool,
+) -> dict[str, Arm]:
+    """Every arm of an evaluation, baseline first. Drafted arms propose at most D - 1 layers."""
+    gate, cap = confidence_threshold, max_proposals
+    relaxed = AcceptanceConfig("relaxed", tau, epsilon)
+    arms = {
+        "baseline": Arm("baseline", "baseline"),
+        "strict": Arm("strict", "strict", RSDConfig(AcceptanceConfig("strict"), cap, gate)),
+        "relaxed": Arm("relaxed", "relaxed", RSDConfig(relaxed, cap, gate)),
+    }
 
-        def act(obs: Observation) -> np.ndarray:
-            return policy.act([obs])[0].actions  # [T, A]
+    def add(arm: Arm) -> None:
+        arms.setdefault(arm.name, arm)
 
-        act.backbone_id = policy.backbone_id  # type: ignore[attr-defined]
-        return act
-    if spec.random_weights:
-        raise ValueError(f"arm {spec.name}: random_weights is only for decoding 'policy'")
-    config = rsd_config(spec)
-    policy = _policy(
-        spec.backend, spec.weights, spec.codec, False, spec.allow_random, spec.seed, spec.device, True
-    )
-    if config is None:
-        return RSDAct(RSDEngine(policy, None, RSDConfig(stage_timing=False)), use_draft=False)
-    if not spec.draft:
-        raise ValueError(f"arm {spec.name}: decoding {spec.decoding!r} needs a draft checkpoint")
-    return RSDAct(RSDEngine(policy, _draft(spec.draft, policy), config), use_draft=True)
+    for t in sweep_tau:
+        add(
+            Arm(f"relaxed-tau{t:g}", "relaxed", RSDConfig(AcceptanceConfig("relaxed", t, epsilon), cap, gate))
+        )
+    for c in sweep_confidence:
+        add(Arm(f"relaxed-conf{c:g}", "relaxed", RSDConfig(relaxed, cap, c, confidence_kind="token")))
+    usable = min(num_drafted, decode_layers - 1)
+    for m in sweep_max_proposals:
+        if m < usable:
+            add(Arm(f"strict-k{m}", "strict", RSDConfig(AcceptanceConfig("strict"), m, 0.0)))
+    if substitution:
+        add(Arm(SUBSTITUTION, "substitution", RSDConfig(AcceptanceConfig("substitute"), cap, 0.0)))
+    if truncations:
+        for k in range(1, num_layers + 1):
+            add(Arm(f"truncate-k{k}", "truncation", layers=k))
+    return arms

@@ -467,6 +467,12 @@ def acceptance_distributions(cfg: BenchGPUConfig) -> dict[str, list[float]]:
     dists: dict[str, list[float]] = {}
     if cfg.eval_json is not None:
         ev = json.loads(Path(cfg.eval_json).read_text())
+        depth = ev.get("meta", {}).get("decode_layers")
+        if depth is not None and depth != ev["meta"].get("num_layers", depth):
+            raise ValueError(
+                f"{cfg.eval_json} decodes {depth} layers; these timings assume all 8: project it with "
+                "`python -m evaluator.bench_7b --timings docs/bench/honest/gpu_7b.json --eval-json …`"
+            )
         for arm, block in ev.get("arms", {}).items():  # every RSD arm of the CPU eval, sweeps included
             hist = block.get("j_histogram")
             if arm != "baseline" and hist and sum(hist) > 0:

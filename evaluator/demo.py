@@ -33,6 +33,7 @@ from pathlib import Path
 
 from common.cli import parse_config
 from common.logs import progress_bar, setup_logging
+from evaluator.arms import is_known_name
 
 log = logging.getLogger("evaluator.demo")
 REPO = Path(__file__).resolve().parents[1]
@@ -61,9 +62,10 @@ class DemoConfig:
         metadata={"help": "closed-loop init states per task (baseline and RSD arms)"},
     )
     eval_arms: list[str] = field(
-        default_factory=lambda: ["baseline", "rsd_relaxed"],
+        default_factory=lambda: ["baseline", "relaxed", "truncate-k2"],
         metadata={
-            "help": "arms run closed loop (baseline, rsd_strict, rsd_relaxed); strict equals baseline by construction"
+            "help": "arms run closed loop (baseline, strict, relaxed, draft-substitution, truncate-kK); "
+            "strict equals baseline by construction"
         },
     )
     eval_max_chunks: int = field(default=120, metadata={"help": "open-loop latency chunks measured"})
@@ -79,9 +81,11 @@ class DemoConfig:
             raise ValueError(f"train_minutes must be positive, got {self.train_minutes}")
         if not 1 <= self.producers <= 8:
             raise ValueError(f"producers must be in 1..8, got {self.producers}")
-        bad = sorted(set(self.eval_arms) - {"baseline", "rsd_strict", "rsd_relaxed"})
+        bad = sorted(a for a in self.eval_arms if not is_known_name(a))
         if bad:
-            raise ValueError(f"unknown eval arms {bad}; valid: baseline, rsd_strict, rsd_relaxed")
+            raise ValueError(
+                f"unknown eval arms {bad}; valid: baseline, strict, relaxed, draft-substitution, truncate-kK"
+            )
         if self.eval_max_chunks <= 0:
             raise ValueError(f"eval_max_chunks must be positive, got {self.eval_max_chunks}")
 
@@ -336,6 +340,25 @@ def print_summary(summary: dict) -> None:
     print("\n".join(out))
 
 
+SUMMARY_ARMS = ("baseline", "strict", "relaxed", "draft-substitution")
+COLUMNS = """  columns: speedup = baseline median / arm median, measured in this process (> 1 faster, < 1 SLOWER);
+           mean j = drafted layers accepted per chunk; mean/p99 |da| = change of every action component
+           against the baseline's chunk; same codes = chunks whose codes equal the baseline's;
+           kind: lossless = output identical to the baseline; verified = speculative decoding that can
+           reject a drafted layer (lossy); UNVERIFIED = drafted layers used unchecked (not speculative
+           decoding); truncation = first k layers only. verdict: an arm wins only if no truncation is
+           both at least as fast and at least as faithful."""
+
+
+def _kind(arm: dict) -> str:
+    kind = arm.get("kind", "")
+    if arm.get("lossless"):
+        return "lossless"
+    if kind == "substitution":
+        return "UNVERIFIED"
+    return {"relaxed": "verified", "truncation": "truncation"}.get(kind, kind)
+
+
 def _format_eval(ev: dict) -> list[str]:
     lines = []
     acc = ev.get("draft_accuracy", {})
@@ -344,23 +367,38 @@ def _format_eval(ev: dict) -> list[str]:
         exact = ", ".join(f"{a:.2f}" for a in acc.get("exact_per_layer", []))
         lines.append(f"draft (eval episodes): token accuracy {tok}; whole layer exact {exact}")
     arms = ev.get("arms", {})
-    if arms:
-        lines.append(f"latency on {ev.get('chunks', '?')} chunks (same observations, one process):")
+    D = ev.get("meta", {}).get("decode_layers")
+    verdict = {r["arm"]: r for r in ev.get("frontier", [])}
+    shown = [
+        a for a in (*SUMMARY_ARMS, f"truncate-k{(D or 2) - 1}", f"truncate-k{(D or 2) - 2}") if a in arms
+    ]
+    if shown:
         lines.append(
-            f"  {'arm':<18}{'median ms':>10}{'p90 ms':>9}{'speedup':>9}{'mean j':>8}{'mean |da|':>10}{'same codes':>11}"
+            f"latency on {ev.get('chunks', '?')} chunks (same observations, one process; the baseline decodes "
+            f"{D or '?'} layers):"
         )
-        for name, arm in arms.items():
-            lat = arm.get("latency_ms", {})
-            j = arm.get("mean_j")
+        lines.append(
+            f"  {'arm':<20}{'kind':<12}{'median ms':>10}{'speedup':>9}{'mean j':>8}{'mean |da|':>10}"
+            f"{'p99 |da|':>9}{'same codes':>11}  verdict"
+        )
+        for name in shown:
+            arm = arms[name]
             dev = arm.get("action_deviation", {})
-            dmax = dev.get("mean_abs_mean") if isinstance(dev, dict) else None
+            j = f"{arm['mean_j']:.2f}" if arm.get("rsd") else "-"
+            v = verdict.get(name, {})
             lines.append(
-                f"  {name:<18}{lat.get('median', float('nan')):>10.1f}{lat.get('p90', float('nan')):>9.1f}"
-                f"{arm.get('speedup_median', float('nan')):>8.2f}x"
-                f"{(f'{j:.2f}' if isinstance(j, (int, float)) else '-'):>8}"
-                f"{(f'{dmax:.3f}' if isinstance(dmax, (int, float)) else '-'):>10}"
-                f"{100 * arm.get('identical_fraction', 1.0):>10.0f}%"
+                f"  {name:<20}{_kind(arm):<12}{arm['latency_ms']['median']:>10.1f}{arm['speedup_median']:>8.2f}x"
+                f"{j:>8}{dev.get('mean_abs', float('nan')):>10.4f}{dev.get('p99_abs', float('nan')):>9.4f}"
+                f"{100 * arm.get('identical_fraction', 1.0):>10.0f}%  "
+                + ("WIN" if v.get("win") else ("-" if v.get("win") is None else "no win"))
             )
+        lines.append(COLUMNS)
+        for name in ("strict", "relaxed", "draft-substitution"):
+            if name in arms and arms[name]["speedup_median"] < 1.0:
+                lines.append(
+                    f"  plainly: `{name}` was SLOWER than ordinary decoding here "
+                    f"({arms[name]['speedup_median']:.2f}x, mean {arms[name]['mean_j']:.2f} layers accepted)."
+                )
     cl = ev.get("closed_loop", {})
     rates = {k: v for k, v in cl.items() if isinstance(v, dict) and "success_rate" in v}
     if rates:
@@ -370,6 +408,8 @@ def _format_eval(ev: dict) -> list[str]:
                 f"{k} {v['successes']}/{v['episodes']} ({100 * v['success_rate']:.0f}%)"
                 for k, v in rates.items()
             )
+            + f" (same {len(cl.get('episodes', []))} episodes per arm; small samples: differences of a few "
+            "episodes are noise)"
         )
     return lines
 

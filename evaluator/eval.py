@@ -5,16 +5,20 @@
 
 Two parts, one report:
 
-1. **Open loop, one process, same observations.** LIBERO episodes run with the baseline's actions;
-   at every query the same observation is decoded by every arm: the baseline, RSD strict, RSD
-   relaxed, and the sweep arms (relaxed with other tau, confidence-gated proposal lengths). The arm
-   order rotates from one query to the next, the first queries are warm-up, torch's thread count
-   is fixed. Per arm: chunk latency (median, p90, ratio to the baseline), the distribution of
-   accepted layers j, passes, the action deviation from the baseline's chunk; for the draft:
-   token and whole-layer accuracy per layer against the policy's own codes.
-2. **Closed loop.** Success rate of the baseline, RSD strict and RSD relaxed, each acting on its
-   own in the same (task, initial state) episodes, in worker processes (evaluator/rollout.py).
+1. **Open loop, one process, same observations** (evaluator/openloop.py). LIBERO episodes run with
+   the baseline's actions; at every query the same observation is decoded by every arm
+   (evaluator/arms.py): the baseline (the policy's D informative layers), truncated decoding at every
+   k = 1..L, ``strict`` (lossless), ``relaxed`` (verified, lossy, tau > 0), the unverified
+   ``draft-substitution`` (labelled as such: not speculative decoding), and sweeps. The arm order
+   rotates from one query to the next, the first queries are warm-up, torch's thread count is fixed.
+   Per arm: chunk latency (median, p90, ratio to the baseline), accepted layers j, passes, |Δa| from
+   the baseline's chunk (mean and p99 over every action component); for the draft: accuracy per
+   layer and the tree-verification ranks (evaluator/lossless_bound.py).
+2. **Closed loop.** Success rate of the chosen arms, each acting on its own in the same (task,
+   initial state) episodes, in worker processes (evaluator/rollout.py).
 
+The report puts every arm on the speed/fidelity frontier against the truncations (evaluator/frontier.py)
+and records the layer information that sets D (common/layer_info.py).
 Writes ``eval.json`` (everything, machine-readable), ``report.md`` and PNG plots to ``--out-dir``.
 """
 
@@ -24,10 +28,9 @@ import json
 import logging
 import os
 import platform
-import statistics
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -37,9 +40,23 @@ import torch
 
 from common.cli import config_to_dict, parse_config
 from common.draft import DEFAULT_FORWARD, FORWARD_HELP, FORWARDS, load_checkpoint
-from common.logs import progress_bar, setup_logging
+from common.layer_info import depth_from_dirs
+from common.logs import setup_logging
 from common.policy import LayerwisePolicy, Observation
-from evaluator.rsd import AcceptanceConfig, ChunkResult, DraftProposer, RSDConfig, RSDEngine
+from common.vla import DEFAULT_CODEC_DIR, DEFAULT_EMBEDDED_DIR
+from evaluator.arms import Arm, build_arms, is_known_name
+from evaluator.frontier import frontier
+from evaluator.openloop import ArmLog, OpenLoopRecorder, run_open_loop, summarize_arm, summarize_open_loop
+from evaluator.rsd import DraftProposer, RSDConfig, RSDEngine
+
+__all__ = [
+    "ArmLog",
+    "EvalConfig",
+    "OpenLoopRecorder",
+    "run_open_loop",
+    "summarize_arm",
+    "summarize_open_loop",
+]
 
 log = logging.getLogger("evaluator.eval")
 
@@ -77,8 +94,15 @@ class EvalConfig:
         metadata={"help": "initial states of the closed-loop episodes"},
     )
     closed_loop_arms: list[str] = field(
-        default_factory=lambda: ["baseline", "rsd_strict", "rsd_relaxed"],
-        metadata={"help": "arms run closed loop (any of baseline, rsd_strict, rsd_relaxed)"},
+        default_factory=lambda: ["baseline", "relaxed", "truncate-k2"],
+        metadata={
+            "help": "arms run closed loop: baseline, strict, relaxed, draft-substitution, truncate-kK (a truncation "
+            "beside the lossy arm puts success on the frontier; strict equals the baseline by construction)"
+        },
+    )
+    decode_layers: int | None = field(
+        default=None,
+        metadata={"help": "layers the policy decodes sequentially, the baseline (none: the policy's config)"},
     )
     max_steps: int | None = field(
         default=None,
@@ -88,7 +112,10 @@ class EvalConfig:
         },
     )
     image_size: int = field(default=128, metadata={"help": "camera image size rendered by the env"})
-    tau: float = field(default=0.8, metadata={"help": "relaxed arm: minimum token agreement per layer"})
+    tau: float = field(
+        default=0.8,
+        metadata={"help": "relaxed arm: minimum token agreement per layer (> 0; 0 = --substitution)"},
+    )
     epsilon: float | None = field(
         default=None, metadata={"help": "relaxed arm: also accept layers whose action change is <= this"}
     )
@@ -97,8 +124,15 @@ class EvalConfig:
     )
     max_proposals: int | None = field(default=None, metadata={"help": "cap on proposed layers (none: K)"})
     sweep_tau: list[float] = field(
-        default_factory=lambda: [0.9, 0.6, 0.0],
-        metadata={"help": "extra relaxed arms (open loop only; 0 accepts every proposed layer)"},
+        default_factory=lambda: [0.9, 0.6],
+        metadata={"help": "extra relaxed arms, tau in (0, 1] (open loop only)"},
+    )
+    substitution: bool = field(
+        default=True,
+        metadata={"help": "also measure unverified draft substitution (every drafted layer taken unchecked)"},
+    )
+    truncations: bool = field(
+        default=True, metadata={"help": "also measure truncated decoding at every k = 1..L (the frontier)"}
     )
     sweep_confidence: list[float] = field(
         default_factory=lambda: [0.7, 0.8],
@@ -128,16 +162,22 @@ class EvalConfig:
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
         for t in [self.tau, *self.sweep_tau]:
-            if not 0.0 <= t <= 1.0:
-                raise ValueError(f"tau values must be in [0, 1], got {t}")
+            if not 0.0 < t <= 1.0:
+                raise ValueError(
+                    f"tau values must be in (0, 1], got {t}: tau = 0 verifies nothing (that is draft "
+                    "substitution, measured by --substitution under its own name)"
+                )
         for c in [self.confidence_threshold, *self.sweep_confidence]:
             if not 0.0 <= c <= 1.0:
                 raise ValueError(f"confidence thresholds must be in [0, 1], got {c}")
-        bad = set(self.closed_loop_arms) - {"baseline", "rsd_strict", "rsd_relaxed"}
+        bad = [a for a in self.closed_loop_arms if not is_known_name(a)]
         if bad or not self.closed_loop_arms:
             raise ValueError(
-                f"closed_loop_arms must be among baseline, rsd_strict, rsd_relaxed, got {self.closed_loop_arms}"
+                f"closed_loop_arms must be among baseline, strict, relaxed, draft-substitution, truncate-kK; "
+                f"got {self.closed_loop_arms}"
             )
+        if self.decode_layers is not None and self.decode_layers < 1:
+            raise ValueError(f"decode_layers must be >= 1, got {self.decode_layers}")
         if any(m < 1 for m in self.sweep_max_proposals):
             raise ValueError(f"sweep_max_proposals must be >= 1, got {self.sweep_max_proposals}")
         if self.warmup < 0 or self.torch_threads < 1 or self.workers < 1:
@@ -147,25 +187,22 @@ class EvalConfig:
         if self.closed_loop and self.policy != "embedded":
             raise ValueError("closed-loop success needs --policy embedded (the twin is not a trained policy)")
 
-    def arms(self, num_drafted: int) -> dict[str, RSDConfig | None]:
-        """Arm name -> RSD config (None: the baseline). The first three are the main arms."""
-        gate, cap = self.confidence_threshold, self.max_proposals
-        arms: dict[str, RSDConfig | None] = {
-            "baseline": None,
-            "rsd_strict": RSDConfig(AcceptanceConfig("strict"), cap, gate),
-            "rsd_relaxed": RSDConfig(AcceptanceConfig("relaxed", self.tau, self.epsilon), cap, gate),
-        }
-        for t in self.sweep_tau:
-            arms.setdefault(
-                f"relaxed_tau{t:g}", RSDConfig(AcceptanceConfig("relaxed", t, self.epsilon), cap, gate)
-            )
-        relaxed = AcceptanceConfig("relaxed", self.tau, self.epsilon)
-        for c in self.sweep_confidence:
-            arms.setdefault(f"relaxed_conf{c:g}", RSDConfig(relaxed, cap, c, confidence_kind="token"))
-        for m in self.sweep_max_proposals:
-            if m < num_drafted:
-                arms.setdefault(f"strict_k{m}", RSDConfig(AcceptanceConfig("strict"), m, 0.0))
-        return arms
+    def arms(self, num_drafted: int, num_layers: int = 8, decode_layers: int | None = None) -> dict[str, Arm]:
+        """Arm name -> :class:`Arm`, baseline first (evaluator/arms.py)."""
+        return build_arms(
+            num_layers=num_layers,
+            num_drafted=num_drafted,
+            decode_layers=num_layers if decode_layers is None else decode_layers,
+            tau=self.tau,
+            epsilon=self.epsilon,
+            confidence_threshold=self.confidence_threshold,
+            max_proposals=self.max_proposals,
+            sweep_tau=self.sweep_tau,
+            sweep_confidence=self.sweep_confidence,
+            sweep_max_proposals=self.sweep_max_proposals,
+            substitution=self.substitution,
+            truncations=self.truncations,
+        )
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -175,18 +212,23 @@ def load_eval_policy(
     codec_dir: str | None = None,
     allow_random: bool = False,
     device: str = "cpu",
+    decode_layers: int | None = None,
 ) -> LayerwisePolicy:
+    """The policy; ``decode_layers`` overrides how many layers it decodes (None: its config)."""
     if name == "twin-tiny":
         from evaluator.twin import TwinPolicy, tiny_config
 
-        return TwinPolicy(tiny_config(), device=device, seed=0)
-    from common.vla import load_policy
+        policy = TwinPolicy(tiny_config(), device=device, seed=0)
+    else:
+        from common.vla import load_policy
 
-    policy = load_policy(
-        name, device=device, weights_dir=weights_dir, codec_dir=codec_dir, allow_random=allow_random
-    )
-    if not isinstance(policy, LayerwisePolicy):
-        raise ValueError(f"policy {name!r} does not decode layer by layer; RSD needs a LayerwisePolicy")
+        policy = load_policy(
+            name, device=device, weights_dir=weights_dir, codec_dir=codec_dir, allow_random=allow_random
+        )
+        if not isinstance(policy, LayerwisePolicy):
+            raise ValueError(f"policy {name!r} does not decode layer by layer; RSD needs a LayerwisePolicy")
+    if decode_layers is not None:
+        policy.decode_layers = decode_layers
     return policy
 
 
@@ -216,222 +258,46 @@ def load_draft(
     return DraftProposer(model), info
 
 
-# ------------------------------------------------------------------------------------------ open loop
-@dataclass
-class ArmLog:
-    """Per-chunk records of one arm."""
-
-    latency_ms: list[float] = field(default_factory=list)
-    passes: list[int] = field(default_factory=list)
-    proposed: list[int] = field(default_factory=list)
-    accepted: list[int] = field(default_factory=list)
-    dev_max: list[float] = field(default_factory=list)  # max |a - a_baseline| over the chunk
-    dev_mean: list[float] = field(default_factory=list)
-    identical: list[bool] = field(default_factory=list)  # codes equal to the baseline's
-    stage_ms: dict[str, list[float]] = field(default_factory=dict)
-
-
-class OpenLoopRecorder:
-    """Decodes each observation with every arm (rotating order) and records everything."""
-
-    def __init__(
-        self, policy: LayerwisePolicy, proposer: DraftProposer, arms: dict[str, RSDConfig | None], warmup: int
-    ):
-        self.policy = policy
-        self.engines = {
-            name: RSDEngine(policy, None if c is None else proposer, c) for name, c in arms.items()
-        }
-        self.arms = dict(arms)
-        self.logs = {name: ArmLog() for name in arms}
-        self.K = proposer.num_layers
-        self.draft_correct: list[np.ndarray] = []  # per chunk [K] token accuracy vs the baseline
-        self.draft_exact: list[np.ndarray] = []  # per chunk [K] whole layer right
-        self.draft_conf: list[np.ndarray] = []  # per chunk [K] layer confidence
-        self.draft_token_conf: list[np.ndarray] = []  # per chunk [K] mean token confidence
-        self.warmup = warmup
-        self.queries = 0
-
-    def decode(self, obs: Observation) -> ChunkResult:
-        """All arms on ``obs``; returns the baseline's result."""
-        names = list(self.engines)
-        shift = self.queries % len(names)
-        order = names[shift:] + names[:shift]
-        results: dict[str, ChunkResult] = {}
-        for name in order:
-            eng = self.engines[name]
-            results[name] = eng.baseline([obs]) if self.arms[name] is None else eng.rsd([obs])
-        self.queries += 1
-        if self.queries > self.warmup:
-            self._record(results)
-        return results["baseline"]
-
-    def _record(self, results: dict[str, ChunkResult]) -> None:
-        base = results["baseline"]
-        for name, r in results.items():
-            lg = self.logs[name]
-            st = r.stats
-            lg.latency_ms.append(1e3 * st.latency_s)
-            lg.passes.append(st.passes)
-            lg.proposed.append(st.proposed)
-            lg.accepted.append(st.accepted)
-            diff = (r.actions.float() - base.actions.float()).abs()  # [1, T, A]
-            lg.dev_max.append(float(diff.max()))
-            lg.dev_mean.append(float(diff.mean()))
-            lg.identical.append(bool(torch.equal(r.codes, base.codes)))
-            for k, v in st.stage_s.items():
-                lg.stage_ms.setdefault(k, []).append(1e3 * v)
-        strict = results.get("rsd_strict")
-        if strict is not None and strict.draft is not None:
-            K = strict.draft.codes.shape[1]
-            drafted = strict.draft.codes[0].cpu()  # [K, T, H]
-            truth = base.codes[0].permute(2, 0, 1)[:K].cpu()  # [K, T, H]
-            eq = drafted == truth
-            self.draft_correct.append(eq.float().mean(dim=(1, 2)).numpy())
-            self.draft_exact.append(eq.flatten(1).all(-1).float().numpy())
-            self.draft_conf.append(strict.draft.confidence[0].float().cpu().numpy())
-            tc = strict.draft.token_confidence
-            self.draft_token_conf.append(
-                (strict.draft.confidence if tc is None else tc)[0].float().cpu().numpy()
-            )
-
-    @property
-    def chunks(self) -> int:
-        return len(self.logs["baseline"].latency_ms)
-
-
-def percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if values else float("nan")
-
-
-def summarize_arm(lg: ArmLog, base: ArmLog, max_j: int) -> dict[str, Any]:
-    med, base_med = statistics.median(lg.latency_ms), statistics.median(base.latency_ms)
-    hist = np.bincount(np.asarray(lg.accepted, dtype=np.int64), minlength=max_j + 1)[: max_j + 1]
-    return {
-        "chunks": len(lg.latency_ms),
-        "latency_ms": {
-            "median": med,
-            "p90": percentile(lg.latency_ms, 90),
-            "mean": float(np.mean(lg.latency_ms)),
-        },
-        "speedup_median": base_med / med,
-        "speedup_p90": percentile(base.latency_ms, 90) / percentile(lg.latency_ms, 90),
-        "speedup_mean": float(np.mean(base.latency_ms) / np.mean(lg.latency_ms)),
-        "j_histogram": hist.tolist(),
-        "mean_j": float(np.mean(lg.accepted)),
-        "mean_proposed": float(np.mean(lg.proposed)),
-        "mean_passes": float(np.mean(lg.passes)),
-        "identical_fraction": float(np.mean(lg.identical)),
-        "action_deviation": {
-            "max_abs_mean": float(np.mean(lg.dev_max)),
-            "max_abs_p90": percentile(lg.dev_max, 90),
-            "max_abs_max": float(np.max(lg.dev_max)),
-            "mean_abs_mean": float(np.mean(lg.dev_mean)),
-        },
-        "stage_ms_median": {k: statistics.median(v) for k, v in lg.stage_ms.items()},
-    }
-
-
-def summarize_open_loop(rec: OpenLoopRecorder) -> dict[str, Any]:
-    if rec.chunks == 0:
-        raise ValueError("no chunks were measured (increase episodes or lower --warmup)")
-    base = rec.logs["baseline"]
-
-    def max_j(cfg: RSDConfig | None) -> int:  # the largest j this arm can accept
-        m = min(rec.K, rec.policy.shape.num_layers - 1)
-        return m if cfg is None or cfg.max_proposals is None else min(m, cfg.max_proposals)
-
-    arms = {name: summarize_arm(lg, base, max_j(rec.arms[name])) for name, lg in rec.logs.items()}
-    out: dict[str, Any] = {
-        "chunks": rec.chunks,
-        "arms": arms,
-        "rsd": {m: arms[f"rsd_{m}"] for m in ("strict", "relaxed") if f"rsd_{m}" in arms},
-        "per_chunk": {
-            name: {"latency_ms": lg.latency_ms, "accepted": lg.accepted} for name, lg in rec.logs.items()
-        },
-    }
-    if rec.draft_correct:
-        out["draft_accuracy"] = {
-            "token_per_layer": np.mean(rec.draft_correct, axis=0).tolist(),
-            "exact_per_layer": np.mean(rec.draft_exact, axis=0).tolist(),
-            "confidence_per_layer_mean": np.mean(rec.draft_conf, axis=0).tolist(),
-            "token_confidence_per_layer_mean": np.mean(rec.draft_token_conf, axis=0).tolist(),
-        }
-    return out
-
-
-def run_open_loop(
-    rec: OpenLoopRecorder,
-    episodes: Iterable[tuple[int, int]],
-    env_factory: Callable[[int, int], Any],
-    max_chunks: int | None = None,
-) -> list[dict[str, Any]]:
-    """Drive LIBERO episodes with the baseline's actions; every query is decoded by every arm."""
-    from evaluator.rollout import run_episode
-
-    class Enough(Exception):
-        pass
-
-    def act(obs: Observation) -> np.ndarray:
-        if max_chunks is not None and rec.chunks >= max_chunks:
-            raise Enough
-        return rec.decode(obs).actions[0].float().cpu().numpy()  # [T, A]
-
-    results = []
-    env, env_task = None, None
-    jobs = list(episodes)
-    bar = progress_bar(jobs, desc="open-loop episodes", unit="ep", dynamic_ncols=True)
-    try:
-        for task_id, init_state in bar:
-            if env_task != task_id:
-                if env is not None:
-                    env.close()
-                env, env_task = env_factory(task_id, init_state), task_id
-            try:
-                res = run_episode(env, act, init_state, task_id=task_id)
-            except Enough:
-                break
-            results.append(asdict(res))
-            bar.set_postfix(chunks=rec.chunks, success=f"{np.mean([r['success'] for r in results]):.2f}")
-    finally:
-        bar.close()
-        if env is not None:
-            env.close()
-    return results
-
-
 # ------------------------------------------------------------------------------------------ closed loop
 @dataclass(frozen=True)
 class RSDActFactory:
-    """Picklable recipe for a rollout worker: policy + draft + one decoding arm -> act callable."""
+    """Picklable recipe for a rollout worker: policy + draft + one decoding arm -> act callable.
+
+    rsd None and truncate None: the baseline; truncate k: truncated decoding of k layers.
+    """
 
     draft: str
-    rsd: dict[str, Any] | None  # None: baseline; else RSDConfig fields (acceptance as a dict)
+    rsd: dict[str, Any] | None  # None: no draft; else RSDConfig fields (acceptance as a dict)
     policy: str = "embedded"
     weights_dir: str | None = None
     codec_dir: str | None = None
     allow_random: bool = False
+    decode_layers: int | None = None  # the policy's D (None: its config)
+    truncate: int | None = None
     draft_forward: str = DEFAULT_FORWARD
 
     def __call__(self) -> Callable[[Observation], np.ndarray]:
-        policy = load_eval_policy(self.policy, self.weights_dir, self.codec_dir, self.allow_random)
+        policy = load_eval_policy(
+            self.policy, self.weights_dir, self.codec_dir, self.allow_random, decode_layers=self.decode_layers
+        )
         proposer, _ = load_draft(self.draft, policy, self.draft_forward)
-        if self.rsd is None:
-            engine = RSDEngine(policy, None, RSDConfig(stage_timing=False))
-        else:
-            kw = dict(self.rsd)
-            kw["acceptance"] = AcceptanceConfig(**kw["acceptance"])
-            kw["stage_timing"] = False
-            engine = RSDEngine(policy, proposer, RSDConfig(**kw))
+        kind = "truncation" if self.truncate is not None else ("baseline" if self.rsd is None else None)
+        if kind is None:
+            kind = {"strict": "strict", "relaxed": "relaxed", "substitute": "substitution"}[
+                self.rsd["acceptance"]["mode"]
+            ]
+        arm = Arm.from_dict({"name": "closed-loop", "kind": kind, "rsd": self.rsd, "layers": self.truncate})
+        rsd = arm.rsd or RSDConfig()
+        engine = RSDEngine(policy, proposer if arm.drafted else None, replace(rsd, stage_timing=False))
 
         def act(obs: Observation) -> np.ndarray:
-            out = engine.baseline([obs]) if self.rsd is None else engine.rsd([obs])
-            return out.actions[0].float().cpu().numpy()
+            return arm.decode(engine, [obs]).actions[0].float().cpu().numpy()
 
         act.backbone_id = policy.backbone_id  # type: ignore[attr-defined]
         return act
 
 
-def run_closed_loop(cfg: EvalConfig, arms: dict[str, RSDConfig | None]) -> dict[str, Any]:
+def run_closed_loop(cfg: EvalConfig, arms: dict[str, Arm]) -> dict[str, Any]:
     from evaluator.rollout import run_episodes, summarize
 
     env_base = {
@@ -443,14 +309,16 @@ def run_closed_loop(cfg: EvalConfig, arms: dict[str, RSDConfig | None]) -> dict[
     jobs = [(t, i) for t in cfg.tasks for i in cfg.closed_loop_init_states]
     out: dict[str, Any] = {}
     for name in cfg.closed_loop_arms:
-        c = arms[name]
+        arm = arms[name]
         factory = RSDActFactory(
             draft=str(cfg.draft),
-            rsd=None if c is None else {**asdict(c), "acceptance": asdict(c.acceptance)},
+            rsd=arm.to_dict()["rsd"],
             policy=cfg.policy,
             weights_dir=str(cfg.weights_dir) if cfg.weights_dir else None,
             codec_dir=str(cfg.codec_dir) if cfg.codec_dir else None,
             allow_random=cfg.allow_random,
+            decode_layers=cfg.decode_layers,
+            truncate=arm.layers,
             draft_forward=cfg.draft_forward,
         )
         log.info("closed loop: %s on %d episodes", name, len(jobs))
@@ -477,9 +345,13 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         str(cfg.weights_dir) if cfg.weights_dir else None,
         str(cfg.codec_dir) if cfg.codec_dir else None,
         cfg.allow_random,
+        decode_layers=cfg.decode_layers,
     )
     proposer, draft_info = load_draft(cfg.draft, policy, cfg.draft_forward)
-    arms = cfg.arms(proposer.num_layers)
+    arms = cfg.arms(proposer.num_layers, policy.shape.num_layers, policy.decode_layers)
+    missing = [a for a in cfg.closed_loop_arms if a not in arms]
+    if cfg.closed_loop and missing:
+        raise ValueError(f"closed-loop arms {missing} are not measured in this run (see --truncations)")
     rec = OpenLoopRecorder(policy, proposer, arms, cfg.warmup)
 
     def env_factory(task_id: int, init_state: int):
@@ -524,15 +396,28 @@ def build_result(
             "policy_random_weights": "random" in policy.backbone_id,
             "draft": draft_info,
             "config": config_to_dict(cfg),
-            "arms": {
-                n: None if c is None else {**asdict(c), "acceptance": asdict(c.acceptance)}
-                for n, c in rec.arms.items()
-            },
+            "decode_layers": policy.decode_layers,
+            "num_layers": policy.shape.num_layers,
+            "arms": {n: arm.describe() for n, arm in rec.arms.items()},
             "open_loop_wall_s": wall_s,
         },
+        "layer_information": layer_information_of(cfg),
         **summarize_open_loop(rec),
         "open_loop_episodes": episodes,
     }
+
+
+def layer_information_of(cfg: EvalConfig) -> dict[str, Any] | None:
+    """The codec's and the VLA's recorded per-layer figures and the depth they give (embedded only)."""
+    if cfg.policy != "embedded":
+        return None
+    wdir, cdir = cfg.weights_dir or DEFAULT_EMBEDDED_DIR, cfg.codec_dir or DEFAULT_CODEC_DIR
+    try:
+        depth, evidence, info = depth_from_dirs(wdir, cdir)
+    except (OSError, ValueError, KeyError) as exc:
+        log.warning("no layer information from %s and %s: %s", wdir, cdir, exc)
+        return None
+    return {**info, "informative_depth": depth, "evidence": evidence}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -547,21 +432,22 @@ def write_outputs(result: dict[str, Any], out_dir: Path) -> Path:
     from evaluator.report import write_report
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    result["frontier"] = frontier(result)
     path = out_dir / "eval.json"
     path.write_text(json.dumps(result, indent=1))
     write_report(result, out_dir)
-    rsd = result["rsd"]
     log.info(
-        "%d chunks: baseline %.1f ms median; strict %.1f ms (%.2fx, mean j %.2f); relaxed %.1f ms (%.2fx, mean j %.2f)",
+        "%d chunks, baseline %.1f ms median (%d layers decoded)",
         result["chunks"],
         result["arms"]["baseline"]["latency_ms"]["median"],
-        rsd["strict"]["latency_ms"]["median"],
-        rsd["strict"]["speedup_median"],
-        rsd["strict"]["mean_j"],
-        rsd["relaxed"]["latency_ms"]["median"],
-        rsd["relaxed"]["speedup_median"],
-        rsd["relaxed"]["mean_j"],
+        result["meta"].get("decode_layers", 0),
     )
+    for row in result["frontier"]:
+        if row["win"] is not None:
+            log.info(
+                "%-20s %5.2fx  mean |da| %.4f  p99 %.4f  %s",
+                row["arm"], row["speedup"], row["mean_abs"], row["p99_abs"], row["verdict"],
+            )  # fmt: skip
     if "closed_loop" in result:
         cl = result["closed_loop"]
         log.info(

@@ -20,7 +20,7 @@ torch_threads=1, episode_timeout_s=1800, progress=True) -> ProtocolResult``
   of the report's comparisons.
 * One simulator per worker process (rebuilt when the worker moves to another task; jobs of the task a
   worker already simulates are handed to it first), one act callable per arm built once per worker from
-  its :class:`~evaluator.protocol.ArmSpec` (``builder``, default :func:`evaluator.arms.build_act`). Worker
+  its :class:`~evaluator.protocol.ArmSpec` (``builder``, default :func:`evaluator.fleet_arms.build_act`). Worker
   processes are spawned with one torch / BLAS / llvmpipe thread each (``torch_threads``).
 * Each finished episode is appended to ``results_path`` at once (:class:`~evaluator.protocol.ResultsLog`);
   calling again with the same arguments resumes and runs only the episodes without an outcome. A results

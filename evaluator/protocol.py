@@ -57,7 +57,7 @@ class ArmSpec:
 
     ``builder`` is ``"module:function"``; the function takes the spec and returns a callable
     ``Observation -> [T, A] actions`` (optionally with ``backbone_id`` and an ``episode_extra()``
-    method whose dict is stored with each episode). The default builder (:mod:`evaluator.arms`)
+    method whose dict is stored with each episode). The default builder (:mod:`evaluator.fleet_arms`)
     understands the fields below.
     """
 
@@ -66,13 +66,13 @@ class ArmSpec:
     weights: str | None = None  # weights folder or hub id (None: the backend's shipped weights)
     codec: str | None = None  # RFSQ codec folder (None: assets/codec)
     draft: str | None = None  # draft checkpoint (needed by the baseline/strict/relaxed decodings)
-    decoding: str = "policy"  # policy (policy.act) | baseline (layer by layer) | strict | relaxed
+    decoding: str = "policy"  # policy | baseline | truncation | strict | relaxed | substitution (fleet_arms)
     params: dict[str, Any] = field(default_factory=dict)  # decoding parameters (RSDConfig fields)
     random_weights: bool = False  # the architecture with fresh random weights (a baseline)
     allow_random: bool = False  # random weights when none exist (plumbing only)
     seed: int = 0  # seed of random weights
     device: str = "cpu"
-    builder: str = "evaluator.arms:build_act"
+    builder: str = "evaluator.fleet_arms:build_act"
 
     def __post_init__(self) -> None:
         if not _NAME_RE.match(self.name):

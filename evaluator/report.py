@@ -2,9 +2,11 @@
 
     python -m evaluator.report runs/default/latest/eval/eval.json      # re-render report.md and the PNGs
 
-Plots: ``latency.png`` (chunk latency distributions of the arms), ``acceptance.png`` (histogram of
-accepted layers j), ``accuracy.png`` (draft accuracy per layer), ``tradeoff.png`` (speedup against
-action deviation over all arms, including the sweeps).
+Order of the report: the lossless result first, then every arm on the speed/fidelity frontier against
+truncated decoding (``frontier.png``), the layer information that sets the decoded depth, the detail
+tables, the draft's accuracy and tree-verification hit rates, the closed loop. Plots: ``frontier.png``,
+``latency.png`` (chunk latency distributions), ``acceptance.png`` (accepted layers j),
+``accuracy.png`` (draft accuracy per layer).
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from common.cli import new_parser
+from evaluator.frontier import frontier, plot_frontier, verdict_lines
 
-MAIN_ARMS = ("baseline", "rsd_strict", "rsd_relaxed")
+MAIN_ARMS = ("baseline", "strict", "relaxed", "draft-substitution")
 
 
 def _fmt(x: float, nd: int = 2) -> str:
@@ -28,6 +31,10 @@ def _fmt_small(x: float, nd: int = 3) -> str:
     return f"{x:.1e}" if x != 0 and abs(x) < 0.5 * 10**-nd else f"{x:.{nd}f}"
 
 
+def _rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    return result.get("frontier") or frontier(result)
+
+
 def plot_all(result: dict[str, Any], out_dir: Path) -> list[str]:
     import matplotlib
 
@@ -36,34 +43,42 @@ def plot_all(result: dict[str, Any], out_dir: Path) -> list[str]:
     import numpy as np
 
     files = []
+    plot_frontier(
+        _rows(result), out_dir / "frontier.png", f"Speed/fidelity, {result['meta']['machine'][:40]}"
+    )
+    files.append("frontier.png")
     per_chunk = result["per_chunk"]
+    shown = [
+        a
+        for a in (*MAIN_ARMS, f"truncate-k{max(1, result['meta'].get('decode_layers', 2) - 1)}")
+        if a in per_chunk
+    ]
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    hi = max(np.percentile(per_chunk[a]["latency_ms"], 99) for a in MAIN_ARMS if a in per_chunk)
+    hi = max(np.percentile(per_chunk[a]["latency_ms"], 99) for a in shown)
     bins = np.linspace(0, hi * 1.05, 50)
-    for arm in MAIN_ARMS:
-        if arm in per_chunk:
-            ax.hist(per_chunk[arm]["latency_ms"], bins=bins, histtype="step", linewidth=1.5, label=arm)
+    for arm in shown:
+        ax.hist(per_chunk[arm]["latency_ms"], bins=bins, histtype="step", linewidth=1.5, label=arm)
     ax.set_xlabel("chunk latency (ms)")
     ax.set_ylabel("chunks")
     ax.set_title("Chunk latency, same observations")
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out_dir / "latency.png", dpi=120)
     plt.close(fig)
     files.append("latency.png")
 
+    drafted = [a for a in MAIN_ARMS if a in result["arms"] and result["arms"][a].get("rsd")]
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    modes = [m for m in ("strict", "relaxed") if m in result["rsd"]]
-    width = 0.8 / max(1, len(modes))
-    for i, m in enumerate(modes):
-        hist = np.asarray(result["rsd"][m]["j_histogram"], dtype=float)
+    width = 0.8 / max(1, len(drafted))
+    for i, m in enumerate(drafted):
+        hist = np.asarray(result["arms"][m]["j_histogram"], dtype=float)
         x = np.arange(len(hist))
-        ax.bar(x + i * width - 0.4 + width / 2, hist / hist.sum(), width=width, label=f"RSD {m}")
+        ax.bar(x + i * width - 0.4 + width / 2, hist / max(1.0, hist.sum()), width=width, label=m)
     ax.set_xlabel("accepted drafted layers j")
     ax.set_ylabel("fraction of chunks")
     ax.set_title("Acceptance")
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out_dir / "acceptance.png", dpi=120)
     plt.close(fig)
@@ -84,26 +99,157 @@ def plot_all(result: dict[str, Any], out_dir: Path) -> list[str]:
         fig.savefig(out_dir / "accuracy.png", dpi=120)
         plt.close(fig)
         files.append("accuracy.png")
-
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for name, a in result["arms"].items():
-        if name == "baseline":
-            continue
-        ax.scatter(a["action_deviation"]["max_abs_mean"], a["speedup_median"])
-        ax.annotate(name, (a["action_deviation"]["max_abs_mean"], a["speedup_median"]), fontsize=7)
-    ax.axhline(1.0, color="grey", linewidth=0.8)
-    ax.set_xlabel("mean over chunks of max |action - baseline action|")
-    ax.set_ylabel("speedup (median latency)")
-    ax.set_title("Speedup / fidelity trade-off (CPU)")
-    fig.tight_layout()
-    fig.savefig(out_dir / "tradeoff.png", dpi=120)
-    plt.close(fig)
-    files.append("tradeoff.png")
     return files
 
 
+def _headline(result: dict[str, Any]) -> list[str]:
+    arms, meta = result["arms"], result["meta"]
+    D, L = meta.get("decode_layers", "?"), meta.get("num_layers", "?")
+    lines = []
+    s = arms.get("strict")
+    if s:
+        lines.append(
+            f"**Lossless (strict) RSD: {s['speedup_median']:.2f}× against the baseline** "
+            f"(codes identical to the baseline in {100 * s['identical_fraction']:.1f}% of chunks; mean accepted "
+            f"layers {s['mean_j']:.2f})"
+            + (" — **slower than the baseline**." if s["speedup_median"] < 1 else ".")
+        )
+    lines.append(
+        f"Baseline = the policy's own decoding of its {D} informative layers (of L = {L}; the rest at the "
+        f"centre level), median {arms['baseline']['latency_ms']['median']:.1f} ms per chunk."
+    )
+    for name in ("relaxed", "draft-substitution"):
+        a = arms.get(name)
+        if a:
+            dev = a["action_deviation"]
+            lines.append(
+                f"- `{name}` — {a.get('label', name)}: {a['speedup_median']:.2f}×, mean |Δa| "
+                f"{dev.get('mean_abs', 0):.4f}, p99 |Δa| {dev.get('p99_abs', 0):.4f}"
+            )
+    return lines
+
+
+def _layer_info(result: dict[str, Any]) -> list[str]:
+    info, arms = result.get("layer_information"), result["arms"]
+    L = result["meta"].get("num_layers", 8)
+    if not info and not any(f"truncate-k{k}" in arms for k in range(1, L + 1)):
+        return []
+    lines = [
+        "",
+        "## Information per layer",
+        "",
+        "Codec error and entropy: the codec's held-out metrics; policy accuracy: the VLA's held-out "
+        "free-running accuracy per layer (chance 1/G); truncation columns: measured in this run.",
+        "",
+        "| k (layers decoded) | codec MSE (norm.) | codec arm MAE | policy accuracy, layer k−1 | truncate-kk speedup | mean \\|Δa\\| vs baseline | mean \\|Δa\\| vs full decoding |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for k in range(1, L + 1):
+        a = arms.get(f"truncate-k{k}")
+        cells = [str(k)]
+        if info:
+            mse, mae, acc = (
+                info["codec_mse_norm_by_k"],
+                info["codec_mae_arm_by_k"],
+                info["policy_free_layer_acc"],
+            )
+            cells += [f"{mse[k - 1]:.3g}", f"{mae[k - 1]:.4f}" if mae else "–", f"{acc[k - 1]:.3f}"]
+        else:
+            cells += ["–", "–", "–"]
+        if a:
+            full = a.get("vs_full_decoding", {}).get("mean_abs")
+            cells += [
+                f"{a['speedup_median']:.2f}×",
+                f"{a['action_deviation'].get('mean_abs', 0):.4f}",
+                "–" if full is None else f"{full:.4f}",
+            ]
+        else:
+            cells += ["–", "–", "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+    if info:
+        lines += ["", f"Decoded depth D = {info['informative_depth']}: {info['evidence']['why']}."]
+    return lines
+
+
+def _detail(result: dict[str, Any]) -> list[str]:
+    lines = [
+        "",
+        "## Every arm",
+        "",
+        "| arm | what it is | median (ms) | p90 (ms) | speedup | mean j | passes | codes = baseline | mean \\|Δa\\| | p99 \\|Δa\\| | max \\|Δa\\| |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, a in result["arms"].items():
+        lat, dev = a["latency_ms"], a["action_deviation"]
+        lines.append(
+            f"| `{name}` | {a.get('label', '')} | {_fmt(lat['median'])} | {_fmt(lat['p90'])} | "
+            f"{_fmt(a['speedup_median'])}× | {_fmt(a['mean_j'])} | {_fmt(a['mean_passes'])} | "
+            f"{100 * a['identical_fraction']:.1f}% | {dev.get('mean_abs', 0):.4f} | {dev.get('p99_abs', 0):.4f} | "
+            f"{dev['max_abs_max']:.4f} |"
+        )
+    lines += ["", "Accepted layers j (count of chunks, j = 0, 1, …):", ""]
+    for name, a in result["arms"].items():
+        if a.get("rsd"):
+            lines.append(f"- `{name}`: {a['j_histogram']} (mean proposed k {a['mean_proposed']:.2f})")
+    return lines
+
+
+def _draft(result: dict[str, Any]) -> list[str]:
+    acc, tree = result.get("draft_accuracy"), result.get("tree_verification")
+    lines: list[str] = []
+    if acc:
+        lines += [
+            "",
+            f"## Draft (against the policy's own codes: {acc.get('reference', 'baseline')})",
+            "",
+            "| layer | token accuracy | whole layer right | mean confidence |",
+            "|---|---:|---:|---:|",
+        ]
+        for i, (t, e, c) in enumerate(
+            zip(acc["token_per_layer"], acc["exact_per_layer"], acc["confidence_per_layer_mean"])
+        ):
+            lines.append(f"| L{i} | {t:.3f} | {e:.3f} | {_fmt_small(c)} |")
+    if tree:
+        per = tree["hit_at"]["per_layer"]
+        n = len(next(iter(per.values())))
+        lines += [
+            "",
+            "Tree verification (offline): fraction of chunks whose exact layer is among the draft's N most "
+            "probable whole layers (the candidates one verify pass could check):",
+            "",
+            "| N | " + " | ".join(f"L{i}" for i in range(n)) + " |",
+            "|---:|" + "---:|" * n,
+        ]
+        lines += [f"| {w} | " + " | ".join(f"{r:.3f}" for r in rates) + " |" for w, rates in per.items()]
+    return lines
+
+
+def _closed_loop(result: dict[str, Any]) -> list[str]:
+    cl = result.get("closed_loop")
+    if not cl:
+        return ["", "Closed loop: not run (`--no-closed-loop`)."]
+    n = len(cl["episodes"])
+    lines = [
+        "",
+        f"## Closed loop ({n} episodes per arm, same tasks and initial states)",
+        "",
+        "| arm | success | mean steps | mean act (ms) | same outcome as baseline |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    base = cl.get("baseline", {}).get("success") if isinstance(cl.get("baseline"), dict) else None
+    for name, s in cl.items():
+        if not isinstance(s, dict):
+            continue
+        same = "–" if base is None else f"{sum(a == b for a, b in zip(base, s['success']))}/{n}"
+        lines.append(
+            f"| `{name}` | {100 * s['success_rate']:.1f}% ({s['successes']}/{s['episodes']}) | "
+            f"{s['mean_steps']:.0f} | {s['mean_act_ms']:.1f} | {same} |"
+        )
+    return lines
+
+
 def render_markdown(result: dict[str, Any], plots: list[str]) -> str:
-    meta, arms = result["meta"], result["arms"]
+    meta = result["meta"]
     d = meta["draft"]
     lines = [
         "# RSD evaluation",
@@ -120,66 +266,27 @@ def render_markdown(result: dict[str, Any], plots: list[str]) -> str:
         f"Open loop: {result['chunks']} chunks from {len(result['open_loop_episodes'])} LIBERO episodes driven by "
         "the baseline's actions; every chunk decoded by every arm in one process, arm order rotating.",
         "",
-        "| arm | median (ms) | p90 (ms) | speedup (median) | speedup (p90) | mean j | mean passes | codes = baseline | max\\|Δa\\| mean | max\\|Δa\\| p90 |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *_headline(result),
+        "",
+        "## Speed/fidelity frontier (speedups measured in this run)",
+        "",
+        "An arm wins only if no truncation is both at least as fast and at least as faithful. "
+        "`draft-substitution` is **unverified** (drafted layers are used without a check): it is not "
+        "speculative decoding.",
+        "",
+        *verdict_lines(_rows(result)),
+        *(["", "![frontier](frontier.png)"] if "frontier.png" in plots else []),
+        *_layer_info(result),
+        *_detail(result),
+        *_draft(result),
     ]
-    for name, a in arms.items():
-        lat, dev = a["latency_ms"], a["action_deviation"]
-        lines.append(
-            f"| {name} | {_fmt(lat['median'])} | {_fmt(lat['p90'])} | {_fmt(a['speedup_median'])}× | "
-            f"{_fmt(a['speedup_p90'])}× | {_fmt(a['mean_j'])} | {_fmt(a['mean_passes'])} | "
-            f"{100 * a['identical_fraction']:.1f}% | {_fmt(dev['max_abs_mean'], 4)} | {_fmt(dev['max_abs_p90'], 4)} |"
-        )
-    lines += ["", "Accepted layers j (count of chunks, j = 0, 1, …):", ""]
-    for name, a in arms.items():
-        if name != "baseline":
-            lines.append(f"- {name}: {a['j_histogram']} (mean proposed k {a['mean_proposed']:.2f})")
-    acc = result.get("draft_accuracy")
-    if acc:
-        lines += [
-            "",
-            "Draft accuracy per layer against the policy's own codes (same chunks):",
-            "",
-            "| layer | token accuracy | whole layer right | mean confidence |",
-            "|---|---:|---:|---:|",
-        ]
-        for i, (t, e, c) in enumerate(
-            zip(acc["token_per_layer"], acc["exact_per_layer"], acc["confidence_per_layer_mean"])
-        ):
-            lines.append(f"| L{i} | {t:.3f} | {e:.3f} | {_fmt_small(c)} |")
-    stages = {n: arms[n]["stage_ms_median"] for n in MAIN_ARMS if n in arms}
+    stages = {n: result["arms"][n]["stage_ms_median"] for n in MAIN_ARMS if n in result["arms"]}
     if stages:
         lines += ["", "Median stage times (ms):", ""]
-        for n, st in stages.items():
-            lines.append(f"- {n}: " + ", ".join(f"{k} {v:.2f}" for k, v in st.items()))
-    cl = result.get("closed_loop")
-    if cl:
-        n = len(cl["episodes"])
-        lines += [
-            "",
-            f"## Closed loop ({n} episodes per arm, same tasks and initial states)",
-            "",
-            "| arm | success | episodes | mean steps | mean act (ms) |",
-            "|---|---:|---:|---:|---:|",
-        ]
-        for name in MAIN_ARMS:
-            if name in cl:
-                s = cl[name]
-                if not isinstance(s, dict):
-                    continue
-                lines.append(
-                    f"| {name} | {100 * s['success_rate']:.1f}% ({s['successes']}/{s['episodes']}) | {s['episodes']} | "
-                    f"{s['mean_steps']:.0f} | {s['mean_act_ms']:.1f} |"
-                )
-        base = cl["baseline"]["success"] if "baseline" in cl else None
-        for name in ("rsd_strict", "rsd_relaxed"):
-            if name in cl and base is not None:
-                same = sum(a == b for a, b in zip(base, cl[name]["success"]))
-                lines.append(f"\n{name}: same outcome as the baseline in {same}/{n} episodes.")
-    else:
-        lines += ["", "Closed loop: not run (`--no-closed-loop`)."]
+        lines += [f"- `{n}`: " + ", ".join(f"{k} {v:.2f}" for k, v in st.items()) for n, st in stages.items()]
+    lines += _closed_loop(result)
     if plots:
-        lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+        lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots if p != "frontier.png"]
     lines += ["", "Configuration: `" + json.dumps(meta["config"], sort_keys=True) + "`", ""]
     return "\n".join(lines)
 

@@ -1,20 +1,24 @@
 """The RSD engine: baseline and residual speculative decoding over any :class:`LayerwisePolicy` (docs/DESIGN.md §9).
 
-Baseline, one chunk: prefix pass, then L block passes (layer l's codes feed block l+1).
+Baseline, one chunk: prefix pass, then D block passes (layer l's codes feed block l+1), D = the
+policy's ``decode_layers`` (<= L; layers D..L-1 at the centre level). Truncated decoding: the same with
+k < D layers (a lossy baseline every lossy RSD arm is compared against).
 
 RSD, one chunk:
 1. prefix pass -> KV cache and hidden state h [B, D];
 2. draft: h -> proposals D_0..D_{K-1} [B, K, T, H] and per-layer confidences [B, K];
-   confidence gating keeps the leading k layers whose confidence reaches a threshold (k <= L-1);
+   confidence gating keeps the leading k layers whose confidence reaches a threshold (k <= D-1);
 3. verify: one pass over blocks [Q, D_0..D_{k-1}] -> M_0..M_k;
 4. accept the longest prefix j <= k of layers with agree(D_l, M_l):
-   strict = the whole layer equal (output identical to the baseline up to float reassociation),
-   relaxed = token agreement >= tau, or decoded-action deviation <= epsilon;
-5. output layers 0..j are M_0..M_j; the cache keeps blocks 0..j; layers j+1..L-1 are decoded one
-   block per pass as in the baseline.
+   strict = the whole layer equal (lossless: output identical to the baseline),
+   relaxed(tau) = token agreement >= tau > 0, or decoded-action deviation <= epsilon (verified, lossy),
+   substitute = every proposed layer, unchecked: draft substitution, NOT speculative decoding (the
+   old "relaxed tau = 0", whose rule ``agreement >= 0`` could never reject);
+5. output layers 0..j are M_0..M_j; the cache keeps blocks 0..j; layers j+1..D-1 are decoded one
+   block per pass as in the baseline, layers D..L-1 are at the centre level.
 
-Passes: baseline 1 + L; RSD 1 + 1 + (L - j - 1) (the draft is not a pass of the policy; its latency
-is measured and included in the chunk latency).
+Passes: baseline 1 + D; truncated 1 + k; RSD 1 + 1 + (D - j - 1) (the draft is not a pass of the
+policy; its latency is measured and included in the chunk latency).
 
 With a batch of several observations, one j is used for the whole batch (the smallest one): the
 cache is truncated for all rows at once. Evaluation uses a batch of one.
@@ -32,9 +36,9 @@ from typing import Protocol
 
 import torch
 
-from common.policy import LayerwisePolicy, Observation, PrefixState
+from common.policy import LayerwisePolicy, Observation, PrefixState, fill_center
 
-MODES = ("strict", "relaxed")
+MODES = ("strict", "relaxed", "substitute")
 
 
 @dataclass(frozen=True)
@@ -42,7 +46,7 @@ class AcceptanceConfig:
     """How a drafted layer is judged against the policy's own prediction of that layer."""
 
     mode: str = "strict"
-    #: relaxed mode: accept a layer when at least this fraction of its T*H tokens agree
+    #: relaxed mode: accept a layer when at least this fraction (> 0) of its T*H tokens agree
     tau: float = 1.0
     #: relaxed mode: also accept a layer whose decoded actions move by at most this much (max |Δ|
     #: over the chunk, in the env's [-1, 1] action space); None disables this criterion
@@ -55,6 +59,28 @@ class AcceptanceConfig:
             raise ValueError(f"tau must be in [0, 1], got {self.tau}")
         if self.epsilon is not None and self.epsilon < 0:
             raise ValueError(f"epsilon must be >= 0 or None, got {self.epsilon}")
+        if self.mode == "relaxed" and self.tau <= 0:
+            raise ValueError(
+                "relaxed(tau) needs tau > 0: with tau = 0 every drafted layer is accepted unchecked, which "
+                "is draft substitution (mode 'substitute'), not speculative decoding"
+            )
+
+    @property
+    def verified(self) -> bool:
+        """Whether a drafted layer can be rejected (False only for draft substitution)."""
+        return self.mode != "substitute"
+
+    @property
+    def lossless(self) -> bool:
+        return self.mode == "strict"
+
+    def label(self) -> str:
+        if self.mode == "strict":
+            return "strict (lossless speculative decoding)"
+        if self.mode == "relaxed":
+            eps = "" if self.epsilon is None else f", ε={self.epsilon:g}"
+            return f"relaxed(τ={self.tau:g}{eps}) (verified, lossy speculative decoding)"
+        return "draft substitution (UNVERIFIED: drafted layers taken unchecked; not speculative decoding)"
 
 
 STRICT = AcceptanceConfig()
@@ -127,10 +153,17 @@ class DraftProposer:
         conf = probs.clamp_min(1e-12).log().sum(dim=(2, 3)).exp()  # [B, K]
         return Proposal(codes=ids, confidence=conf, token_confidence=probs.mean(dim=(2, 3)))
 
+    @torch.no_grad()
+    def marginals(self, hidden: torch.Tensor, chunk_len: int) -> torch.Tensor:
+        """The draft's per-token distributions [B, K, T, H, G] (analysis only: tree verification)."""
+        logits = self.model(hidden.to(device=self.device, dtype=self.dtype))  # [B, K, T*H, G]
+        B, K, _, G = logits.shape
+        return logits.float().softmax(-1).view(B, K, chunk_len, -1, G)
+
 
 @dataclass
 class ChunkStats:
-    mode: str  # "baseline" or "rsd"
+    mode: str  # "baseline", "truncate" or "rsd"
     passes: int  # forward passes of the policy's language model
     proposed: int  # k: drafted layers sent to verification
     accepted: int  # j: drafted layers accepted
@@ -154,13 +187,6 @@ def _synchronizer(device: torch.device) -> Callable[[], None]:
     return lambda: None
 
 
-def fill_center(codes: torch.Tensor, num_layers: int, grid_size: int) -> torch.Tensor:
-    """codes [B, T, H, l] (first l layers) -> [B, T, H, L] with the zero level (G // 2) in later layers."""
-    B, T, H, l = codes.shape
-    rest = torch.full((B, T, H, num_layers - l), grid_size // 2, dtype=codes.dtype, device=codes.device)
-    return torch.cat([codes, rest], dim=-1)
-
-
 def accepted_prefix(
     drafted: torch.Tensor,
     main: torch.Tensor,
@@ -177,6 +203,8 @@ def accepted_prefix(
         return 0, []
     equal = drafted == main[:, :k]  # [B, k, T, H]
     agreement = equal.float().mean(dim=(2, 3))  # [B, k]
+    if acceptance.mode == "substitute":
+        return k, agreement.min(0).values.tolist()  # unverified: every proposed layer is taken
     if acceptance.mode == "strict":
         ok = equal.flatten(2).all(-1)  # [B, k]
     else:
@@ -210,9 +238,8 @@ class RSDEngine:
 
     # ---- proposal length
     def proposal_length(self, proposal: Proposal) -> int:
-        """k: how many leading drafted layers to verify (cap, then confidence gate)."""
-        L = self.shape.num_layers
-        k = min(proposal.codes.shape[1], L - 1)
+        """k: how many leading drafted layers to verify (<= D-1; cap, then confidence gate)."""
+        k = min(proposal.codes.shape[1], self.policy.decode_layers - 1)
         if self.config.max_proposals is not None:
             k = min(k, self.config.max_proposals)
         thr = self.config.confidence_threshold
@@ -225,9 +252,9 @@ class RSDEngine:
         return k
 
     # ---- decoding after the prefix
-    def decode_baseline(self, state: PrefixState) -> torch.Tensor:
-        """[B, T, H, L] codes with L block passes."""
-        return self.policy.decode_sequential(state)
+    def decode_baseline(self, state: PrefixState, num_layers: int | None = None) -> torch.Tensor:
+        """[B, T, H, L] codes with D block passes (``num_layers`` < D: truncated decoding)."""
+        return self.policy.decode_sequential(state, num_layers=num_layers)
 
     def decode_rsd(
         self, state: PrefixState, proposal: Proposal
@@ -256,9 +283,10 @@ class RSDEngine:
         t_verify = time.perf_counter() - t0
         policy.truncate(state, j + 1)
         layers = [main[:, layer] for layer in range(j + 1)]  # M_0..M_j
-        for _ in range(j + 1, s.num_layers):
+        for _ in range(j + 1, policy.decode_layers):
             layers.append(policy.decode_block(state, layers[-1]).argmax(-1))  # [B, T, H]
-        return torch.stack(layers, dim=-1), k, j, agreement, t_verify
+        codes = fill_center(torch.stack(layers, dim=-1), s.num_layers, s.grid_size)
+        return codes, k, j, agreement, t_verify
 
     # ---- whole chunks
     @torch.no_grad()
@@ -266,13 +294,20 @@ class RSDEngine:
         return self._chunk(observations, use_draft=False)
 
     @torch.no_grad()
+    def truncated(self, observations: list[Observation], num_layers: int) -> ChunkResult:
+        """Truncated decoding: the first ``num_layers`` layers, the rest at the centre level."""
+        return self._chunk(observations, use_draft=False, num_layers=num_layers)
+
+    @torch.no_grad()
     def rsd(self, observations: list[Observation]) -> ChunkResult:
         if self.proposer is None:
             raise ValueError("RSD decoding needs a proposer (draft model)")
         return self._chunk(observations, use_draft=True)
 
-    def _chunk(self, observations: list[Observation], use_draft: bool) -> ChunkResult:
-        policy, L = self.policy, self.shape.num_layers
+    def _chunk(
+        self, observations: list[Observation], use_draft: bool, num_layers: int | None = None
+    ) -> ChunkResult:
+        policy, D = self.policy, self.policy.decode_layers
         timing = self.config.stage_timing
         stages: dict[str, float] = {}
         t_start = time.perf_counter()
@@ -299,18 +334,18 @@ class RSDEngine:
             lap("decode")
             if timing:
                 stages["decode"] -= t_verify
-            passes = 1 + 1 + (L - j - 1)
+            passes = 1 + 1 + (D - j - 1)
         else:
-            codes = self.decode_baseline(state)
+            codes = self.decode_baseline(state, num_layers)
             lap("decode")
-            k, j, agreement, passes = 0, 0, [], 1 + L
+            k, j, agreement, passes = 0, 0, [], 1 + (D if num_layers is None else num_layers)
         actions = policy.codes_to_actions(codes)  # [B, T, A]
         sync()
         t_end = time.perf_counter()
         if timing:
             stages["actions"] = t_end - mark
         stats = ChunkStats(
-            mode="rsd" if use_draft else "baseline",
+            mode="rsd" if use_draft else ("baseline" if num_layers is None else "truncate"),
             passes=passes,
             proposed=k,
             accepted=j,

@@ -170,12 +170,14 @@ def layer_step(
     math_attention: bool = False,
     kv_len: int | None = None,
     skinny: bool = False,
+    causal: bool = False,
 ) -> torch.Tensor:
     """One Llama decoder layer (a free function, so that one compiled graph serves all layers).
 
     ``kv_len`` (with ``mask`` None): attend to cache slots 0..kv_len-1 without a mask. Exact for one
     block whose last slot is kv_len - 1 (it sees the prefix, the earlier blocks and itself in full),
-    and lets scaled_dot_product_attention take its mask-free kernels.
+    and lets scaled_dot_product_attention take its mask-free kernels. With ``causal`` (the prefix
+    pass: N = kv_len new positions from slot 0) attention is causal, and SDPA takes its flash kernel.
 
     ``skinny``: in passes of at most SKINNY_MAX_ROWS rows (block passes), the four weight products run
     as ``torch.ops.rsd_twin.skinny_linear``
@@ -205,9 +207,15 @@ def layer_step(
         scores = torch.matmul(q, k_cache.transpose(-1, -2)) * hd**-0.5  # [B, nh, N, S]
         if mask is not None:
             scores = scores + mask
+        if causal:
+            scores = scores.masked_fill(
+                torch.ones_like(scores[0, 0], dtype=torch.bool).triu(1), float("-inf")
+            )
         attn = torch.matmul(scores.float().softmax(-1).to(q.dtype), v_cache)  # [B, nh, N, hd]
     else:
-        attn = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask)  # [B, nh, N, hd]
+        attn = F.scaled_dot_product_attention(
+            q, k_cache, v_cache, attn_mask=mask, is_causal=causal and mask is None
+        )  # [B, nh, N, hd]
     attn = attn.transpose(1, 2).reshape(B, N, D)
     if skinny:  # residual adds and SwiGLU inside the product kernels
         op = torch.ops.rsd_twin.skinny_linear
@@ -255,15 +263,27 @@ class TwinModel(nn.Module):
         self.layer_embed = nn.Parameter(torch.empty(s.num_layers, D))  # which layer a block predicts
         self.head = nn.Linear(D, s.action_hidden_dim * s.grid_size)  # per position: H tokens x G levels
         self.reset_parameters()
-        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2).float() / cfg.head_dim))
-        freqs = torch.outer(torch.arange(cfg.max_len).float(), inv_freq)  # [S, hd/2]
-        emb = torch.cat((freqs, freqs), dim=-1)  # [S, hd]
-        self.register_buffer("rope_cos", emb.cos(), persistent=False)
-        self.register_buffer("rope_sin", emb.sin(), persistent=False)
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.ensure_positions(cfg.max_len)
         self.register_buffer("h_index", torch.arange(s.action_hidden_dim), persistent=False)
         self.layer_fn = layer_step
+        self.prefix_fn: Callable | None = None  # the prefix pass's layer function (None: layer_fn)
         self.math_attention = False
         self.skinny = False
+
+    def ensure_positions(self, n: int) -> None:
+        """Rotary tables for positions 0..n-1 (more than max_len: wide tree-verify timing passes)."""
+        if self.rope_cos.shape[0] >= n:
+            return
+        cfg = self.cfg
+        dev = self.rope_cos.device
+        inv_freq = 1.0 / (
+            cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device=dev).float() / cfg.head_dim)
+        )
+        freqs = torch.outer(torch.arange(n, device=dev).float(), inv_freq)  # [S, hd/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [S, hd]
+        self.rope_cos, self.rope_sin = emb.cos(), emb.sin()
 
     def compile_layers(self, math_attention: bool = False, skinny: bool = False) -> None:
         """Compile the layer function (torch.compile, dynamic N) to fuse its elementwise work.
@@ -327,10 +347,12 @@ class TwinModel(nn.Module):
         return x.reshape(B, -1, x.shape[-1])
 
     # ---- the decoder
-    def attention_mask(self, positions: torch.Tensor) -> torch.Tensor:
+    def attention_mask(self, positions: torch.Tensor, num_keys: int | None = None) -> torch.Tensor:
         """Block-causal mask for new positions [N] over all S cache slots -> [N, S] bool."""
         P, W = self.cfg.prefix_len, self.cfg.block_width
-        keys = torch.arange(self.cfg.max_len, device=positions.device)  # [S]
+        keys = torch.arange(
+            self.cfg.max_len if num_keys is None else num_keys, device=positions.device
+        )  # [S]
 
         def block_of(pos: torch.Tensor) -> torch.Tensor:  # -1 for the prefix
             return torch.where(
@@ -349,20 +371,27 @@ class TwinModel(nn.Module):
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         kv_len: int | None = None,
+        causal: bool = False,
     ) -> torch.Tensor:
         """x [B, N, D] at cache slots start..start+N-1 (start: 0-dim long tensor) -> final-norm hidden [B, N, D].
 
-        kv_len: for a single block ending at slot kv_len - 1, attend to slots < kv_len with no mask.
+        kv_len: for a single block ending at slot kv_len - 1, attend to slots < kv_len with no mask;
+        with ``causal``, for the prefix (N = kv_len positions from slot 0): causal attention, no mask.
+        The cache may be longer than ``cfg.max_len`` (wide tree passes): the mask covers all its slots.
         """
         N = x.shape[1]
         positions = start + torch.arange(N, device=x.device)  # [N]
         cos = self.rope_cos[positions].to(x.dtype)  # [N, hd]
         sin = self.rope_sin[positions].to(x.dtype)
         if kv_len is None:
-            allowed = self.attention_mask(positions)  # [N, S]
+            allowed = self.attention_mask(positions, k_cache.shape[-2])  # [N, S]
             mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(
                 ~allowed, float("-inf")
             )
+        elif causal:
+            if N != kv_len:
+                raise ValueError(f"a causal pass covers slots 0..{kv_len - 1}: N must be {kv_len}, got {N}")
+            mask = None
         else:
             if N != self.cfg.block_width:
                 raise ValueError(
@@ -370,8 +399,9 @@ class TwinModel(nn.Module):
                 )
             mask = None
         eps, nh = self.cfg.rms_eps, self.cfg.num_heads
+        fn = self.prefix_fn if (causal and self.prefix_fn is not None) else self.layer_fn
         for i, layer in enumerate(self.layers):
-            x = self.layer_fn(
+            x = fn(
                 x,
                 *layer.weights(),
                 cos,
@@ -385,6 +415,7 @@ class TwinModel(nn.Module):
                 self.math_attention,
                 kv_len,
                 self.skinny,
+                causal,
             )
         return rms_norm(x, self.final_norm, self.cfg.rms_eps)
 
@@ -408,11 +439,14 @@ class TwinPolicy(LayerwisePolicy):
         cuda_graphs: bool = False,
         seed: int = 0,
         sliced_attention: bool = False,
+        prefix_flash: bool = False,
     ):
         """sliced_attention: single-block passes attend to the filled part of the cache without a mask
-        (one pass shape, and one CUDA graph, per block index) instead of masking the whole cache."""
+        (one pass shape, and one CUDA graph, per block index) instead of masking the whole cache.
+        prefix_flash: the prefix pass attends causally to its own P slots without a mask (flash kernel)."""
         self.cfg = cfg
         self.sliced_attention = sliced_attention
+        self.prefix_flash = prefix_flash
         self.shape = cfg.shape
         self.hidden_dim = cfg.hidden_size
         self.device = torch.device(device)
@@ -462,9 +496,11 @@ class TwinPolicy(LayerwisePolicy):
     def _pass_fn(self, key: tuple) -> Callable[[], torch.Tensor]:
         m = self.model
         if key[0] == "prefix":
+            flash = key[1]
+            kv_len = self.cfg.prefix_len if flash else None
 
             def run() -> torch.Tensor:
-                h = m(self._prefix_in, self._start, self.k_cache, self.v_cache)  # [B, P, D]
+                h = m(self._prefix_in, self._start, self.k_cache, self.v_cache, kv_len, flash)  # [B, P, D]
                 return h[:, -1].float()  # [B, D]
 
             return run
@@ -559,7 +595,7 @@ class TwinPolicy(LayerwisePolicy):
             )
         self._prefix_in.copy_(embeds)
         self._start.fill_(0)
-        hidden = self._run(("prefix",))  # [B, D]
+        hidden = self._run(("prefix", self.prefix_flash))  # [B, D]
         return PrefixState(hidden=hidden, cache=None, prefix_len=self.cfg.prefix_len, num_blocks=0)
 
     def _kv_len(self, block: int) -> int | None:

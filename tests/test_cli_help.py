@@ -25,6 +25,9 @@ COMMANDS = [
     "evaluator.bench_gpu",
     "evaluator.report",
     "evaluator.demo",
+    "evaluator.lossless_bound",
+    "evaluator.bench_7b",
+    "common.layer_info",
 ]
 
 

@@ -55,25 +55,23 @@ def draft_ckpt(tmp_path_factory) -> Path:
 
 
 def make_cfg(draft: Path, out: Path, **kw) -> ev.EvalConfig:
-    return ev.EvalConfig(
-        draft=draft,
-        out_dir=out,
+    base = dict(
         closed_loop=False,
         policy="twin-tiny",
         sweep_tau=[1.0],
         sweep_confidence=[0.5],
         sweep_max_proposals=[2],
         warmup=1,
-        **kw,
     )
+    return ev.EvalConfig(draft=draft, out_dir=out, **{**base, **kw})
 
 
 def test_open_loop_eval_writes_json_report_and_plots(draft_ckpt, tmp_path):
     torch.set_num_threads(1)
-    cfg = make_cfg(draft_ckpt, tmp_path)
-    policy = ev.load_eval_policy("twin-tiny")
+    cfg = make_cfg(draft_ckpt, tmp_path, decode_layers=4)
+    policy = ev.load_eval_policy("twin-tiny", decode_layers=4)
     proposer, info = ev.load_draft(draft_ckpt, policy)
-    rec = ev.OpenLoopRecorder(policy, proposer, cfg.arms(proposer.num_layers), cfg.warmup)
+    rec = ev.OpenLoopRecorder(policy, proposer, cfg.arms(proposer.num_layers, 8, 4), cfg.warmup)
     episodes = ev.run_open_loop(rec, [(0, 0), (1, 0)], lambda t, i: FakeEnv(t))
     assert len(episodes) == 2 and rec.chunks == 2 * 3 - cfg.warmup  # 20 steps / 8 per chunk = 3 queries each
     result = ev.build_result(cfg, policy, info, rec, episodes, wall_s=1.0)
@@ -81,22 +79,59 @@ def test_open_loop_eval_writes_json_report_and_plots(draft_ckpt, tmp_path):
 
     loaded = json.loads((tmp_path / "eval.json").read_text())
     n = loaded["chunks"]
+    assert loaded["meta"]["decode_layers"] == 4
     for name, arm in loaded["arms"].items():
         assert sum(arm["j_histogram"]) == n, name  # the j histogram sums to the number of chunks
         assert len(loaded["per_chunk"][name]["latency_ms"]) == n
-    strict = loaded["rsd"]["strict"]
+    strict = loaded["arms"]["strict"]
     assert strict["identical_fraction"] == 1.0  # strict decoding reproduces the baseline's codes
-    assert strict["action_deviation"]["max_abs_max"] == 0.0
-    assert len(strict["j_histogram"]) == 4  # j = 0..K with K = 3
-    assert len(loaded["arms"]["strict_k2"]["j_histogram"]) == 3  # at most 2 proposed layers
+    assert strict["action_deviation"]["max_abs_max"] == 0.0 and strict["lossless"]
+    assert len(strict["j_histogram"]) == 4  # j = 0..min(K, D - 1) with K = 3, D = 4
+    assert len(loaded["arms"]["strict-k2"]["j_histogram"]) == 3  # at most 2 proposed layers
     # relaxed with tau = 1 accepts exactly what strict accepts, chunk by chunk
-    assert loaded["per_chunk"]["relaxed_tau1"]["accepted"] == loaded["per_chunk"]["rsd_strict"]["accepted"]
-    assert loaded["arms"]["relaxed_tau1"]["identical_fraction"] == 1.0
+    assert loaded["per_chunk"]["relaxed-tau1"]["accepted"] == loaded["per_chunk"]["strict"]["accepted"]
+    assert loaded["arms"]["relaxed-tau1"]["identical_fraction"] == 1.0
+    # truncated decoding at every k; k = D is the baseline's own decoding, k = L the full one
+    assert [f"truncate-k{k}" in loaded["arms"] for k in range(1, 9)] == [True] * 8
+    assert loaded["arms"]["truncate-k4"]["identical_fraction"] == 1.0
+    assert loaded["arms"]["truncate-k8"]["vs_full_decoding"]["mean_abs"] == 0.0
+    assert (
+        loaded["arms"]["truncate-k2"]["mean_passes"] == 3 and loaded["arms"]["baseline"]["mean_passes"] == 5
+    )
     assert len(loaded["draft_accuracy"]["token_per_layer"]) == 3
-    for f in ("report.md", "latency.png", "acceptance.png", "accuracy.png", "tradeoff.png"):
+    assert len(loaded["tree_verification"]["ranks"]) == n
+    for f in ("report.md", "latency.png", "acceptance.png", "accuracy.png", "frontier.png"):
         assert (tmp_path / f).stat().st_size > 0, f
     md = (tmp_path / "report.md").read_text()
-    assert "random weights" in md and "rsd_strict" in md
+    assert "random weights" in md and "`strict`" in md and "Lossless (strict) RSD" in md
+    # every arm has a frontier verdict; references have none
+    verdicts = {r["arm"]: r for r in loaded["frontier"]}
+    assert verdicts["truncate-k2"]["win"] is None and isinstance(verdicts["relaxed"]["win"], bool)
+
+
+def test_unverified_arm_is_labelled_in_eval_json_and_report(draft_ckpt, tmp_path):
+    """Draft substitution (the old tau = 0) is never presented as speculative decoding."""
+    cfg = make_cfg(draft_ckpt, tmp_path)
+    policy = ev.load_eval_policy("twin-tiny")
+    proposer, info = ev.load_draft(draft_ckpt, policy)
+    rec = ev.OpenLoopRecorder(policy, proposer, cfg.arms(proposer.num_layers), cfg.warmup)
+    ev.run_open_loop(rec, [(0, 0)], lambda t, i: FakeEnv(t))
+    ev.write_outputs(ev.build_result(cfg, policy, info, rec, [], wall_s=1.0), tmp_path)
+    loaded = json.loads((tmp_path / "eval.json").read_text())
+    sub = loaded["arms"]["draft-substitution"]
+    assert sub["kind"] == "substitution" and sub["verified"] is False and sub["speculative_decoding"] is False
+    assert "UNVERIFIED" in sub["label"] and "not speculative decoding" in sub["label"]
+    assert sub["mean_j"] == sub["mean_proposed"] == 3  # every drafted layer taken
+    assert loaded["meta"]["arms"]["draft-substitution"]["verified"] is False
+    for name, arm in loaded["arms"].items():
+        if arm["speculative_decoding"]:
+            assert arm["verified"] is True and arm["kind"] in ("strict", "relaxed"), name
+        if arm["kind"] == "relaxed":
+            assert arm["rsd"]["acceptance"]["tau"] > 0, name
+    md = (tmp_path / "report.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| `draft-substitution` | substitution"))
+    assert "UNVERIFIED" in row
+    assert "`draft-substitution` is **unverified**" in md and "not speculative decoding" in md
 
 
 def test_summarize_arm_histogram_and_speedup():
@@ -117,6 +152,13 @@ def test_config_validation(draft_ckpt, tmp_path):
         ev.EvalConfig(draft=draft_ckpt, out_dir=tmp_path, policy="twin-tiny")
     with pytest.raises(ValueError, match="tau"):
         make_cfg(draft_ckpt, tmp_path, tau=1.5)
+    with pytest.raises(ValueError, match="draft substitution"):  # tau = 0 verifies nothing
+        make_cfg(draft_ckpt, tmp_path, tau=0.0)
+    with pytest.raises(ValueError, match="draft substitution"):
+        make_cfg(draft_ckpt, tmp_path, sweep_tau=[0.0])
+    with pytest.raises(ValueError, match="closed_loop_arms"):
+        make_cfg(draft_ckpt, tmp_path, closed_loop_arms=["rsd_relaxed"])
+    assert make_cfg(draft_ckpt, tmp_path, closed_loop_arms=["truncate-k2", "draft-substitution"])
 
 
 def test_draft_shape_mismatch_is_rejected(tmp_path):
@@ -145,7 +187,7 @@ def test_eval_on_libero_with_random_embedded_vla(tmp_path):
     )  # fmt: skip
     result = json.loads((tmp_path / "out" / "eval.json").read_text())
     assert result["chunks"] == 4
-    assert result["rsd"]["strict"]["identical_fraction"] == 1.0
+    assert result["arms"]["strict"]["identical_fraction"] == 1.0
 
 
 def _write_demos(path, lengths, size=64):
@@ -332,3 +374,28 @@ def test_fit_draft_keys_trajectories_across_archives(tmp_path):
     assert len(summary["history"][0]["val_all_queries_acc_per_layer"]) == 3
     per_archive = summary["history"][0]["val_per_archive_acc_per_layer"]
     assert set(per_archive) == {str(tmp_path / "a.hdf5")}  # b holds nothing out
+
+
+def test_closed_loop_worker_recipe_rebuilds_every_kind_of_arm(draft_ckpt):
+    """The picklable recipe of a rollout worker decodes exactly as the open loop's arm does."""
+    import pickle
+
+    from evaluator.rsd import RSDEngine
+
+    cfg = make_cfg(draft_ckpt, Path("unused"))
+    policy = ev.load_eval_policy("twin-tiny", decode_layers=4)
+    proposer, _ = ev.load_draft(draft_ckpt, policy)
+    arms = cfg.arms(proposer.num_layers, 8, 4)
+    obs = FakeEnv(3).reset()
+    for name in ("baseline", "truncate-k2", "strict", "relaxed", "draft-substitution"):
+        arm = arms[name]
+        factory = ev.RSDActFactory(
+            draft=str(draft_ckpt),
+            rsd=arm.to_dict()["rsd"],
+            policy="twin-tiny",
+            decode_layers=4,
+            truncate=arm.layers,
+        )
+        act = pickle.loads(pickle.dumps(factory))()
+        ref = arm.decode(RSDEngine(policy, proposer if arm.drafted else None, arm.rsd), [obs])
+        np.testing.assert_array_equal(act(obs), ref.actions[0].float().numpy(), err_msg=name)

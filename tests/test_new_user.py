@@ -390,23 +390,13 @@ def test_demo_lets_the_trainer_finish_before_signalling_it(tmp_path, caplog):
 
 
 def test_tiny_confidences_are_not_shown_as_zero():
-    from evaluator.report import render_markdown
+    from evaluator.report import _draft
 
-    arm = {
-        "latency_ms": {"median": 10.0, "p90": 12.0}, "action_deviation": {"max_abs_mean": 0.0, "max_abs_p90": 0.0},
-        "speedup_median": 1.0, "speedup_p90": 1.0, "mean_j": 0.0, "mean_passes": 9.0, "identical_fraction": 1.0,
-        "j_histogram": [1], "mean_proposed": 0.0, "stage_ms_median": {},
-    }  # fmt: skip
     result = {
-        "meta": {
-            "date": "2026-11-27", "machine": "m", "torch": "t", "policy": "p", "policy_random_weights": False,
-            "draft": {"path": "d.pt", "num_coarse_layers": 3, "val_accuracy": 0.5, "epoch": 1}, "config": {},
-        },
-        "arms": {"baseline": arm}, "chunks": 1, "open_loop_episodes": [{}],
         "draft_accuracy": {
             "token_per_layer": [0.9, 0.5, 0.2], "exact_per_layer": [0.1, 0.0, 0.0],
             "confidence_per_layer_mean": [0.61, 1.4e-14, 0.0],
         },
     }  # fmt: skip
-    rows = [x for x in render_markdown(result, []).splitlines() if x.startswith("| L")]
+    rows = [x for x in _draft(result) if x.startswith("| L")]
     assert rows[0].endswith("| 0.610 |") and rows[1].endswith("| 1.4e-14 |") and rows[2].endswith("| 0.000 |")

@@ -165,6 +165,10 @@ def test_config_validation():
         AcceptanceConfig(mode="loose")
     with pytest.raises(ValueError, match="tau"):
         AcceptanceConfig(mode="relaxed", tau=1.5)
+    with pytest.raises(ValueError, match="draft substitution"):  # tau = 0 could never reject a layer
+        AcceptanceConfig(mode="relaxed", tau=0.0)
+    assert not AcceptanceConfig(mode="substitute").verified and AcceptanceConfig().lossless
+    assert "UNVERIFIED" in AcceptanceConfig(mode="substitute").label()
     with pytest.raises(ValueError, match="confidence_threshold"):
         RSDConfig(confidence_threshold=-0.1)
 
@@ -188,3 +192,47 @@ def test_token_confidence_gating(policy):
     assert by_layer.stats.proposed == 0
     assert by_token.stats.proposed == 2 and by_token.stats.accepted == 2
     assert torch.equal(by_token.codes, base.codes)
+
+
+def test_substitution_takes_every_layer_unchecked(policy):
+    obs = [make_obs(40)]
+    base = engine(policy, None).baseline(obs)
+    prop = OracleProposer(base.codes, num_layers=3, good=0)  # every drafted layer wrong
+    sub = engine(policy, prop, mode="substitute").rsd(obs)
+    assert sub.stats.proposed == sub.stats.accepted == 3 and sub.stats.passes == 1 + 1 + (L - 4)
+    assert sub.stats.agreement[0] < 0.05  # nothing was checked: a wholly wrong layer 0 was taken
+    assert torch.equal(sub.codes[..., 0], base.codes[..., 0])  # M_0 is the policy's (its block sees no draft)
+    assert not torch.equal(sub.codes, base.codes)
+
+
+@pytest.mark.parametrize("k", range(1, L + 1))
+def test_truncated_decoding_reproduces_the_baselines_first_layers(policy, k):
+    obs = [make_obs(50 + k)]
+    base = engine(policy, None).baseline(obs)
+    trunc = engine(policy, None).truncated(obs, k)
+    assert torch.equal(trunc.codes[..., :k], base.codes[..., :k])
+    assert (trunc.codes[..., k:] == policy.shape.grid_size // 2).all()  # the centre level
+    assert trunc.stats.passes == 1 + k and trunc.stats.mode == "truncate"
+    if k == L:
+        assert torch.equal(trunc.actions, base.actions)
+
+
+@pytest.mark.parametrize("good", [0, 1, 2, 3])
+def test_decode_layers_sets_the_baseline_and_rsd_stays_exact(policy, good):
+    """With D < L decoded layers the baseline is the truncation at D, and strict RSD reproduces it."""
+    obs = [make_obs(60 + good)]
+    full = engine(policy, None).baseline(obs)
+    policy.decode_layers = 3
+    try:
+        base = engine(policy, None).baseline(obs)
+        assert base.stats.passes == 1 + 3 and base.codes.shape[-1] == L
+        assert torch.equal(base.codes[..., :3], full.codes[..., :3])
+        assert (base.codes[..., 3:] == policy.shape.grid_size // 2).all()
+        out = engine(policy, OracleProposer(base.codes, num_layers=3, good=good)).rsd(obs)
+        assert out.stats.proposed == 2  # at most D - 1 drafted layers
+        assert out.stats.accepted == min(good, 2) and out.stats.passes == 2 + (3 - out.stats.accepted - 1)
+        assert torch.equal(out.codes, base.codes) and torch.equal(out.actions, base.actions)
+    finally:
+        policy.decode_layers = None
+    with pytest.raises(ValueError, match="decode_layers"):
+        policy.decode_layers = L + 1

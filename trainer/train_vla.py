@@ -416,7 +416,7 @@ def _free_run(
     reproduces the decoded codes [B, K]."""
     with _autocast(cfg):
         state = model.prefix_pass(b["images"], b["proprio"], b["text_ids"], b["text_valid"])
-        codes = policy.decode_sequential(state)  # [B, T, H, L]
+        codes = policy.decode_sequential(state, num_layers=model.shape.num_layers)  # [B, T, H, L], all
         k = model.shape.num_coarse_layers
         aux = model.aux_head(state.hidden).view(len(codes), k, *codes.shape[1:3], -1)  # [B, K, T, H, G]
     return codes, (aux.argmax(-1) == codes[..., :k].permute(0, 3, 1, 2)).float().mean(dim=(2, 3))

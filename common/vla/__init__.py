@@ -36,6 +36,7 @@ def load_policy(
     allow_random: bool = False,
     random_weights: bool = False,
     seed: int = 0,
+    decode_layers: int | None = None,
 ) -> ChunkPolicy:
     """Build a policy backend.
 
@@ -45,6 +46,8 @@ def load_policy(
     allow_random: build a random-initialized policy when no weights exist (never silently)
     random_weights: the trained policy's architecture and codec with freshly initialized weights
                   (``seed``): the random-weight baseline of closed-loop evaluations
+    decode_layers: layers the embedded VLA decodes sequentially (None: as its config.json says; the
+                  shipped weights decode their 3 informative layers, the rest at the centre level)
     """
     if name == "openvla-oft":  # GPU data source (common/vla/openvla_oft.py); weights_dir: hub id or folder
         from common.vla.openvla_oft import DEFAULT_MODEL_ID, load_openvla_oft
@@ -53,8 +56,12 @@ def load_policy(
     if name != "embedded":
         raise ValueError(f"unknown policy backend {name!r}; available: {', '.join(BACKENDS)}")
     if random_weights:
-        return _random_embedded(device, weights_dir, codec_dir, seed)
-    return _load_embedded(device, weights_dir, codec_dir, allow_random)
+        policy = _random_embedded(device, weights_dir, codec_dir, seed)
+    else:
+        policy = _load_embedded(device, weights_dir, codec_dir, allow_random)
+    if decode_layers is not None:
+        policy.decode_layers = decode_layers
+    return policy
 
 
 def _random_embedded(

@@ -77,6 +77,9 @@ class EmbeddedVLAConfig:
     grid_size: int = 7
     num_coarse_layers: int = 3
     codec_sha256: str = ""
+    #: layers decoded sequentially at run time (None: all num_layers); the later layers are set to the
+    #: centre level without a pass. Chosen from the layer information (common/layer_info.py).
+    decode_layers: int | None = None
 
     def __post_init__(self) -> None:
         if self.image_size < 16 or self.image_size % 16:
@@ -95,6 +98,10 @@ class EmbeddedVLAConfig:
         if min(self.proprio_std) <= 0:
             raise ValueError(f"proprio_std must be positive, got {self.proprio_std}")
         _ = self.shape  # validates the RFSQ shape
+        if self.decode_layers is not None and not 1 <= self.decode_layers <= self.num_layers:
+            raise ValueError(
+                f"decode_layers must be in 1..{self.num_layers} or None, got {self.decode_layers}"
+            )
 
     @property
     def shape(self) -> RFSQShape:
@@ -387,6 +394,7 @@ class EmbeddedVLAPolicy(LayerwisePolicy):
         self.shape = model.shape
         self.hidden_dim = model.config.hidden_size
         self.backbone_id = backbone_id or "embedded-vla@untrained"
+        self.decode_layers = model.config.decode_layers
 
     # ------------------------------------------------------------------ inputs
     def encode_observations(self, observations: list[Observation]) -> dict[str, torch.Tensor]:

@@ -10,8 +10,8 @@ import torch
 
 from common.draft import RFSQDraftModelWithProjection, save_checkpoint
 from common.policy import Observation
-from evaluator.arms import build_act
 from evaluator.fleet import run_protocol
+from evaluator.fleet_arms import build_act
 from evaluator.protocol import ArmSpec
 from tests.fleet_fakes import make_fake_env
 
@@ -37,12 +37,14 @@ def test_strict_arm_is_lossless_and_counts_acceptance(draft_ckpt: Path) -> None:
     spec = {"backend": "twin-tiny", "draft": str(draft_ckpt)}
     base = build_act(ArmSpec("b", decoding="baseline", **spec))
     strict = build_act(ArmSpec("s", decoding="strict", **spec))
-    relaxed = build_act(ArmSpec("r", decoding="relaxed", params={"tau": 0.0}, **spec))
+    relaxed = build_act(ArmSpec("r", decoding="substitution", **spec))
     for i in range(3):
         np.testing.assert_array_equal(strict(obs(i)), base(obs(i)))  # strict RSD = ordinary decoding
         assert relaxed(obs(i)).shape == base(obs(i)).shape
     ex = relaxed.episode_extra()
-    assert ex["chunks"] == 3 and ex["mean_accepted"] == ex["mean_proposed"] > 0  # tau 0 accepts every layer
+    assert (
+        ex["chunks"] == 3 and ex["mean_accepted"] == ex["mean_proposed"] > 0
+    )  # substitution accepts every layer unchecked
     assert relaxed.episode_extra()["chunks"] == 0  # reset per episode
     with pytest.raises(ValueError, match="unknown decoding params"):
         build_act(ArmSpec("x", decoding="relaxed", params={"tua": 0.5}, **spec))
