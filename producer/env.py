@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from common.init_states import BENCHMARK, parse_init
 from common.policy import Observation
 from producer.libero_setup import ensure_libero
 
@@ -59,6 +60,13 @@ MAX_STEPS: dict[str, int] = {
 CAMERAS: dict[str, str] = {"agentview": "agentview", "wrist": "robot0_eye_in_hand"}
 DEFAULT_CAMERAS = ("agentview", "robot0_eye_in_hand")
 ACTION_DIM = 7
+#: Gaussian noise (rad) on the arm joints of a fresh start: robosuite's "default", the spread (std about
+#: 0.02) of the arm joints over LIBERO's benchmark initial states. Benchmark starts restore their own.
+FRESH_JOINT_NOISE = 0.02
+FRESH_STREAM = 0x0F4E5  # keeps fresh-seed scenes apart from the benchmark episodes' fixture seeds
+FRESH_ATTEMPTS = 50  # draws of one fresh seed before giving up
+FRESH_MAX_SLIDE = 0.01  # m: an object that slides further while settling was placed overlapping another
+FRESH_MAX_DZ = 0.005  # m: an object resting higher or lower than in the benchmark scenes lies on another
 #: The no-op used while objects settle: no motion, gripper open.
 SETTLE_ACTION = np.array([0, 0, 0, 0, 0, 0, -1], dtype=np.float32)
 
@@ -207,6 +215,10 @@ class LiberoEnv:
         self._done = True
         self._closed = False
         self.init_state = cfg.init_state
+        self.init_source: str | None = None  # label of the current episode's start (after reset)
+        self.initial_state: np.ndarray | None = None  # [S] its MuJoCo state after placement, before settling
+        self.fresh_attempts = 0  # placements drawn for the last fresh start
+        self._rest_z: np.ndarray | None = None  # settled object heights of the benchmark scenes
 
     # ---------------------------------------------------------------- episode
     def _check_init_state(self, index: int) -> None:
@@ -217,32 +229,87 @@ class LiberoEnv:
                 f"valid: 0..{n - 1}"
             )
 
-    def reset(self, init_state: int | None = None) -> Observation:
-        """Start an episode from a fixed initial state (default: the config's), settle, observe."""
-        if init_state is not None:
-            self._check_init_state(init_state)
-            self.init_state = init_state
-        # Hard reset: rebuilds the MuJoCo model, the sim and the camera sensors. It also re-samples the
-        # placement of the fixed fixtures (cabinet, stove: static bodies that the init state does not
-        # restore) from NumPy's global RNG, so seed it per episode (and leave the caller's RNG as it
-        # was): the same (seed, init_state) always gives the same scene.
+    def reset(self, init_state: int | str | None = None) -> Observation:
+        """Start an episode, settle, observe. ``init_state``: a benchmark index (0..49, default: the
+        config's) or ``"fresh:<seed>"``: a new random object placement that LIBERO samples in the task's
+        regions (with robosuite's default arm-joint noise, as in the benchmark states), drawn from the
+        seed; a placement whose objects collide or come to rest elsewhere than in the benchmark scenes is
+        redrawn (attempt k of the same seed, deterministic; ``self.fresh_attempts``). After the reset
+        ``self.init_source`` is the label and ``self.initial_state`` the flattened MuJoCo state after
+        placement, before settling (what a benchmark init state is)."""
+        kind, index = parse_init(self.init_state if init_state is None else init_state)
+        if kind == BENCHMARK:
+            self._check_init_state(index)
+            self.init_state = index
+            self._start(self.episode_seed(index), 0.0, self._init_states[index])
+        else:
+            rest_z = self._rest_heights() if self.cfg.settle_steps else None
+            for attempt in range(FRESH_ATTEMPTS):
+                self._start(self.fresh_seed(index, attempt), FRESH_JOINT_NOISE, None)
+                problem = self._placement_problem(rest_z)
+                if problem is None:
+                    break
+                log.debug("fresh:%d attempt %d redrawn: %s", index, attempt, problem)
+            else:
+                raise RuntimeError(f"fresh:{index}: no valid placement in {FRESH_ATTEMPTS} draws ({problem})")
+            self.fresh_attempts = attempt + 1
+        self.init_source = f"{kind}:{index}"
+        self._fresh_images = True
+        self._steps = 0
+        self._done = False
+        return self.observe()
+
+    def _start(self, seed: int, joint_noise: float, state: np.ndarray | None) -> None:
+        """Hard reset, set the initial state (None: the sampled placement), settle."""
+        # The hard reset rebuilds the MuJoCo model, the sim, the robots (from their configs) and the camera
+        # sensors. It samples the arm noise, the placement of the fixtures (static bodies that an init
+        # state does not restore) and of the objects from NumPy's global RNG, so seed it per episode (and
+        # leave the caller's RNG as it was): the same (seed, init state) always gives the same scene.
+        self._env.env.robot_configs[0]["initialization_noise"] = {
+            "magnitude": joint_noise,
+            "type": "gaussian",
+        }
         rng_state = np.random.get_state()
-        np.random.seed(self.episode_seed(self.init_state))
+        np.random.seed(seed)
         try:
             self._env.reset()
         finally:
             np.random.set_state(rng_state)
         self._gate_camera_sensors()
         self._want_images = self.cfg.settle_steps == 0
-        self._raw = self._env.set_init_state(self._init_states[self.init_state])
+        self.initial_state = np.array(self._env.get_sim_state() if state is None else state, dtype=np.float64)
+        self._raw = self._env.set_init_state(self.initial_state)
         self._restart_sampling_clocks()
         for i in range(self.cfg.settle_steps):
             self._want_images = i == self.cfg.settle_steps - 1  # images of the last settle step only
             self._raw, _, _, _ = self._env.step(SETTLE_ACTION)
-        self._fresh_images = True
-        self._steps = 0
-        self._done = False
-        return self.observe()
+
+    def _rest_heights(self) -> np.ndarray:
+        """Settled z of every movable object in benchmark state 0 (computed once per task)."""
+        if self._rest_z is None:
+            self._start(self.episode_seed(0), 0.0, self._init_states[0])
+            self._rest_z = self._object_xyz()[:, 2]
+        return self._rest_z
+
+    def _object_xyz(self) -> np.ndarray:
+        """[objects, 3] positions of the movable objects (qpos of their free joints)."""
+        return self._env.env.sim.data.qpos[self.object_qpos_index()].reshape(-1, 3).copy()
+
+    def _placement_problem(self, rest_z: np.ndarray | None) -> str | None:
+        """Why the settled scene is not a valid start (None: valid): an object moved while settling (the
+        placement overlapped) or rests at another height than in the benchmark scenes (on another object)."""
+        if rest_z is None:
+            return None
+        placed = self.initial_state[1 + self.object_qpos_index()].reshape(-1, 3)
+        now = self._object_xyz()
+        moved = np.linalg.norm(now[:, :2] - placed[:, :2], axis=1)
+        dz = np.abs(now[:, 2] - rest_z)
+        names = list(self._env.env.objects_dict)
+        if moved.max() > FRESH_MAX_SLIDE:
+            return f"{names[int(moved.argmax())]} slid {1000 * moved.max():.0f} mm while settling"
+        if dz.max() > FRESH_MAX_DZ:
+            return f"{names[int(dz.argmax())]} rests {1000 * dz.max():.0f} mm off its benchmark height"
+        return None
 
     def step(
         self, action: np.ndarray, observe: bool = True
@@ -270,6 +337,17 @@ class LiberoEnv:
     def episode_seed(self, init_state: int) -> int:
         """The seed of the scene randomness of one episode, from the config's seed and the init state."""
         return int(np.random.SeedSequence([self.cfg.seed, init_state]).generate_state(1)[0])
+
+    def fresh_seed(self, seed: int, attempt: int = 0) -> int:
+        """The seed of a fresh scene (placements, arm noise): per task, apart from the benchmark episodes'."""
+        entropy = [self.cfg.seed, FRESH_STREAM, self.cfg.task_id, seed, attempt]
+        return int(np.random.SeedSequence(entropy).generate_state(1)[0])
+
+    def object_qpos_index(self) -> np.ndarray:
+        """qpos indices of the xyz of every movable object's free joint [3 x objects] (what places a scene)."""
+        robo = self._env.env
+        idx = [robo.sim.model.get_joint_qpos_addr(obj.joints[-1])[0] for obj in robo.objects_dict.values()]
+        return np.array([i + k for i in idx for k in range(3)], dtype=np.int64)
 
     def _restart_sampling_clocks(self) -> None:
         """Put every observable's sampling clock in the same state at the start of each episode.

@@ -28,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from common.schedule import INIT_STATES, parse_range
+from common.init_states import parse_init, parse_inits
+from common.schedule import parse_range
 from producer.env import SUITES, EnvConfig, LiberoEnv
 
 log = logging.getLogger(__name__)
@@ -200,14 +201,16 @@ def validate_episode_selection(
 ) -> tuple[list[int], list[int]]:
     """Check a suite / task range / init-state range / worker count for the expert's commands.
 
-    Returns (task ids, init-state ids); raises ValueError naming the bad value and the valid ones.
+    ``init_states``: benchmark indices (``5-24``) or fresh seeds (``fresh:0-499``).
+    Returns (task ids, init states: ints or ``fresh:N`` labels); raises ValueError naming the bad value
+    and the valid ones.
     """
     if suite not in SUITES:
         raise ValueError(f"unknown suite {suite!r}; valid suites: {list(SUITES)}")
     if suite not in SUPPORTED_SUITES:
         raise ValueError(f"the scripted expert supports {list(SUPPORTED_SUITES)}, not {suite!r}")
     task_ids = parse_range(tasks, SUITES[suite], "task id")
-    init_ids = parse_range(init_states, INIT_STATES, "init state")
+    init_ids = parse_inits(init_states)
     if workers < 1:
         raise ValueError(f"workers {workers} must be >= 1")
     return task_ids, init_ids
@@ -216,14 +219,14 @@ def validate_episode_selection(
 @dataclass
 class EpisodeResult:
     task_id: int
-    init_state: int
+    init_state: int | str  # benchmark index or fresh:<seed>
     success: bool
     steps: int
     seconds: float
 
 
 def run_episode(
-    env: LiberoEnv, init_state: int, observe: bool = False, record: bool = False
+    env: LiberoEnv, init_state: int | str, observe: bool = False, record: bool = False
 ) -> tuple[EpisodeResult, dict[str, Any] | None]:
     """Run the expert for one episode. With ``record``, return the per-step data for a demo file."""
     t0 = time.perf_counter()
@@ -266,7 +269,10 @@ class ExpertEvalConfig:
 
     suite: str = field(default="libero_spatial", metadata={"help": f"suite, one of {SUPPORTED_SUITES}"})
     tasks: str = field(default="0-9", metadata={"help": "task ids, e.g. 0-9 or 0,4,7"})
-    init_states: str = field(default="0-4", metadata={"help": "init-state indices, e.g. 0-4 (0..49)"})
+    init_states: str = field(
+        default="0-4",
+        metadata={"help": "benchmark init states (e.g. 0-4, of 0..49) or fresh seeds (fresh:0-99)"},
+    )
     workers: int = field(default=2, metadata={"help": "parallel worker processes"})
     seed: int = field(default=0, metadata={"help": "environment seed"})
     max_steps: int | None = field(default=None, metadata={"help": "step limit (none: the suite's)"})
@@ -306,14 +312,21 @@ def close_worker_env() -> None:
         _worker_env = None
 
 
-def _eval_worker(args: tuple[str, int, int, int, int | None]) -> EpisodeResult:
+def env_config(suite: str, task_id: int, init_state: int | str, **kwargs: Any) -> EnvConfig:
+    """The EnvConfig of an episode from a benchmark index or a fresh label (fresh: pass it to reset)."""
+    return EnvConfig(
+        suite=suite, task_id=task_id, init_state=init_state if isinstance(init_state, int) else 0, **kwargs
+    )
+
+
+def _eval_worker(args: tuple[str, int, int | str, int, int | None]) -> EpisodeResult:
     from common.logs import setup_logging
 
     suite, task_id, init_state, seed, max_steps = args
     setup_logging()
-    cfg = EnvConfig(suite=suite, task_id=task_id, init_state=init_state, seed=seed, max_steps=max_steps)
+    cfg = env_config(suite, task_id, init_state, seed=seed, max_steps=max_steps)
     result, _ = run_episode(worker_env(cfg), init_state)
-    log.info("task %d init %d: %s in %d steps", task_id, init_state, result.success, result.steps)
+    log.info("task %d init %s: %s in %d steps", task_id, init_state, result.success, result.steps)
     return result
 
 
@@ -338,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append(result)
             bar.set_postfix(success=f"{sum(r.success for r in results)}/{len(results)}")
     wall = time.perf_counter() - t0
-    results.sort(key=lambda r: (r.task_id, r.init_state))
+    results.sort(key=lambda r: (r.task_id, parse_init(r.init_state)))
 
     from producer.env import list_tasks
 
