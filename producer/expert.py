@@ -52,6 +52,7 @@ CLOSE_STEPS = 10
 STALL_WINDOW = 5  # steps: advances when
 STALL_MOVE = 0.002  # the grip site moved less than this over the window while within STALL_TOL
 STALL_TOL = 0.025
+FINGERS_OPEN = 0.03  # finger qpos above which the gripper counts as open (0.0395 fully open)
 
 
 def _rotz(theta: float) -> np.ndarray:
@@ -112,6 +113,7 @@ class ScriptedExpert:
         self.phase = 0
         self.phase_steps = 0
         self.history: list[np.ndarray] = []
+        self.rise: np.ndarray | None = None  # a waypoint straight up before the approach (mid-episode)
         bowl = self.env.object_pos(self.obj)
         toward_base = ROBOT_BASE_XY - bowl[:2]
         self.u = toward_base / np.linalg.norm(toward_base)  # unit xy from bowl to robot base
@@ -128,6 +130,38 @@ class ScriptedExpert:
         self.rot_goal = _rotz(best) @ _DOWN
         self.carry_z = max(bowl[2], self.env.object_pos(self.target)[2]) + LIFT_DZ
         self.carry_xy = self.grasp_xy.copy()
+
+    def replan(self) -> str:
+        """Take over mid-episode: re-read the scene and pick the phase that fits it; returns its name.
+
+        Goal reached -> release. Bowl grasped -> lower if it is over the plate, carry if it is up at the
+        carry height, else lift (straight up from here). Bowl not grasped -> close if the open fingers are
+        around the rim, descend if they are above it, else approach (straight up first if the gripper is
+        low, away from the rim, so that it does not sweep through the scene).
+        """
+        self.reset()  # geometry (grasp point, yaw, carry height) from the current poses
+        env = self.env
+        eef, bowl, plate = env.eef_pos(), env.object_pos(self.obj), env.object_pos(self.target)
+        open_fingers = bool(env.gripper_qpos()[0] > FINGERS_OPEN)
+        above_grasp = np.linalg.norm(eef[:2] - self.grasp_xy) < TOL
+        if env.success():
+            name = "release"
+        elif env.is_grasped(self.obj):
+            self.grasp_xy = eef[:2].copy()
+            if np.linalg.norm(plate[:2] - bowl[:2]) < 2 * TOL:
+                name = "lower"
+            else:
+                name = "carry" if eef[2] > self.carry_z - TOL else "lift"
+        elif open_fingers and above_grasp and abs(eef[2] - self.grasp_z) < 1.5 * TOL:
+            name = "close"
+        elif open_fingers and above_grasp and self.grasp_z < eef[2] < self.grasp_z + ABOVE + TOL:
+            name = "descend"
+        else:
+            name = "approach"
+            if eef[2] < self.grasp_z + ABOVE - 2 * TOL and not above_grasp:
+                self.rise = np.array([eef[0], eef[1], self.grasp_z + ABOVE])
+        self.phase = self.PHASES.index(name)
+        return name
 
     @property
     def phase_name(self) -> str:
@@ -155,7 +189,7 @@ class ScriptedExpert:
         gripper = 1.0 if name in ("close", "lift", "carry", "lower") else -1.0
 
         if name == "approach":
-            goal = np.array([*self.grasp_xy, self.grasp_z + ABOVE])
+            goal = np.array([*self.grasp_xy, self.grasp_z + ABOVE]) if self.rise is None else self.rise
         elif name == "descend":
             goal = np.array([*self.grasp_xy, self.grasp_z])
         elif name == "close":
@@ -183,6 +217,11 @@ class ScriptedExpert:
                 self._advance()
         elif name == "release":
             pass  # hold still with the gripper open until the episode ends
+        elif self.rise is not None:  # up, then on with the approach
+            if err_done or self._stalled(eef, err) or self.phase_steps >= PHASE_TIMEOUT:
+                self.rise = None
+                self.phase_steps = 0
+                self.history.clear()
         elif err_done or (name != "descend" and self._stalled(eef, err)) or self.phase_steps >= PHASE_TIMEOUT:
             self._advance()
 

@@ -8,7 +8,7 @@ import pytest
 
 COMMANDS = [
     "producer.libero_setup",
-    "producer.env",
+    "producer.env_bench",
     "producer.expert",
     "producer.demos",
     "producer.dataset_info",
