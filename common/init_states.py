@@ -241,3 +241,25 @@ def check_demo_files(
         ):
             log.warning(line)
     return {"sources": sources, "counts": counts, "min_distance_m": nearest, "check": check}
+
+
+def require_checked(check: Any, allow_benchmark_states: bool, what: str) -> str:
+    """Gate a packed dataset on the leak check recorded when it was packed (``init_check``).
+
+    "passed" trains. A missing record (packed before initial states were recorded, or on-policy frames
+    of producer episodes, which start from benchmark states) or an overridden check raises
+    :class:`BenchmarkStateLeak` unless ``allow_benchmark_states`` (then logged loudly). Returns the
+    outcome to record with the trained weights.
+    """
+    text = None if check is None else str(check)
+    if text == "passed":
+        return text
+    reason = text or "records no initial-state check (legacy data, or frames of benchmark-state episodes)"
+    if not allow_benchmark_states:
+        raise BenchmarkStateLeak(
+            f"{what}: {reason}; the 50 benchmark initial states are the evaluation set. "
+            f"Pass {OVERRIDE_FLAG} for legacy data only"
+        )
+    for line in ("!" * 100, f"{OVERRIDE_FLAG}: TRAINING ON {what}", reason, "!" * 100):
+        log.warning(line)
+    return text if text and text.startswith("OVERRIDDEN") else f"OVERRIDDEN ({OVERRIDE_FLAG}): {reason}"

@@ -34,6 +34,7 @@ import torch
 from tqdm import tqdm
 
 from common.cli import config_to_dict, parse_config
+from common.init_states import require_checked
 from common.logs import setup_logging
 from common.schedule import INIT_STATES, parse_range
 from common.vla.embedded import normalize_images
@@ -74,6 +75,11 @@ class FitDraftConfig:
     codec_dir: Path | None = field(default=None, metadata={"help": "RFSQ codec (none: assets/codec)"})
     num_coarse_layers: int = field(default=3, metadata={"help": "K: layers the draft predicts (1..8)"})
     frame_stride: int = field(default=1, metadata={"help": "use every n-th frame of each demonstration"})
+    allow_benchmark_states: bool = field(
+        default=False,
+        metadata={"help": "LEGACY DATA ONLY: also fit on demonstrations that start from benchmark initial "
+                  "states (the evaluation set) or do not record their starts (logged loudly)"},
+    )  # fmt: skip
     val_fraction: float = field(default=0.15, metadata={"help": "fraction of demonstrations held out"})
     augment: int = field(
         default=0, metadata={"help": "extra randomly shifted views of every training frame (0: none)"}
@@ -148,6 +154,7 @@ def load_frames(cfg: FitDraftConfig, image_size: int) -> dict[str, Any]:
 
     if cfg.packed is not None:
         data = unpack(cfg.packed)
+        require_checked(data.get("init_check"), cfg.allow_benchmark_states, f"demonstrations {cfg.packed}")
         if data["images"].shape[2] != image_size:
             raise ValueError(
                 f"{cfg.packed} holds {data['images'].shape[2]}-pixel frames, the policy reads {image_size}"
@@ -156,7 +163,7 @@ def load_frames(cfg: FitDraftConfig, image_size: int) -> dict[str, Any]:
             keep = np.flatnonzero(data["step"] % cfg.frame_stride == 0)
             data = {**data, **{k: data[k][keep] for k in ("images", "proprio", "episode", "step")}}
         return data
-    return read_demos(list(cfg.demos), image_size, cfg.frame_stride)
+    return read_demos(list(cfg.demos), image_size, cfg.frame_stride, cfg.allow_benchmark_states)
 
 
 @torch.no_grad()

@@ -16,10 +16,7 @@ from common.init_states import (
     parse_init,
     parse_inits,
 )
-
-SUITE = "libero_spatial"
-TASK = "pick_up_the_black_bowl_on_the_cookie_box_and_place_it_on_the_plate"  # task 3
-OBJECTS = np.array([i + k for i in (9, 16, 23, 30, 37) for k in range(3)])  # qpos of the 5 objects' xyz
+from tests.init_helpers import OBJECTS, SUITE, TASK
 
 
 def test_labels():
@@ -109,3 +106,34 @@ def test_fresh_resets_are_new_reproducible_scenes():
     nearest = assert_no_benchmark_states(np.stack(states), SUITE, TASK, OBJECTS)
     assert nearest.min() > LEAK_TOL
     assert settled_bowl[2] > 0.91  # on the cookie box, as in the benchmark scenes of this task
+
+
+def _legacy_file(path, episodes=2, steps=6, side=16) -> None:
+    rng = np.random.default_rng(0)
+    with h5py.File(path, "w") as f:
+        for e in range(episodes):
+            g = f.create_group(f"data/demo_{e}")
+            g.attrs["instruction"] = "pick up the black bowl"
+            g["actions"] = rng.uniform(-1, 1, (steps, 7)).astype(np.float32)
+            for cam in ("agentview_rgb", "eye_in_hand_rgb"):
+                g[f"obs/{cam}"] = rng.integers(0, 256, (steps, side, side, 3), dtype=np.uint8)
+            g["obs/ee_states"] = rng.normal(size=(steps, 6))
+            g["obs/gripper_states"] = rng.normal(size=(steps, 2))
+
+
+def test_trainers_refuse_legacy_data_without_the_override(tmp_path):
+    from trainer import train_codec, train_vla
+
+    _legacy_file(tmp_path / "legacy.hdf5")
+    with pytest.raises(BenchmarkStateLeak, match="do not record their initial state"):
+        train_vla.read_demos([tmp_path / "legacy.hdf5"], 16)
+    data = train_vla.read_demos([tmp_path / "legacy.hdf5"], 16, allow_benchmark_states=True)
+    assert str(data["init_check"]).startswith("OVERRIDDEN") and list(data["init_source_of_episode"]) == [
+        "unrecorded",
+        "unrecorded",
+    ]
+    train_vla.pack(data, tmp_path / "legacy.npz", 0)
+    with pytest.raises(BenchmarkStateLeak, match="--allow-benchmark-states"):  # the pack remembers
+        train_vla.main(["--packed", str(tmp_path / "legacy.npz"), "--image-size", "16", "--out-dir", str(tmp_path)])
+    with pytest.raises(BenchmarkStateLeak, match="benchmark initial states of every task are the evaluation set"):
+        train_codec.main(["--demos", str(tmp_path / "legacy.hdf5"), "--out-dir", str(tmp_path / "codec")])
