@@ -47,7 +47,6 @@ import logging
 import multiprocessing as mp
 import os
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -62,7 +61,7 @@ from common.init_states import (
     OVERRIDE_FLAG,
     parse_init,
 )
-from producer.demo_file import DemoWriter, ShardStats, finish_file
+from producer.demo_file import DemoWriter, ShardStats, finish_file, git_revision
 from producer.env import EnvConfig
 from producer.expert import (
     SUPPORTED_SUITES,
@@ -225,20 +224,6 @@ def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _git_revision() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 @contextlib.contextmanager
 def episode_stream(jobs: list[Job], workers: int, worker: Any = _worker) -> Iterator[Iterator[Any]]:
     """``worker(job)`` for every job, in job order: in this process (1 worker) or a spawn pool."""
@@ -271,7 +256,7 @@ def record(cfg: DemosConfig, shards: list[tuple[Path, list[Job]]]) -> list[Shard
     from tqdm import tqdm
 
     stop = install_stop_handlers()
-    revision = _git_revision()  # the code that records the episodes (at the start of the run)
+    revision = git_revision()  # the code that records the episodes (at the start of the run)
     jobs = [job for _, js in shards for job in js]
     t0 = time.perf_counter()
     all_stats: list[ShardStats] = []

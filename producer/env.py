@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from functools import cache, lru_cache
 from typing import Any
 
+import mujoco
 import numpy as np
 
 from common.init_states import BENCHMARK, parse_init
@@ -66,6 +67,7 @@ FRESH_STREAM = 0x0F4E5  # keeps fresh-seed scenes apart from the benchmark episo
 FRESH_ATTEMPTS = 50  # draws of one fresh seed before giving up
 FRESH_MAX_SLIDE = 0.01  # m: an object that slides further while settling was placed overlapping another
 FRESH_MAX_DZ = 0.005  # m: an object resting higher or lower than in the benchmark scenes lies on another
+_FULL_STATE = mujoco.mjtState.mjSTATE_INTEGRATION  # what a MuJoCo step reads (warm start included)
 #: The no-op used while objects settle: no motion, gripper open.
 SETTLE_ACTION = np.array([0, 0, 0, 0, 0, 0, -1], dtype=np.float32)
 
@@ -380,6 +382,40 @@ class LiberoEnv:
 
             gated.__modality__ = getattr(real, "__modality__", "image")  # type: ignore[attr-defined]
             observable._sensor = gated
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything a step depends on, to try actions from here and :meth:`restore` after (a DAgger
+        label): MuJoCo's integration state (warm start included), the robot's, its controller's and
+        gripper's arrays (goals, the gripper's ramped command), the env's clocks and this wrapper's."""
+        robo = self._env.env
+        model, data = robo.sim.model._model, robo.sim.data._data
+        state = np.empty(mujoco.mj_stateSize(model, _FULL_STATE))
+        mujoco.mj_getState(model, data, state, _FULL_STATE)
+        robot = robo.robots[0]
+        parts = (robot, robot.controller, robot.gripper)
+        return {
+            "mujoco": state,
+            "arrays": [{k: v.copy() for k, v in vars(p).items() if isinstance(v, np.ndarray)} for p in parts],
+            "env": (robo.timestep, robo.cur_time, robo.done),
+            "clocks": {k: (o._time_since_last_sample, o._sampled) for k, o in robo._observables.items()},
+            "wrapper": (dict(self._raw), self._steps, self._done, self._fresh_images, self._want_images),
+        }
+
+    def restore(self, snap: dict[str, Any]) -> None:
+        """Go back to a :meth:`snapshot` of this episode (stepping on from it is stepping on from there)."""
+        robo = self._env.env
+        model, data = robo.sim.model._model, robo.sim.data._data
+        mujoco.mj_setState(model, data, snap["mujoco"], _FULL_STATE)
+        mujoco.mj_forward(model, data)  # positions of the restored state for readers before the next step
+        robot = robo.robots[0]
+        for part, arrays in zip((robot, robot.controller, robot.gripper), snap["arrays"]):
+            for k, v in arrays.items():
+                setattr(part, k, v.copy())
+        robo.timestep, robo.cur_time, robo.done = snap["env"]
+        for k, (since, sampled) in snap["clocks"].items():
+            robo._observables[k]._time_since_last_sample, robo._observables[k]._sampled = since, sampled
+        raw, self._steps, self._done, self._fresh_images, self._want_images = snap["wrapper"]
+        self._raw = dict(raw)
 
     @property
     def done(self) -> bool:

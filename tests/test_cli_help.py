@@ -13,6 +13,7 @@ COMMANDS = [
     "producer.env_bench",
     "producer.expert",
     "producer.demos",
+    "producer.dagger",
     "producer.dataset_info",
     "producer.produce",
     "trainer.train_codec",
