@@ -164,6 +164,41 @@ def _suite_of(data_group: Any, default: str) -> str:
         return default
 
 
+_Fresh = dict[tuple[str, str, tuple[int, ...]], tuple[list[str], list[np.ndarray]]]
+
+
+def _scan(paths: list[Path], suite: str) -> tuple[dict[str, str], list[str], list[str], _Fresh]:
+    """Every demo's start: sources {key: label}, legacy keys, benchmark keys, and the fresh starts
+    grouped by (suite, task, object qpos index) -> (keys, states)."""
+    import h5py  # heavy optional dependency: packed data is read without it
+
+    sources: dict[str, str] = {}
+    legacy: list[str] = []
+    benchmark: list[str] = []
+    fresh: _Fresh = {}
+    for path in paths:
+        with h5py.File(path, "r") as f:
+            if "data" not in f:
+                raise ValueError(f"{path}: no 'data' group (expected the robomimic/LIBERO layout)")
+            file_suite = _suite_of(f["data"], suite)
+            for name, g in f["data"].items():
+                key = f"{Path(path).name}:{name}"
+                recorded = all(a in g.attrs for a in ("init_source", "task_name", "init_object_qpos"))
+                if not recorded or "init_sim_state" not in g:
+                    sources[key] = "unrecorded"
+                    legacy.append(key)
+                    continue
+                label = sources[key] = init_label(_text(g.attrs["init_source"]))
+                if label.startswith(BENCHMARK):
+                    benchmark.append(f"{key} ({label})")
+                    continue
+                idx = tuple(int(i) for i in np.asarray(g.attrs["init_object_qpos"]).ravel())
+                names, states = fresh.setdefault((file_suite, _text(g.attrs["task_name"]), idx), ([], []))
+                names.append(key)
+                states.append(np.asarray(g["init_sim_state"], dtype=np.float64))
+    return sources, legacy, benchmark, fresh
+
+
 def check_demo_files(
     paths: list[Path], allow_benchmark_states: bool = False, suite: str = "libero_spatial"
 ) -> dict[str, Any]:
@@ -178,32 +213,7 @@ def check_demo_files(
     Returns {"sources": {"<file name>:<demo>": label or "unrecorded"}, "counts": {...},
     "min_distance_m": nearest fresh-to-benchmark distance, "check": "passed" | "OVERRIDDEN: ..."}.
     """
-    import h5py  # heavy optional dependency: packed data is read without it
-
-    sources: dict[str, str] = {}
-    legacy: list[str] = []
-    benchmark: list[str] = []
-    fresh: dict[tuple[str, str, tuple[int, ...]], tuple[list[str], list[np.ndarray]]] = {}
-    for path in paths:
-        with h5py.File(path, "r") as f:
-            if "data" not in f:
-                raise ValueError(f"{path}: no 'data' group (expected the robomimic/LIBERO layout)")
-            file_suite = _suite_of(f["data"], suite)
-            for name, g in f["data"].items():
-                key = f"{Path(path).name}:{name}"
-                if "init_source" not in g.attrs or "init_sim_state" not in g:
-                    sources[key] = "unrecorded"
-                    legacy.append(key)
-                    continue
-                label = init_label(_text(g.attrs["init_source"]))
-                sources[key] = label
-                if label.startswith(BENCHMARK):
-                    benchmark.append(f"{key} ({label})")
-                    continue
-                idx = tuple(int(i) for i in np.asarray(g.attrs["init_object_qpos"]).ravel())
-                names, states = fresh.setdefault((file_suite, _text(g.attrs["task_name"]), idx), ([], []))
-                names.append(key)
-                states.append(np.asarray(g["init_sim_state"], dtype=np.float64))
+    sources, legacy, benchmark, fresh = _scan(paths, suite)
     leaks: list[str] = []
     nearest = np.inf
     for (file_suite, task_name, idx), (names, states) in fresh.items():
