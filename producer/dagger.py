@@ -39,13 +39,14 @@ from common.cli import config_to_dict, parse_config
 from common.init_states import FRESH, parse_init
 from common.logs import setup_logging
 from common.vla import load_policy
-from producer.demo_file import DemoWriter, ShardStats, finish_file, git_revision
+from producer.demo_file import DemoWriter, ShardStats, errored, finish_file, git_revision
 from producer.demos import episode_meta, episode_stream, install_stop_handlers
 from producer.env import EnvConfig, LiberoEnv
 from producer.expert import (
     SUPPORTED_SUITES,
     EpisodeResult,
     ScriptedExpert,
+    close_worker_env,
     env_config,
     validate_episode_selection,
     worker_env,
@@ -203,11 +204,20 @@ def _policy(job: DaggerJob) -> Any:
 def _worker(job: DaggerJob) -> tuple[EpisodeResult, dict[str, np.ndarray], dict[str, Any]]:
     setup_logging()
     policy = _policy(job)
-    env = worker_env(job.env)
-    with torch.no_grad():
-        result, arrays = dagger_episode(
-            env, lambda o: policy.act([o])[0].actions, job.init, job.replan, job.label_every, job.label_len
-        )
+    try:
+        env = worker_env(job.env)
+        with torch.no_grad():
+            result, arrays = dagger_episode(
+                env,
+                lambda o: policy.act([o])[0].actions,
+                job.init,
+                job.replan,
+                job.label_every,
+                job.label_len,
+            )
+    except Exception as exc:  # a simulator or policy error ends this episode only
+        close_worker_env()
+        return errored(job.env.task_id, job.init, exc)
     meta = episode_meta(env)
     meta["attrs"] = {"round": job.round, "policy": policy.backbone_id, "replan": job.replan,
                      "label_every": job.label_every}  # fmt: skip
@@ -245,9 +255,10 @@ def main(argv: list[str] | None = None) -> int:
         bar = tqdm(episodes, total=len(jobs), desc=f"dagger round {cfg.round}", unit="ep")
         for result, arrays, meta in bar:
             stats.add(result, meta)
-            results.append(result)
-            policy_id = meta["attrs"]["policy"]
-            writer.add(result, arrays, meta)
+            if arrays is not None:
+                results.append(result)
+                policy_id = meta["attrs"]["policy"]
+                writer.add(result, arrays, meta)
             bar.set_postfix(success=f"{sum(r.success for r in results)}/{len(results)}", frames=writer.total)
             if cfg.max_minutes is not None and time.perf_counter() - t0 > 60 * cfg.max_minutes:
                 stop.set()

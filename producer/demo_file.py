@@ -147,6 +147,13 @@ class DemoWriter:
         self.file.close()
 
 
+def errored(
+    task_id: int, init_state: int | str, exc: BaseException
+) -> tuple[EpisodeResult, None, dict[str, Any]]:
+    """What a worker returns for an episode that raised: the recorder counts it and goes on."""
+    return EpisodeResult(task_id, init_state, False, 0, 0.0), None, {"error": f"{type(exc).__name__}: {exc}"}
+
+
 @dataclass
 class ShardStats:
     """What one output file saw: episodes done, failures, steps, seconds per episode."""
@@ -155,11 +162,18 @@ class ShardStats:
     done: int = 0
     steps: int = 0
     failures: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[dict[str, Any]] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
     env_args: dict[str, Any] | None = None
 
     def add(self, result: EpisodeResult, meta: dict[str, Any]) -> None:
         self.done += 1
+        if "error" in meta:  # the episode crashed: counted, logged, nothing written
+            self.errors.append(
+                {"task_id": result.task_id, "init_state": result.init_state, "error": meta["error"]}
+            )
+            log.error("task %d %s errored: %s", result.task_id, result.init_state, meta["error"])
+            return
         self.steps += result.steps
         self.seconds.append(result.seconds)
         self.env_args = self.env_args or meta["env_args"]
@@ -178,6 +192,8 @@ def finish_file(writer: DemoWriter, stats: ShardStats, cfg: Any, revision: str, 
             "num_episodes": stats.done,
             "complete": stats.done == stats.planned,
             "failures": json.dumps(stats.failures),
+            "num_errors": len(stats.errors),
+            "errors": json.dumps(stats.errors),
             "mean_episode_seconds": float(np.mean(stats.seconds)) if stats.seconds else float("nan"),
             "source": source,
             "repository_version": revision,

@@ -61,7 +61,7 @@ from common.init_states import (
     OVERRIDE_FLAG,
     parse_init,
 )
-from producer.demo_file import DemoWriter, ShardStats, finish_file, git_revision
+from producer.demo_file import DemoWriter, ShardStats, errored, finish_file, git_revision
 from producer.env import EnvConfig
 from producer.expert import (
     SUPPORTED_SUITES,
@@ -215,7 +215,11 @@ def _worker(args: Job) -> tuple[EpisodeResult, dict[str, np.ndarray], dict[str, 
 
     cfg, init_state = args
     setup_logging()
-    result, arrays = record_episode(cfg, init_state)
+    try:
+        result, arrays = record_episode(cfg, init_state)
+    except Exception as exc:  # a simulator error ends this episode only
+        close_worker_env()  # the next episode builds a new environment
+        return errored(cfg.task_id, init_state, exc)
     return result, arrays, episode_meta(worker_env(cfg))
 
 
@@ -272,7 +276,7 @@ def record(cfg: DemosConfig, shards: list[tuple[Path, list[Job]]]) -> list[Shard
                 stats = ShardStats(planned=len(shard_jobs))
                 all_stats.append(stats)
             stats.add(result, meta)
-            if result.success or cfg.keep_failures:
+            if arrays is not None and (result.success or cfg.keep_failures):
                 writer.add(result, arrays, meta)
             bar.set_postfix(
                 file=writer.path.name.split(".")[0], kept=writer.num_demos, failed=len(stats.failures)

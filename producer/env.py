@@ -65,7 +65,7 @@ ACTION_DIM = 7
 FRESH_JOINT_NOISE = 0.02
 FRESH_STREAM = 0x0F4E5  # keeps fresh-seed scenes apart from the benchmark episodes' fixture seeds
 FRESH_ATTEMPTS = 50  # draws of one fresh seed before giving up
-FRESH_MAX_SLIDE = 0.01  # m: an object that slides further while settling was placed overlapping another
+FRESH_MAX_SLIDE = 0.01  # m: an object sliding further (than in the benchmark scene) was placed overlapping
 FRESH_MAX_DZ = 0.005  # m: an object resting higher or lower than in the benchmark scenes lies on another
 _FULL_STATE = mujoco.mjtState.mjSTATE_INTEGRATION  # what a MuJoCo step reads (warm start included)
 #: The no-op used while objects settle: no motion, gripper open.
@@ -219,7 +219,7 @@ class LiberoEnv:
         self.init_source: str | None = None  # label of the current episode's start (after reset)
         self.initial_state: np.ndarray | None = None  # [S] its MuJoCo state after placement, before settling
         self.fresh_attempts = 0  # placements drawn for the last fresh start
-        self._rest_z: np.ndarray | None = None  # settled object heights of the benchmark scenes
+        self._reference: tuple[np.ndarray, np.ndarray] | None = None  # how benchmark state 0 settles
 
     # ---------------------------------------------------------------- episode
     def _check_init_state(self, index: int) -> None:
@@ -244,10 +244,10 @@ class LiberoEnv:
             self.init_state = index
             self._start(self.episode_seed(index), 0.0, self._init_states[index])
         else:
-            rest_z = self._rest_heights() if self.cfg.settle_steps else None
+            reference = self._reference_settle() if self.cfg.settle_steps else None
             for attempt in range(FRESH_ATTEMPTS):
                 self._start(self.fresh_seed(index, attempt), FRESH_JOINT_NOISE, None)
-                problem = self._placement_problem(rest_z)
+                problem = self._placement_problem(reference)
                 if problem is None:
                     break
                 log.debug("fresh:%d attempt %d redrawn: %s", index, attempt, problem)
@@ -285,29 +285,34 @@ class LiberoEnv:
             self._want_images = i == self.cfg.settle_steps - 1  # images of the last settle step only
             self._raw, _, _, _ = self._env.step(SETTLE_ACTION)
 
-    def _rest_heights(self) -> np.ndarray:
-        """Settled z of every movable object in benchmark state 0 (computed once per task)."""
-        if self._rest_z is None:
+    def _reference_settle(self) -> tuple[np.ndarray, np.ndarray]:
+        """How the objects settle in benchmark state 0 (once per task): (how far each slides [objects],
+        the height each comes to rest at [objects]). A bowl placed on the ramekin slides 15 mm there."""
+        if self._reference is None:
             self._start(self.episode_seed(0), 0.0, self._init_states[0])
-            self._rest_z = self._object_xyz()[:, 2]
-        return self._rest_z
+            placed = self.initial_state[1 + self.object_qpos_index()].reshape(-1, 3)
+            now = self._object_xyz()
+            self._reference = (np.linalg.norm(now[:, :2] - placed[:, :2], axis=1), now[:, 2])
+        return self._reference
 
     def _object_xyz(self) -> np.ndarray:
         """[objects, 3] positions of the movable objects (qpos of their free joints)."""
         return self._env.env.sim.data.qpos[self.object_qpos_index()].reshape(-1, 3).copy()
 
-    def _placement_problem(self, rest_z: np.ndarray | None) -> str | None:
-        """Why the settled scene is not a valid start (None: valid): an object moved while settling (the
-        placement overlapped) or rests at another height than in the benchmark scenes (on another object)."""
-        if rest_z is None:
+    def _placement_problem(self, reference: tuple[np.ndarray, np.ndarray] | None) -> str | None:
+        """Why the settled scene is not a valid start (None: valid): an object slid further while settling
+        than in the benchmark scene (its placement overlapped another) or rests at another height (on
+        another object)."""
+        if reference is None:
             return None
+        ref_slide, rest_z = reference
         placed = self.initial_state[1 + self.object_qpos_index()].reshape(-1, 3)
         now = self._object_xyz()
-        moved = np.linalg.norm(now[:, :2] - placed[:, :2], axis=1)
+        slide = np.linalg.norm(now[:, :2] - placed[:, :2], axis=1) - ref_slide
         dz = np.abs(now[:, 2] - rest_z)
         names = list(self._env.env.objects_dict)
-        if moved.max() > FRESH_MAX_SLIDE:
-            return f"{names[int(moved.argmax())]} slid {1000 * moved.max():.0f} mm while settling"
+        if slide.max() > FRESH_MAX_SLIDE:
+            return f"{names[int(slide.argmax())]} slid {1000 * slide.max():.0f} mm more than in the benchmark scene"
         if dz.max() > FRESH_MAX_DZ:
             return f"{names[int(dz.argmax())]} rests {1000 * dz.max():.0f} mm off its benchmark height"
         return None

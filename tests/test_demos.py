@@ -125,3 +125,22 @@ def test_demos_config_validation(tmp_path):
     with pytest.raises(ValueError, match="--overwrite"):
         demos.DemosConfig(out=existing)
     assert demos.DemosConfig(out=tmp_path / "y.hdf5").keep_failures is False
+
+
+def test_a_crashing_episode_is_counted_and_the_run_goes_on(tmp_path, monkeypatch):
+    def broken(cfg, init_state):
+        raise RuntimeError(f"simulator fell over at {init_state}")
+
+    monkeypatch.setattr(demos, "record_episode", broken)
+    out = tmp_path / "e.hdf5"
+    argv = ["--out", str(out), "--tasks", "3", "--init-states", "fresh:0-1", "--workers", "1"]
+    assert demos.main(argv) == 0
+    with h5py.File(out, "r") as f:
+        data = f["data"]
+        assert data.attrs["num_errors"] == 2 and data.attrs["num_demos"] == 0 and data.attrs["complete"]
+        errors = json.loads(data.attrs["errors"])
+        assert errors[1] == {
+            "task_id": 3,
+            "init_state": "fresh:1",
+            "error": "RuntimeError: simulator fell over at fresh:1",
+        }
