@@ -14,6 +14,7 @@ COMMANDS = [
     "producer.expert",
     "producer.demos",
     "producer.dagger",
+    "producer.fresh_probe",
     "producer.dataset_info",
     "producer.produce",
     "trainer.train_codec",
