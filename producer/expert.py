@@ -53,6 +53,7 @@ STALL_WINDOW = 5  # steps: advances when
 STALL_MOVE = 0.002  # the grip site moved less than this over the window while within STALL_TOL
 STALL_TOL = 0.025
 FINGERS_OPEN = 0.03  # finger qpos above which the gripper counts as open (0.0395 fully open)
+FINGERS_EMPTY = 0.006  # finger qpos below which a closed gripper holds nothing (0.004 on a bowl's rim)
 
 
 def _rotz(theta: float) -> np.ndarray:
@@ -135,14 +136,15 @@ class ScriptedExpert:
         """Take over mid-episode: re-read the scene and pick the phase that fits it; returns its name.
 
         Goal reached -> release. Bowl grasped -> lower if it is over the plate, carry if it is up at the
-        carry height, else lift (straight up from here). Bowl not grasped -> close if the open fingers are
-        around the rim, descend if they are above it, else approach (straight up first if the gripper is
+        carry height, else lift (straight up from here). Bowl not grasped -> close if the fingers are around
+        the rim (open or still closing), descend if they are open above it, else approach (straight up first if the gripper is
         low, away from the rim, so that it does not sweep through the scene).
         """
         self.reset()  # geometry (grasp point, yaw, carry height) from the current poses
         env = self.env
         eef, bowl, plate = env.eef_pos(), env.object_pos(self.obj), env.object_pos(self.target)
-        open_fingers = bool(env.gripper_qpos()[0] > FINGERS_OPEN)
+        fingers = float(env.gripper_qpos()[0])
+        open_fingers = fingers > FINGERS_OPEN
         above_grasp = np.linalg.norm(eef[:2] - self.grasp_xy) < TOL
         if env.success():
             name = "release"
@@ -152,8 +154,8 @@ class ScriptedExpert:
                 name = "lower"
             else:
                 name = "carry" if eef[2] > self.carry_z - TOL else "lift"
-        elif open_fingers and above_grasp and abs(eef[2] - self.grasp_z) < 1.5 * TOL:
-            name = "close"
+        elif fingers > FINGERS_EMPTY and above_grasp and abs(eef[2] - self.grasp_z) < 1.5 * TOL:
+            name = "close"  # open, or closing around the rim
         elif open_fingers and above_grasp and self.grasp_z < eef[2] < self.grasp_z + ABOVE + TOL:
             name = "descend"
         else:

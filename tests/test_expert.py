@@ -125,7 +125,7 @@ def test_expert_takes_over_after_another_policy_moved_the_arm(task_id):
 
 @pytest.mark.slow
 @pytest.mark.sim
-def test_expert_takes_over_at_the_rim_and_when_done():
+def test_expert_takes_over_while_closing_at_the_rim_and_when_done():
     from producer.env import EnvConfig, LiberoEnv
 
     with LiberoEnv(EnvConfig(task_id=2, image_size=16)) as env:
@@ -133,6 +133,9 @@ def test_expert_takes_over_at_the_rim_and_when_done():
         first = ScriptedExpert(env)
         while first.phase_name != "close":  # open fingers around the rim
             env.step(first.act(), observe=False)
+        for _ in range(7):  # closing, not closed yet (it touches the rim at about step 10)
+            env.step(first.act(), observe=False)
+        assert 0.006 < env.gripper_qpos()[0] < 0.03 and not env.is_grasped(first.obj)
         second = ScriptedExpert(env)
         assert second.replan() == "close"
         assert _finish(env, second)
