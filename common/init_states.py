@@ -87,29 +87,32 @@ def parse_inits(text: str) -> list[int | str]:
 
 
 # ------------------------------------------------------------------------------ benchmark states
-def init_files_dir() -> Path:
-    """LIBERO's ``init_files`` folder: the ``init_states`` key of ``$LIBERO_CONFIG_PATH/config.yaml``, else
-    the installed package's own folder (found without importing LIBERO, which may prompt for a config)."""
+def init_files_dirs() -> list[Path]:
+    """Where LIBERO's ``init_files`` may be: the installed package's own folder (found without importing
+    LIBERO, which may prompt for a config), then the ``init_states`` key of
+    ``$LIBERO_CONFIG_PATH/config.yaml`` (a shared file that other checkouts rewrite with their paths)."""
+    dirs = []
+    spec = find_spec("libero")
+    if spec is not None and spec.submodule_search_locations:
+        dirs.append(Path(next(iter(spec.submodule_search_locations))) / "libero" / "init_files")
     config = Path(os.environ.get("LIBERO_CONFIG_PATH", Path.home() / ".libero")) / "config.yaml"
     if config.is_file():
         for line in config.read_text().splitlines():
             key, _, value = line.partition(":")
             if key.strip() == "init_states" and value.strip():
-                return Path(value.strip())
-    spec = find_spec("libero")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("LIBERO is not installed: cannot load the benchmark initial states")
-    return Path(next(iter(spec.submodule_search_locations))) / "libero" / "init_files"
+                dirs.append(Path(value.strip()))
+    return dirs
 
 
 @lru_cache(maxsize=64)
 def benchmark_init_states(suite: str, task_name: str) -> np.ndarray:
     """The task's benchmark initial states as LIBERO evaluates them: [50, S] flattened MuJoCo states."""
-    path = init_files_dir() / suite / f"{task_name}.pruned_init"
-    if not path.is_file():
-        raise ValueError(f"no benchmark initial states for {suite} task {task_name!r} (looked for {path})")
-    states = torch.load(path, weights_only=False)  # LIBERO's own file: a pickled numpy array
-    return np.asarray(states, dtype=np.float64)
+    paths = [d / suite / f"{task_name}.pruned_init" for d in init_files_dirs()]
+    for path in paths:
+        if path.is_file():
+            states = torch.load(path, weights_only=False)  # LIBERO's own file: a pickled numpy array
+            return np.asarray(states, dtype=np.float64)
+    raise ValueError(f"no benchmark initial states for {suite} task {task_name!r} (looked for {paths})")
 
 
 def object_distances(states: np.ndarray, bench: np.ndarray, qpos_index: np.ndarray) -> np.ndarray:

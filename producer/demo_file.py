@@ -60,6 +60,7 @@ class DemoWriter:
         self.total = 0
         self.names_by_task: dict[int, list[tuple[tuple[str, int], str]]] = {}
         self.leaks: list[str] = []
+        self.unchecked: list[str] = []
         self.benchmark_starts = 0
         self.nearest_benchmark_m = float("inf")
 
@@ -88,6 +89,10 @@ class DemoWriter:
             log.error("dropped: %s", exc)
             self.leaks.append(meta["init_source"])
             return False
+        except (OSError, ValueError) as exc:  # benchmark states unreadable now: keep it
+            log.error("written unchecked (the trainers check it again): %s", exc)
+            self.unchecked.append(meta["init_source"])
+            return True
         self.nearest_benchmark_m = min(self.nearest_benchmark_m, float(near.min()))
         return True
 
@@ -128,6 +133,7 @@ class DemoWriter:
         self.data.attrs["num_demos"] = self.num_demos
         self.data.attrs["init_check"] = json.dumps(
             {"benchmark_starts_written": self.benchmark_starts, "fresh_dropped_as_benchmark": self.leaks,
+             "unchecked": self.unchecked,
              "nearest_benchmark_m": None if self.nearest_benchmark_m == float("inf") else self.nearest_benchmark_m}
         )  # fmt: skip
         # Validation split: the episodes of the highest initial state of every task.

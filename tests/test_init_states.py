@@ -154,3 +154,15 @@ def test_fresh_start_where_the_benchmark_scene_itself_settles_with_a_slide():
         assert env.fresh_attempts <= 3
         ref_slide, _ = env._reference_settle()
         assert ref_slide.max() > FRESH_MAX_SLIDE  # the reason a fixed threshold fails here
+
+
+def test_benchmark_states_are_found_whatever_the_shared_config_says(tmp_path, monkeypatch):
+    """Other checkouts rewrite the shared LIBERO config with their own paths (a removed worktree's venv
+    once stopped the recorder): the installed package's own files come first."""
+    (tmp_path / "config.yaml").write_text("init_states: /nonexistent/venv/libero/init_files\n")
+    monkeypatch.setenv("LIBERO_CONFIG_PATH", str(tmp_path))
+    benchmark_init_states.cache_clear()
+    try:
+        assert benchmark_init_states(SUITE, TASK).shape == (50, 92)
+    finally:
+        benchmark_init_states.cache_clear()
