@@ -196,7 +196,8 @@ def finish_file(writer: DemoWriter, stats: ShardStats, cfg: Any, revision: str, 
             "config": json.dumps(config_to_dict(cfg)),
             "num_failures": len(stats.failures),
             "num_episodes": stats.done,
-            "complete": stats.done == stats.planned,
+            "complete": stats.done == stats.planned
+            and not stats.errors,  # errored episodes: --resume retries
             "failures": json.dumps(stats.failures),
             "num_errors": len(stats.errors),
             "errors": json.dumps(stats.errors),
