@@ -2,12 +2,25 @@
 
 Worker processes run expert episodes in the real simulator and send each episode back to the
 parent through the pool's result queue; only the parent writes the file, so a crashed worker cannot
-corrupt it. The file is written as ``<out>.partial`` and renamed when complete.
+corrupt it. A file is written as ``<out>.partial`` and renamed when complete. With
+``--shard-episodes N`` the episodes go to shards ``<out stem>-000.hdf5``, ``-001``, … of N episodes
+each (in job order), each a complete file on its own: a run that is stopped or killed leaves every
+finished shard usable, and ``--resume`` records only the shards not yet complete.
+
+Episodes start from fresh initial states by default (``--init-states fresh:0-49``: new random object
+placements drawn from fresh seeds; see ``common/init_states.py``). The 50 benchmark initial states of
+every task are the evaluation set: recording from them needs ``--allow-benchmark-states`` (legacy
+data only), and every fresh start is compared to them before it is written (a match is dropped and
+counted).
 
 Layout (N steps of one episode; images exactly as the policy sees them, upright uint8):
 
-    data/                       attrs: env_args (JSON), total, num_demos, num_failures, config (JSON), …
-    data/demo_K/                attrs: num_samples, instruction, task_id, init_state, success, seed
+    data/                       attrs: env_args (JSON), total, num_demos, num_failures, config (JSON),
+                                init_check, …
+    data/demo_K/                attrs: num_samples, instruction, task_id, task_name, success,
+                                init_source ("fresh:<seed>" or "benchmark:<index>"), init_state (the
+                                benchmark index, -1 for a fresh start), init_object_qpos (qpos indices
+                                of the objects' xyz), fresh_attempts
         actions            [N, 7]  float32   the env's action space ([-1, 1]; gripper -1 open, +1 close)
         obs/agentview_rgb  [N, h, w, 3] uint8
         obs/eye_in_hand_rgb [N, h, w, 3] uint8
@@ -15,38 +28,46 @@ Layout (N steps of one episode; images exactly as the policy sees them, upright 
         obs/gripper_states [N, 2]  float64   finger joint positions
         obs/joint_states   [N, 7]  float64   arm joint positions
         states             [N, S]  float64   flattened MuJoCo state (for replay)
+        init_sim_state     [S]     float64   the initial state: after placement, before settling
         rewards            [N]     float32
         dones              [N]     uint8
-    mask/train, mask/valid      demo names (valid: the last init state of every task)
+    mask/train, mask/valid      demo names (valid: the last initial state of every task)
 
 ``obs[i]`` is the observation on which ``actions[i]`` was taken; ``rewards[i]``/``dones[i]`` follow it.
 
-    python -m producer.demos --out data/demos/libero_spatial_expert.hdf5 --tasks 0-9 --init-states 5-24
+    python -m producer.demos --out data/demos/libero_spatial_fresh.hdf5 --tasks 0-9 --init-states fresh:0-49
+    python -m producer.demos --out /work/data/fresh/spatial.hdf5 --init-states fresh:0-59 \
+        --shard-episodes 20 --resume        # shards; run again to finish after a stop
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import multiprocessing as mp
 import os
 import signal
-import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from common.init_states import (
+    BENCHMARK,
+    OVERRIDE_FLAG,
+    parse_init,
+)
+from producer.demo_file import DemoWriter, ShardStats, errored, finish_file, git_revision
 from producer.env import EnvConfig
 from producer.expert import (
     SUPPORTED_SUITES,
     EpisodeResult,
     close_worker_env,
+    env_config,
     run_episode,
     validate_episode_selection,
     worker_env,
@@ -54,23 +75,24 @@ from producer.expert import (
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-OBS_KEYS = ("agentview_rgb", "eye_in_hand_rgb", "ee_states", "gripper_states", "joint_states")
+
+Job = tuple[EnvConfig, "int | str"]  # (the task's env config, initial state: index or fresh:<seed>)
 
 
 @dataclass
 class DemosConfig:
-    """Record scripted-expert demonstrations in the real LIBERO simulator to one HDF5 file."""
+    """Record scripted-expert demonstrations in the real LIBERO simulator to HDF5."""
 
     out: Path = field(
-        default=Path("data/demos/libero_spatial_expert.hdf5"), metadata={"help": "output HDF5 file"}
+        default=Path("data/demos/libero_spatial_fresh.hdf5"), metadata={"help": "output HDF5 file"}
     )
     suite: str = field(default="libero_spatial", metadata={"help": f"suite, one of {SUPPORTED_SUITES}"})
     tasks: str = field(default="0-9", metadata={"help": "task ids, e.g. 0-9 or 0,4,7"})
     init_states: str = field(
-        default="5-24",
-        metadata={"help": "init-state indices (0..49); 0-4 are kept for closed-loop evaluation"},
-    )
+        default="fresh:0-49",
+        metadata={"help": "fresh seeds (fresh:0-499: new random initial states) or, with "
+                  f"{OVERRIDE_FLAG}, benchmark init-state indices (0..49, the evaluation set)"},
+    )  # fmt: skip
     workers: int = field(default=2, metadata={"help": "parallel worker processes"})
     image_size: int = field(default=128, metadata={"help": "square camera image size"})
     seed: int = field(default=0, metadata={"help": "environment seed (episodes are deterministic)"})
@@ -79,10 +101,20 @@ class DemosConfig:
     compression: str = field(
         default="gzip", metadata={"help": "image compression", "choices": ["gzip", "lzf", "none"]}
     )
-    overwrite: bool = field(default=False, metadata={"help": "replace an existing output file"})
+    overwrite: bool = field(default=False, metadata={"help": "replace existing output files"})
     max_minutes: float | None = field(
         default=None,
         metadata={"help": "stop after this many minutes and finalize the file with the episodes done"},
+    )
+    shard_episodes: int = field(
+        default=0, metadata={"help": "write shards of N episodes (<out stem>-000.hdf5, ...; 0: one file)"}
+    )
+    resume: bool = field(
+        default=False, metadata={"help": "keep the complete shards already written, record the others"}
+    )
+    allow_benchmark_states: bool = field(
+        default=False,
+        metadata={"help": "LEGACY DATA ONLY: record from benchmark initial states (the evaluation set)"},
     )
 
     def __post_init__(self) -> None:
@@ -90,15 +122,62 @@ class DemosConfig:
         self.task_ids, self.init_ids = validate_episode_selection(
             self.suite, self.tasks, self.init_states, self.workers
         )
+        bench = [i for i in self.init_ids if parse_init(i)[0] == BENCHMARK]
+        if bench and not self.allow_benchmark_states:
+            raise ValueError(
+                f"--init-states {self.init_states} names benchmark initial states, the evaluation set; "
+                f"record training data from fresh ones (e.g. fresh:0-49), or pass {OVERRIDE_FLAG} (legacy only)"
+            )
         if self.compression not in ("gzip", "lzf", "none"):
             raise ValueError(f"compression {self.compression!r}; valid: gzip, lzf, none")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ValueError(f"max_minutes {self.max_minutes} must be > 0")
-        if self.out.exists() and not self.overwrite:
-            raise ValueError(f"{self.out} exists; pass --overwrite to replace it")
+        if self.shard_episodes < 0:
+            raise ValueError(f"shard_episodes {self.shard_episodes} must be >= 0")
+        if self.resume and not self.shard_episodes:
+            raise ValueError("--resume needs --shard-episodes (it keeps complete shards)")
+        if self.resume and self.overwrite:
+            raise ValueError("pass either --resume or --overwrite")
+        existing = [p for p, _ in plan_shards(self, []) if p.exists()] if self.shard_episodes else (
+            [self.out] if self.out.exists() else [])  # fmt: skip
+        if existing and not (self.overwrite or self.resume):
+            raise ValueError(f"{existing[0]} exists; pass --overwrite to replace or --resume to continue")
 
 
-def record_episode(cfg: EnvConfig, init_state: int) -> tuple[EpisodeResult, dict[str, np.ndarray]]:
+def plan_jobs(cfg: DemosConfig) -> list[Job]:
+    """Initial-state-major order: every prefix of the run covers all tasks evenly, so a run stopped
+    early (SIGINT/SIGTERM, --max-minutes, a killed shard run) still leaves balanced data."""
+    return [
+        (env_config(cfg.suite, t, i, image_size=cfg.image_size, seed=cfg.seed, max_steps=cfg.max_steps), i)
+        for i in cfg.init_ids
+        for t in cfg.task_ids
+    ]
+
+
+def plan_shards(cfg: DemosConfig, jobs: list[Job]) -> list[tuple[Path, list[Job]]]:
+    """(file, its jobs) in job order: one file, or shards of ``shard_episodes`` episodes."""
+    if not cfg.shard_episodes:
+        return [(cfg.out, jobs)]
+    n = len(cfg.task_ids) * len(cfg.init_ids)
+    k = cfg.shard_episodes
+    return [
+        (cfg.out.with_name(f"{cfg.out.stem}-{i // k:03d}{cfg.out.suffix}"), jobs[i : i + k])
+        for i in range(0, n, k)
+    ]
+
+
+def shard_complete(path: Path) -> bool:
+    """Whether ``path`` is a finalized file that recorded all of its planned episodes."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return bool(f["data"].attrs.get("complete", False))
+    except (OSError, KeyError):
+        return False
+
+
+def record_episode(cfg: EnvConfig, init_state: int | str) -> tuple[EpisodeResult, dict[str, np.ndarray]]:
     """Run one expert episode with both cameras observed on every step; return arrays per key."""
     env = worker_env(cfg)
     result, rec = run_episode(env, init_state, record=True)
@@ -113,19 +192,35 @@ def record_episode(cfg: EnvConfig, init_state: int) -> tuple[EpisodeResult, dict
         "states": np.asarray(rec["states"], dtype=np.float64),  # [N, S]
         "rewards": np.asarray(rec["rewards"], dtype=np.float32),  # [N]
         "dones": np.asarray(rec["dones"], dtype=np.uint8),  # [N]
+        "init_sim_state": np.asarray(env.initial_state, dtype=np.float64),  # [S]
     }
     return result, arrays
 
 
-def _worker(args: tuple[EnvConfig, int]) -> tuple[EpisodeResult, dict[str, np.ndarray], dict[str, Any]]:
+def episode_meta(env: Any) -> dict[str, Any]:
+    """What the writer records about an episode's task and start (``env`` right after the episode)."""
+    return {
+        "instruction": env.task.instruction,
+        "env_args": env.env_args(),
+        "task_name": env.task.name,
+        "suite": env.cfg.suite,
+        "init_source": env.init_source,
+        "init_object_qpos": env.object_qpos_index(),
+        "fresh_attempts": env.fresh_attempts if env.init_source.startswith("fresh") else 0,
+    }
+
+
+def _worker(args: Job) -> tuple[EpisodeResult, dict[str, np.ndarray], dict[str, Any]]:
     from common.logs import setup_logging
 
     cfg, init_state = args
     setup_logging()
-    result, arrays = record_episode(cfg, init_state)
-    env = worker_env(cfg)
-    meta = {"instruction": env.task.instruction, "env_args": env.env_args(), "task_name": env.task.name}
-    return result, arrays, meta
+    try:
+        result, arrays = record_episode(cfg, init_state)
+    except Exception as exc:  # a simulator error ends this episode only
+        close_worker_env()  # the next episode builds a new environment
+        return errored(cfg.task_id, init_state, exc)
+    return result, arrays, episode_meta(worker_env(cfg))
 
 
 def _ignore_sigint() -> None:
@@ -133,117 +228,22 @@ def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _git_revision() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+@contextlib.contextmanager
+def episode_stream(jobs: list[Job], workers: int, worker: Any = _worker) -> Iterator[Iterator[Any]]:
+    """``worker(job)`` for every job, in job order: in this process (1 worker) or a spawn pool."""
+    # One rasterizer thread per worker: the workers already fill the cores (images are identical).
+    os.environ.setdefault("LP_NUM_THREADS", "1")
+    with contextlib.ExitStack() as stack:
+        if workers == 1:  # in this process (simplest to debug)
+            stack.callback(close_worker_env)
+            yield map(worker, jobs)
+        else:
+            pool = stack.enter_context(mp.get_context("spawn").Pool(workers, initializer=_ignore_sigint))
+            yield pool.imap(worker, jobs)  # leaving the context terminates the pool
 
 
-class DemoWriter:
-    """Writes episodes into ``data/demo_K`` groups; the parent process is its only user."""
-
-    def __init__(self, path: Path, compression: str = "gzip") -> None:
-        import h5py
-
-        self.path = path
-        self.compression = None if compression == "none" else compression
-        self.file = h5py.File(path, "w", libver="latest")
-        self.data = self.file.create_group("data")
-        self.num_demos = 0
-        self.total = 0
-        self.names_by_task: dict[int, list[tuple[int, str]]] = {}
-
-    def _dataset(self, group: Any, name: str, array: np.ndarray, image: bool = False) -> None:
-        kwargs: dict[str, Any] = {}
-        if image:
-            kwargs["chunks"] = (1, *array.shape[1:])  # one frame per chunk: cheap random access
-            if self.compression == "gzip":
-                kwargs.update(compression="gzip", compression_opts=4)
-            elif self.compression == "lzf":
-                kwargs.update(compression="lzf")
-        group.create_dataset(name, data=array, **kwargs)
-
-    def add(self, result: EpisodeResult, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> str:
-        name = f"demo_{self.num_demos}"
-        g = self.data.create_group(name)
-        n = int(arrays["actions"].shape[0])
-        obs = g.create_group("obs")
-        for key in OBS_KEYS:
-            self._dataset(obs, key, arrays[key], image=key.endswith("_rgb"))
-        for key in ("actions", "states", "rewards", "dones"):
-            self._dataset(g, key, arrays[key])
-        g.attrs["num_samples"] = n
-        g.attrs["instruction"] = meta["instruction"]
-        g.attrs["task_name"] = meta["task_name"]
-        g.attrs["task_id"] = result.task_id
-        g.attrs["init_state"] = result.init_state
-        g.attrs["success"] = bool(result.success)
-        self.num_demos += 1
-        self.total += n
-        self.names_by_task.setdefault(result.task_id, []).append((result.init_state, name))
-        self.file.flush()
-        return name
-
-    def finish(self, attrs: dict[str, Any]) -> None:
-        import h5py
-
-        for k, v in attrs.items():
-            self.data.attrs[k] = v
-        self.data.attrs["total"] = self.total
-        self.data.attrs["num_demos"] = self.num_demos
-        # Validation split: the episodes of the highest init state of every task.
-        train: list[str] = []
-        valid: list[str] = []
-        for _, items in sorted(self.names_by_task.items()):
-            items.sort()
-            if len(items) > 1:
-                valid.append(items[-1][1])
-                train.extend(n for _, n in items[:-1])
-            else:
-                train.extend(n for _, n in items)
-        mask = self.file.create_group("mask")
-        dt = h5py.string_dtype()
-        mask.create_dataset("train", data=np.array(train, dtype=object), dtype=dt)
-        mask.create_dataset("valid", data=np.array(valid, dtype=object), dtype=dt)
-        self.file.close()
-
-
-def main(argv: list[str] | None = None) -> int:
-    from tqdm import tqdm
-
-    from common.cli import config_to_dict, parse_config
-    from common.logs import setup_logging
-
-    cfg = parse_config(DemosConfig, argv, prog="python -m producer.demos")
-    setup_logging("demos")
-    logging.getLogger("producer").setLevel(logging.WARNING)  # the progress bar says enough
-    cfg.out.parent.mkdir(parents=True, exist_ok=True)
-    partial = cfg.out.with_name(cfg.out.name + ".partial")
-    # Init-state-major order: every prefix of the run covers all tasks evenly, so a run stopped early
-    # (SIGINT/SIGTERM or --max-minutes) still leaves a balanced, finalized file.
-    jobs = [
-        (
-            EnvConfig(
-                suite=cfg.suite,
-                task_id=t,
-                init_state=i,
-                image_size=cfg.image_size,
-                seed=cfg.seed,
-                max_steps=cfg.max_steps,
-            ),
-            i,
-        )
-        for i in cfg.init_ids
-        for t in cfg.task_ids
-    ]
+def install_stop_handlers() -> threading.Event:
+    """SIGINT/SIGTERM set the returned event: the recorder finishes the current file and stops."""
     stop = threading.Event()
 
     def request_stop(signum: int, _frame: Any) -> None:
@@ -252,72 +252,77 @@ def main(argv: list[str] | None = None) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, request_stop)
-    revision = _git_revision()  # the code that records the episodes (at the start of the run)
-    writer = DemoWriter(partial, cfg.compression)
-    env_args: dict[str, Any] | None = None
-    failures: list[dict[str, int]] = []
-    steps = 0
-    done = 0
-    episode_seconds: list[float] = []
+    return stop
+
+
+def record(cfg: DemosConfig, shards: list[tuple[Path, list[Job]]]) -> list[ShardStats]:
+    """Record the shards' episodes with one worker pool; finalize every file (complete or not)."""
+    from tqdm import tqdm
+
+    stop = install_stop_handlers()
+    revision = git_revision()  # the code that records the episodes (at the start of the run)
+    jobs = [job for _, js in shards for job in js]
     t0 = time.perf_counter()
-    # One rasterizer thread per worker: the workers already fill the cores (images are identical).
-    os.environ.setdefault("LP_NUM_THREADS", "1")
-    ctx = mp.get_context("spawn")
-    with contextlib.ExitStack() as stack:
-        if cfg.workers == 1:  # in this process (simplest to debug); the file is still .partial until done
-            episodes = map(_worker, jobs)
-            stack.callback(close_worker_env)
-        else:
-            pool = stack.enter_context(ctx.Pool(cfg.workers, initializer=_ignore_sigint))
-            episodes = pool.imap(_worker, jobs)
+    all_stats: list[ShardStats] = []
+    with episode_stream(jobs, cfg.workers) as episodes:
         bar = tqdm(episodes, total=len(jobs), desc="demos", unit="ep")
+        shard_iter = iter(shards)
+        writer = stats = None
         for result, arrays, meta in bar:  # in job order: demo numbering does not depend on timing
-            steps += result.steps
-            episode_seconds.append(result.seconds)
-            if env_args is None:
-                env_args = meta["env_args"]
-            if not result.success:
-                failures.append({"task_id": result.task_id, "init_state": result.init_state})
-            if result.success or cfg.keep_failures:
+            if writer is None:
+                path, shard_jobs = next(shard_iter)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                writer = DemoWriter(path.with_name(path.name + ".partial"), cfg.compression)
+                stats = ShardStats(planned=len(shard_jobs))
+                all_stats.append(stats)
+            stats.add(result, meta)
+            if arrays is not None and (result.success or cfg.keep_failures):
                 writer.add(result, arrays, meta)
-            bar.set_postfix(kept=writer.num_demos, failed=len(failures))
-            done += 1
+            bar.set_postfix(
+                file=writer.path.name.split(".")[0], kept=writer.num_demos, failed=len(stats.failures)
+            )
             if cfg.max_minutes is not None and time.perf_counter() - t0 > 60 * cfg.max_minutes:
                 log.warning(
-                    "--max-minutes %.1f reached after %d/%d episodes", cfg.max_minutes, done, len(jobs)
+                    "--max-minutes %.1f reached after %d/%d episodes", cfg.max_minutes, bar.n + 1, len(jobs)
                 )
                 stop.set()
+            if stats.done == stats.planned or stop.is_set():
+                finish_file(writer, stats, cfg, revision, "scripted expert (producer/expert.py)")
+                log.info("%s: %d demos of %d episodes, %d failed, %.1f s per episode in a worker",
+                         path, writer.num_demos, stats.done, len(stats.failures), np.mean(stats.seconds))  # fmt: skip
+                writer = None
             if stop.is_set():
-                break  # leaving the ExitStack terminates the pool
+                break
+    return all_stats
+
+
+def main(argv: list[str] | None = None) -> int:
+    from common.cli import parse_config
+    from common.logs import setup_logging
+
+    cfg = parse_config(DemosConfig, argv, prog="python -m producer.demos")
+    setup_logging("demos")
+    logging.getLogger("producer").setLevel(logging.WARNING)  # the progress bar says enough
+    logging.getLogger(__name__).setLevel(logging.INFO)  # one line per finished file
+    shards = plan_shards(cfg, plan_jobs(cfg))
+    todo = [(p, js) for p, js in shards if not (cfg.resume and shard_complete(p))]
+    if len(todo) < len(shards):
+        log.info("--resume: %d of %d shards already complete", len(shards) - len(todo), len(shards))
+    t0 = time.perf_counter()
+    stats = record(cfg, todo) if todo else []
     wall = time.perf_counter() - t0
-    if env_args is None:  # stopped before the first episode
-        env_args = {}
-    writer.finish(
-        {
-            "schema_version": SCHEMA_VERSION,
-            "env_args": json.dumps(env_args),
-            "config": json.dumps(config_to_dict(cfg)),
-            "num_failures": len(failures),
-            "num_episodes": done,
-            "complete": done == len(jobs),
-            "failures": json.dumps(failures),
-            "source": "scripted expert (producer/expert.py)",
-            "repository_version": revision,
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-    )
-    os.replace(partial, cfg.out)
-    n = done
-    if done < len(jobs):
-        print(f"stopped early: {done} of {len(jobs)} planned episodes recorded")
-    print(
-        f"{cfg.out}: {writer.num_demos} demos, {writer.total} samples; "
-        f"{n - len(failures)}/{n} episodes succeeded, {len(failures)} failed {failures if failures else ''}"
-    )
-    print(
-        f"{wall:.0f} s wall for {n} episodes on {cfg.workers} workers ({wall / n:.1f} s per episode, "
-        f"{steps / wall:.1f} env steps/s overall; {np.mean(episode_seconds):.1f} s per episode in a worker)"
-    )
+    n = sum(s.done for s in stats)
+    planned = sum(len(js) for _, js in todo)
+    if n < planned:
+        print(f"stopped early: {n} of {planned} planned episodes recorded")
+    failures = [f for s in stats for f in s.failures]
+    print(f"{[str(p) for p, _ in todo[: len(stats)]]}: {n - len(failures)}/{n} episodes succeeded, "
+          f"{len(failures)} failed {failures if failures else ''}")  # fmt: skip
+    if n:
+        steps = sum(s.steps for s in stats)
+        seconds = [x for s in stats for x in s.seconds]
+        print(f"{wall:.0f} s wall for {n} episodes on {cfg.workers} workers ({wall / n:.1f} s per episode, "
+              f"{steps / wall:.1f} env steps/s overall; {np.mean(seconds):.1f} s per episode in a worker)")  # fmt: skip
     return 0
 
 

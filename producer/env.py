@@ -29,15 +29,16 @@ import contextlib
 import io
 import logging
 import math
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache, lru_cache
 from typing import Any
 
+import mujoco
 import numpy as np
 
+from common.init_states import BENCHMARK, parse_init
 from common.policy import Observation
 from producer.libero_setup import ensure_libero
 
@@ -62,6 +63,14 @@ MAX_STEPS: dict[str, int] = {
 CAMERAS: dict[str, str] = {"agentview": "agentview", "wrist": "robot0_eye_in_hand"}
 DEFAULT_CAMERAS = ("agentview", "robot0_eye_in_hand")
 ACTION_DIM = 7
+#: Gaussian noise (rad) on the arm joints of a fresh start: robosuite's "default", the spread (std about
+#: 0.02) of the arm joints over LIBERO's benchmark initial states. Benchmark starts restore their own.
+FRESH_JOINT_NOISE = 0.02
+FRESH_STREAM = 0x0F4E5  # keeps fresh-seed scenes apart from the benchmark episodes' fixture seeds
+FRESH_ATTEMPTS = 50  # draws of one fresh seed before giving up
+FRESH_MAX_SLIDE = 0.01  # m: an object sliding further (than in the benchmark scene) was placed overlapping
+FRESH_MAX_DZ = 0.005  # m: an object resting higher or lower than in the benchmark scenes lies on another
+_FULL_STATE = mujoco.mjtState.mjSTATE_INTEGRATION  # what a MuJoCo step reads (warm start included)
 #: The no-op used while objects settle: no motion, gripper open.
 SETTLE_ACTION = np.array([0, 0, 0, 0, 0, 0, -1], dtype=np.float32)
 
@@ -218,6 +227,10 @@ class LiberoEnv:
         self._done = True
         self._closed = False
         self.init_state = cfg.init_state
+        self.init_source: str | None = None  # label of the current episode's start (after reset)
+        self.initial_state: np.ndarray | None = None  # [S] its MuJoCo state after placement, before settling
+        self.fresh_attempts = 0  # placements drawn for the last fresh start
+        self._reference: tuple[np.ndarray, np.ndarray] | None = None  # how benchmark state 0 settles
 
     # ---------------------------------------------------------------- episode
     def _check_init_state(self, index: int) -> None:
@@ -228,32 +241,92 @@ class LiberoEnv:
                 f"valid: 0..{n - 1}"
             )
 
-    def reset(self, init_state: int | None = None) -> Observation:
-        """Start an episode from a fixed initial state (default: the config's), settle, observe."""
-        if init_state is not None:
-            self._check_init_state(init_state)
-            self.init_state = init_state
-        # Hard reset: rebuilds the MuJoCo model, the sim and the camera sensors. It also re-samples the
-        # placement of the fixed fixtures (cabinet, stove: static bodies that the init state does not
-        # restore) from NumPy's global RNG, so seed it per episode (and leave the caller's RNG as it
-        # was): the same (seed, init_state) always gives the same scene.
+    def reset(self, init_state: int | str | None = None) -> Observation:
+        """Start an episode, settle, observe. ``init_state``: a benchmark index (0..49, default: the
+        config's) or ``"fresh:<seed>"``: a new random object placement that LIBERO samples in the task's
+        regions (with robosuite's default arm-joint noise, as in the benchmark states), drawn from the
+        seed; a placement whose objects collide or come to rest elsewhere than in the benchmark scenes is
+        redrawn (attempt k of the same seed, deterministic; ``self.fresh_attempts``). After the reset
+        ``self.init_source`` is the label and ``self.initial_state`` the flattened MuJoCo state after
+        placement, before settling (what a benchmark init state is)."""
+        kind, index = parse_init(self.init_state if init_state is None else init_state)
+        if kind == BENCHMARK:
+            self._check_init_state(index)
+            self.init_state = index
+            self._start(self.episode_seed(index), 0.0, self._init_states[index])
+        else:
+            reference = self._reference_settle() if self.cfg.settle_steps else None
+            for attempt in range(FRESH_ATTEMPTS):
+                self._start(self.fresh_seed(index, attempt), FRESH_JOINT_NOISE, None)
+                problem = self._placement_problem(reference)
+                if problem is None:
+                    break
+                log.debug("fresh:%d attempt %d redrawn: %s", index, attempt, problem)
+            else:
+                raise RuntimeError(f"fresh:{index}: no valid placement in {FRESH_ATTEMPTS} draws ({problem})")
+            self.fresh_attempts = attempt + 1
+        self.init_source = f"{kind}:{index}"
+        self._fresh_images = True
+        self._steps = 0
+        self._done = False
+        return self.observe()
+
+    def _start(self, seed: int, joint_noise: float, state: np.ndarray | None) -> None:
+        """Hard reset, set the initial state (None: the sampled placement), settle."""
+        # The hard reset rebuilds the MuJoCo model, the sim, the robots (from their configs) and the camera
+        # sensors. It samples the arm noise, the placement of the fixtures (static bodies that an init
+        # state does not restore) and of the objects from NumPy's global RNG, so seed it per episode (and
+        # leave the caller's RNG as it was): the same (seed, init state) always gives the same scene.
+        self._env.env.robot_configs[0]["initialization_noise"] = {
+            "magnitude": joint_noise,
+            "type": "gaussian",
+        }
         rng_state = np.random.get_state()
-        np.random.seed(self.episode_seed(self.init_state))
+        np.random.seed(seed)
         try:
             self._env.reset()
         finally:
             np.random.set_state(rng_state)
         self._gate_camera_sensors()
         self._want_images = self.cfg.settle_steps == 0
-        self._raw = self._env.set_init_state(self._init_states[self.init_state])
+        self.initial_state = np.array(self._env.get_sim_state() if state is None else state, dtype=np.float64)
+        self._raw = self._env.set_init_state(self.initial_state)
         self._restart_sampling_clocks()
         for i in range(self.cfg.settle_steps):
             self._want_images = i == self.cfg.settle_steps - 1  # images of the last settle step only
             self._raw, _, _, _ = self._env.step(SETTLE_ACTION)
-        self._fresh_images = True
-        self._steps = 0
-        self._done = False
-        return self.observe()
+
+    def _reference_settle(self) -> tuple[np.ndarray, np.ndarray]:
+        """How the objects settle in benchmark state 0 (once per task): (how far each slides [objects],
+        the height each comes to rest at [objects]). A bowl placed on the ramekin slides 15 mm there."""
+        if self._reference is None:
+            self._start(self.episode_seed(0), 0.0, self._init_states[0])
+            placed = self.initial_state[1 + self.object_qpos_index()].reshape(-1, 3)
+            now = self._object_xyz()
+            self._reference = (np.linalg.norm(now[:, :2] - placed[:, :2], axis=1), now[:, 2])
+        return self._reference
+
+    def _object_xyz(self) -> np.ndarray:
+        """[objects, 3] positions of the movable objects (qpos of their free joints)."""
+        return self._env.env.sim.data.qpos[self.object_qpos_index()].reshape(-1, 3).copy()
+
+    def _placement_problem(self, reference: tuple[np.ndarray, np.ndarray] | None) -> str | None:
+        """Why the settled scene is not a valid start (None: valid): an object slid further while settling
+        than in the benchmark scene (its placement overlapped another) or rests at another height (on
+        another object)."""
+        if reference is None:
+            return None
+        ref_slide, rest_z = reference
+        placed = self.initial_state[1 + self.object_qpos_index()].reshape(-1, 3)
+        now = self._object_xyz()
+        slide = np.linalg.norm(now[:, :2] - placed[:, :2], axis=1) - ref_slide
+        dz = np.abs(now[:, 2] - rest_z)
+        names = list(self._env.env.objects_dict)
+        if slide.max() > FRESH_MAX_SLIDE:
+            return f"{names[int(slide.argmax())]} slid {1000 * slide.max():.0f} mm more than in the benchmark scene"
+        if dz.max() > FRESH_MAX_DZ:
+            return f"{names[int(dz.argmax())]} rests {1000 * dz.max():.0f} mm off its benchmark height"
+        return None
 
     def step(
         self, action: np.ndarray, observe: bool = True
@@ -281,6 +354,17 @@ class LiberoEnv:
     def episode_seed(self, init_state: int) -> int:
         """The seed of the scene randomness of one episode, from the config's seed and the init state."""
         return int(np.random.SeedSequence([self.cfg.seed, init_state]).generate_state(1)[0])
+
+    def fresh_seed(self, seed: int, attempt: int = 0) -> int:
+        """The seed of a fresh scene (placements, arm noise): per task, apart from the benchmark episodes'."""
+        entropy = [self.cfg.seed, FRESH_STREAM, self.cfg.task_id, seed, attempt]
+        return int(np.random.SeedSequence(entropy).generate_state(1)[0])
+
+    def object_qpos_index(self) -> np.ndarray:
+        """qpos indices of the xyz of every movable object's free joint [3 x objects] (what places a scene)."""
+        robo = self._env.env
+        idx = [robo.sim.model.get_joint_qpos_addr(obj.joints[-1])[0] for obj in robo.objects_dict.values()]
+        return np.array([i + k for i in idx for k in range(3)], dtype=np.int64)
 
     def _restart_sampling_clocks(self) -> None:
         """Put every observable's sampling clock in the same state at the start of each episode.
@@ -314,6 +398,40 @@ class LiberoEnv:
 
             gated.__modality__ = getattr(real, "__modality__", "image")  # type: ignore[attr-defined]
             observable._sensor = gated
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything a step depends on, to try actions from here and :meth:`restore` after (a DAgger
+        label): MuJoCo's integration state (warm start included), the robot's, its controller's and
+        gripper's arrays (goals, the gripper's ramped command), the env's clocks and this wrapper's."""
+        robo = self._env.env
+        model, data = robo.sim.model._model, robo.sim.data._data
+        state = np.empty(mujoco.mj_stateSize(model, _FULL_STATE))
+        mujoco.mj_getState(model, data, state, _FULL_STATE)
+        robot = robo.robots[0]
+        parts = (robot, robot.controller, robot.gripper)
+        return {
+            "mujoco": state,
+            "arrays": [{k: v.copy() for k, v in vars(p).items() if isinstance(v, np.ndarray)} for p in parts],
+            "env": (robo.timestep, robo.cur_time, robo.done),
+            "clocks": {k: (o._time_since_last_sample, o._sampled) for k, o in robo._observables.items()},
+            "wrapper": (dict(self._raw), self._steps, self._done, self._fresh_images, self._want_images),
+        }
+
+    def restore(self, snap: dict[str, Any]) -> None:
+        """Go back to a :meth:`snapshot` of this episode (stepping on from it is stepping on from there)."""
+        robo = self._env.env
+        model, data = robo.sim.model._model, robo.sim.data._data
+        mujoco.mj_setState(model, data, snap["mujoco"], _FULL_STATE)
+        mujoco.mj_forward(model, data)  # positions of the restored state for readers before the next step
+        robot = robo.robots[0]
+        for part, arrays in zip((robot, robot.controller, robot.gripper), snap["arrays"]):
+            for k, v in arrays.items():
+                setattr(part, k, v.copy())
+        robo.timestep, robo.cur_time, robo.done = snap["env"]
+        for k, (since, sampled) in snap["clocks"].items():
+            robo._observables[k]._time_since_last_sample, robo._observables[k]._sampled = since, sampled
+        raw, self._steps, self._done, self._fresh_images, self._want_images = snap["wrapper"]
+        self._raw = dict(raw)
 
     @property
     def done(self) -> bool:
@@ -384,6 +502,15 @@ class LiberoEnv:
             raise ValueError(f"unknown object {name!r}; objects of this task: {sorted(ids)}")
         return np.array(self._env.env.sim.data.body_xpos[ids[name]], dtype=np.float64)
 
+    def is_grasped(self, name: str) -> bool:
+        """Whether both finger pads touch the object (robosuite's grasp check)."""
+        robo = self._env.env
+        return bool(robo._check_grasp(robo.robots[0].gripper, robo.objects_dict[name]))
+
+    def success(self) -> bool:
+        """Whether the task's goal holds in the current state."""
+        return bool(self._env.check_success())
+
     def eef_pos(self) -> np.ndarray:
         """[3] world position of the grip site, the point the OSC controller drives."""
         return np.array(self._raw["robot0_eef_pos"], dtype=np.float64)
@@ -442,61 +569,3 @@ class LiberoEnv:
             self.close()
         except Exception:  # interpreter shutdown: nothing left to release
             pass
-
-
-# ------------------------------------------------------------------------------------ benchmark
-@dataclass
-class EnvBenchConfig:
-    """Measure LIBERO step throughput with and without camera rendering."""
-
-    suite: str = field(default="libero_spatial", metadata={"help": f"suite, one of {list(SUITES)}"})
-    task_id: int = field(default=0, metadata={"help": "task index"})
-    image_size: int = field(default=128, metadata={"help": "camera image size"})
-    steps: int = field(default=40, metadata={"help": "timed steps per mode"})
-    chunk: int = field(default=8, metadata={"help": "observe every CHUNK steps in the open-loop mode"})
-    seed: int = field(default=0, metadata={"help": "seed of the random actions"})
-
-    def __post_init__(self) -> None:
-        EnvConfig(suite=self.suite, task_id=self.task_id, image_size=self.image_size)
-        if self.steps < 1 or self.chunk < 1:
-            raise ValueError(f"steps {self.steps} and chunk {self.chunk} must be >= 1")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m producer.env``: steps/s of robosuite's every-step rendering vs on-demand."""
-    from common.cli import parse_config
-    from common.logs import setup_logging
-
-    bench = parse_config(EnvBenchConfig, argv, prog="python -m producer.env")
-    setup_logging("env-bench")
-    ensure_libero()  # picks the GL backend (EGL, or OSMesa as the fallback)
-    rng = np.random.default_rng(bench.seed)
-    actions = rng.uniform(-0.3, 0.3, size=(bench.steps, ACTION_DIM))  # [steps, 7], small moves
-    actions[:, 6] = -1.0
-    modes = [
-        ("robosuite renders every step", True, lambda i: True),
-        ("on demand, observe every step", False, lambda i: True),
-        (f"on demand, observe every {bench.chunk}th step", False, lambda i: i % bench.chunk == 0),
-        ("on demand, no observation", False, lambda i: False),
-    ]
-    print(f"{bench.suite} task {bench.task_id}, {bench.image_size} px, {bench.steps} steps per mode, MUJOCO_GL="
-          f"{os.environ.get('MUJOCO_GL')}, LP_NUM_THREADS={os.environ.get('LP_NUM_THREADS', 'default')}")  # fmt: skip
-    for name, every, observe in modes:
-        cfg = EnvConfig(
-            suite=bench.suite, task_id=bench.task_id, image_size=bench.image_size, render_every_step=every
-        )
-        t0 = time.perf_counter()
-        with LiberoEnv(cfg) as env:
-            t1 = time.perf_counter()
-            env.reset()
-            t2 = time.perf_counter()
-            for i, a in enumerate(actions):
-                env.step(a, observe=observe(i))
-            t3 = time.perf_counter()
-        print(f"  {name:<40s} {bench.steps / (t3 - t2):6.1f} steps/s  ({1000 * (t3 - t2) / bench.steps:6.1f} ms/step; "
-              f"build {t1 - t0:.1f} s, reset {t2 - t1:.1f} s)")  # fmt: skip
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

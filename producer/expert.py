@@ -28,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from common.schedule import INIT_STATES, parse_range
+from common.init_states import parse_init, parse_inits
+from common.schedule import parse_range
 from producer.env import SUITES, EnvConfig, LiberoEnv
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,8 @@ CLOSE_STEPS = 10
 STALL_WINDOW = 5  # steps: advances when
 STALL_MOVE = 0.002  # the grip site moved less than this over the window while within STALL_TOL
 STALL_TOL = 0.025
+FINGERS_OPEN = 0.03  # finger qpos above which the gripper counts as open (0.0395 fully open)
+FINGERS_EMPTY = 0.006  # finger qpos below which a closed gripper holds nothing (0.004 on a bowl's rim)
 
 
 def _rotz(theta: float) -> np.ndarray:
@@ -111,6 +114,7 @@ class ScriptedExpert:
         self.phase = 0
         self.phase_steps = 0
         self.history: list[np.ndarray] = []
+        self.rise: np.ndarray | None = None  # a waypoint straight up before the approach (mid-episode)
         bowl = self.env.object_pos(self.obj)
         toward_base = ROBOT_BASE_XY - bowl[:2]
         self.u = toward_base / np.linalg.norm(toward_base)  # unit xy from bowl to robot base
@@ -127,6 +131,39 @@ class ScriptedExpert:
         self.rot_goal = _rotz(best) @ _DOWN
         self.carry_z = max(bowl[2], self.env.object_pos(self.target)[2]) + LIFT_DZ
         self.carry_xy = self.grasp_xy.copy()
+
+    def replan(self) -> str:
+        """Take over mid-episode: re-read the scene and pick the phase that fits it; returns its name.
+
+        Goal reached -> release. Bowl grasped -> lower if it is over the plate, carry if it is up at the
+        carry height, else lift (straight up from here). Bowl not grasped -> close if the fingers are around
+        the rim (open or still closing), descend if they are open above it, else approach (straight up first if the gripper is
+        low, away from the rim, so that it does not sweep through the scene).
+        """
+        self.reset()  # geometry (grasp point, yaw, carry height) from the current poses
+        env = self.env
+        eef, bowl, plate = env.eef_pos(), env.object_pos(self.obj), env.object_pos(self.target)
+        fingers = float(env.gripper_qpos()[0])
+        open_fingers = fingers > FINGERS_OPEN
+        above_grasp = np.linalg.norm(eef[:2] - self.grasp_xy) < TOL
+        if env.success():
+            name = "release"
+        elif env.is_grasped(self.obj):
+            self.grasp_xy = eef[:2].copy()
+            if np.linalg.norm(plate[:2] - bowl[:2]) < 2 * TOL:
+                name = "lower"
+            else:
+                name = "carry" if eef[2] > self.carry_z - TOL else "lift"
+        elif fingers > FINGERS_EMPTY and above_grasp and abs(eef[2] - self.grasp_z) < 1.5 * TOL:
+            name = "close"  # open, or closing around the rim
+        elif open_fingers and above_grasp and self.grasp_z < eef[2] < self.grasp_z + ABOVE + TOL:
+            name = "descend"
+        else:
+            name = "approach"
+            if eef[2] < self.grasp_z + ABOVE - 2 * TOL and not above_grasp:
+                self.rise = np.array([eef[0], eef[1], self.grasp_z + ABOVE])
+        self.phase = self.PHASES.index(name)
+        return name
 
     @property
     def phase_name(self) -> str:
@@ -154,7 +191,7 @@ class ScriptedExpert:
         gripper = 1.0 if name in ("close", "lift", "carry", "lower") else -1.0
 
         if name == "approach":
-            goal = np.array([*self.grasp_xy, self.grasp_z + ABOVE])
+            goal = np.array([*self.grasp_xy, self.grasp_z + ABOVE]) if self.rise is None else self.rise
         elif name == "descend":
             goal = np.array([*self.grasp_xy, self.grasp_z])
         elif name == "close":
@@ -182,6 +219,11 @@ class ScriptedExpert:
                 self._advance()
         elif name == "release":
             pass  # hold still with the gripper open until the episode ends
+        elif self.rise is not None:  # up, then on with the approach
+            if err_done or self._stalled(eef, err) or self.phase_steps >= PHASE_TIMEOUT:
+                self.rise = None
+                self.phase_steps = 0
+                self.history.clear()
         elif err_done or (name != "descend" and self._stalled(eef, err)) or self.phase_steps >= PHASE_TIMEOUT:
             self._advance()
 
@@ -200,14 +242,16 @@ def validate_episode_selection(
 ) -> tuple[list[int], list[int]]:
     """Check a suite / task range / init-state range / worker count for the expert's commands.
 
-    Returns (task ids, init-state ids); raises ValueError naming the bad value and the valid ones.
+    ``init_states``: benchmark indices (``5-24``) or fresh seeds (``fresh:0-499``).
+    Returns (task ids, init states: ints or ``fresh:N`` labels); raises ValueError naming the bad value
+    and the valid ones.
     """
     if suite not in SUITES:
         raise ValueError(f"unknown suite {suite!r}; valid suites: {list(SUITES)}")
     if suite not in SUPPORTED_SUITES:
         raise ValueError(f"the scripted expert supports {list(SUPPORTED_SUITES)}, not {suite!r}")
     task_ids = parse_range(tasks, SUITES[suite], "task id")
-    init_ids = parse_range(init_states, INIT_STATES, "init state")
+    init_ids = parse_inits(init_states)
     if workers < 1:
         raise ValueError(f"workers {workers} must be >= 1")
     return task_ids, init_ids
@@ -216,14 +260,14 @@ def validate_episode_selection(
 @dataclass
 class EpisodeResult:
     task_id: int
-    init_state: int
+    init_state: int | str  # benchmark index or fresh:<seed>
     success: bool
     steps: int
     seconds: float
 
 
 def run_episode(
-    env: LiberoEnv, init_state: int, observe: bool = False, record: bool = False
+    env: LiberoEnv, init_state: int | str, observe: bool = False, record: bool = False
 ) -> tuple[EpisodeResult, dict[str, Any] | None]:
     """Run the expert for one episode. With ``record``, return the per-step data for a demo file."""
     t0 = time.perf_counter()
@@ -266,7 +310,10 @@ class ExpertEvalConfig:
 
     suite: str = field(default="libero_spatial", metadata={"help": f"suite, one of {SUPPORTED_SUITES}"})
     tasks: str = field(default="0-9", metadata={"help": "task ids, e.g. 0-9 or 0,4,7"})
-    init_states: str = field(default="0-4", metadata={"help": "init-state indices, e.g. 0-4 (0..49)"})
+    init_states: str = field(
+        default="0-4",
+        metadata={"help": "benchmark init states (e.g. 0-4, of 0..49) or fresh seeds (fresh:0-99)"},
+    )
     workers: int = field(default=2, metadata={"help": "parallel worker processes"})
     seed: int = field(default=0, metadata={"help": "environment seed"})
     max_steps: int | None = field(default=None, metadata={"help": "step limit (none: the suite's)"})
@@ -306,14 +353,21 @@ def close_worker_env() -> None:
         _worker_env = None
 
 
-def _eval_worker(args: tuple[str, int, int, int, int | None]) -> EpisodeResult:
+def env_config(suite: str, task_id: int, init_state: int | str, **kwargs: Any) -> EnvConfig:
+    """The EnvConfig of an episode from a benchmark index or a fresh label (fresh: pass it to reset)."""
+    return EnvConfig(
+        suite=suite, task_id=task_id, init_state=init_state if isinstance(init_state, int) else 0, **kwargs
+    )
+
+
+def _eval_worker(args: tuple[str, int, int | str, int, int | None]) -> EpisodeResult:
     from common.logs import setup_logging
 
     suite, task_id, init_state, seed, max_steps = args
     setup_logging()
-    cfg = EnvConfig(suite=suite, task_id=task_id, init_state=init_state, seed=seed, max_steps=max_steps)
+    cfg = env_config(suite, task_id, init_state, seed=seed, max_steps=max_steps)
     result, _ = run_episode(worker_env(cfg), init_state)
-    log.info("task %d init %d: %s in %d steps", task_id, init_state, result.success, result.steps)
+    log.info("task %d init %s: %s in %d steps", task_id, init_state, result.success, result.steps)
     return result
 
 
@@ -338,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append(result)
             bar.set_postfix(success=f"{sum(r.success for r in results)}/{len(results)}")
     wall = time.perf_counter() - t0
-    results.sort(key=lambda r: (r.task_id, r.init_state))
+    results.sort(key=lambda r: (r.task_id, parse_init(r.init_state)))
 
     from producer.env import list_tasks
 

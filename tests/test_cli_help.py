@@ -6,11 +6,15 @@ import importlib
 
 import pytest
 
+from tests.init_helpers import record_fresh_start
+
 COMMANDS = [
     "producer.libero_setup",
-    "producer.env",
+    "producer.env_bench",
     "producer.expert",
     "producer.demos",
+    "producer.dagger",
+    "producer.fresh_probe",
     "producer.dataset_info",
     "producer.produce",
     "trainer.train_codec",
@@ -105,6 +109,7 @@ def test_codec_training_end_to_end(tmp_path) -> None:
             arm = np.sin(t * rng.uniform(1, 3, (1, 6)) + rng.uniform(0, 6, (1, 6))) * 0.7
             grip = np.sign(np.sin(t + i))
             f.create_dataset(f"data/demo_{i}/actions", data=np.concatenate([arm, grip], 1).astype(np.float32))
+            record_fresh_start(f[f"data/demo_{i}"], i)
     main(["--demos", str(demos), "--out-dir", str(tmp_path / "codec"), "--steps", "30", "--val-every", "2"])
     codec = load_codec(tmp_path / "codec")
     assert (tmp_path / "codec" / "codec_training.png").is_file()

@@ -9,6 +9,7 @@ import h5py
 import numpy as np
 import pytest
 
+from common.init_states import check_demo_files
 from producer import dataset_info, demos
 
 SIZE = 32
@@ -19,7 +20,7 @@ def demo_file(tmp_path_factory):
     out = tmp_path_factory.mktemp("demos") / "tiny.hdf5"
     # Two planned episodes cut at 6 steps (failures, kept so that the layout can be inspected); the
     # time limit stops the run after the first one and the file is still finalized.
-    argv = ["--out", str(out), "--tasks", "3", "--init-states", "7-8", "--workers", "1",
+    argv = ["--out", str(out), "--tasks", "3", "--init-states", "fresh:7-8", "--workers", "1",
             "--image-size", str(SIZE), "--max-steps", "6", "--keep-failures", "--max-minutes", "0.001"]  # fmt: skip
     assert demos.main(argv) == 0
     return out
@@ -33,12 +34,16 @@ def test_demo_file_layout(demo_file):
         assert data.attrs["total"] == 6 and data.attrs["num_demos"] == 1
         assert data.attrs["num_failures"] == 1
         assert data.attrs["num_episodes"] == 1 and not data.attrs["complete"]
-        assert json.loads(data.attrs["failures"]) == [{"task_id": 3, "init_state": 7}]
+        assert json.loads(data.attrs["failures"]) == [{"task_id": 3, "init_state": "fresh:7"}]
         env_args = json.loads(data.attrs["env_args"])
         assert env_args["type"] == "libero" and env_args["env_kwargs"]["camera_heights"] == SIZE
         demo = data["demo_0"]
         assert demo.attrs["num_samples"] == 6 and demo.attrs["task_id"] == 3
-        assert demo.attrs["init_state"] == 7 and not demo.attrs["success"]
+        assert demo.attrs["init_state"] == -1 and not demo.attrs["success"]
+        # the initial state: its source, the MuJoCo state after placement, and where the objects sit in it
+        assert demo.attrs["init_source"] == "fresh:7" and demo["init_sim_state"].shape == (92,)
+        assert list(demo.attrs["init_object_qpos"][:3]) == [9, 10, 11]
+        assert json.loads(data.attrs["init_check"])["nearest_benchmark_m"] > 0.002
         assert "black bowl" in demo.attrs["instruction"]
         shapes = {
             "actions": ((6, 7), np.float32),
@@ -49,6 +54,7 @@ def test_demo_file_layout(demo_file):
             "obs/joint_states": ((6, 7), np.float64),
             "rewards": ((6,), np.float32),
             "dones": ((6,), np.uint8),
+            "init_sim_state": ((92,), np.float64),
         }
         for key, (shape, dtype) in shapes.items():
             assert demo[key].shape == shape and demo[key].dtype == dtype, key
@@ -77,11 +83,65 @@ def test_dataset_info_rejects_missing_file(tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
 
 
+@pytest.mark.sim
+def test_demo_file_passes_the_leak_check(demo_file):
+    report = check_demo_files([demo_file])
+    assert report["check"] == "passed" and report["sources"] == {"tiny.hdf5:demo_0": "fresh:7"}
+
+
+@pytest.mark.sim
+def test_shards_resume_where_a_run_stopped(tmp_path):
+    out = tmp_path / "s.hdf5"
+    argv = ["--out", str(out), "--tasks", "3", "--init-states", "fresh:4-5", "--workers", "1", "--image-size",
+            str(SIZE), "--max-steps", "3", "--keep-failures", "--shard-episodes", "1"]  # fmt: skip
+    assert demos.main(argv) == 0
+    first, second = tmp_path / "s-000.hdf5", tmp_path / "s-001.hdf5"
+    assert demos.shard_complete(first) and demos.shard_complete(second)
+    with h5py.File(second, "r") as f:
+        expected = f["data/demo_0/init_sim_state"][()]
+    second.unlink()  # as if the run had been killed while writing it
+    stamp = first.stat().st_mtime_ns
+    with pytest.raises(SystemExit):  # existing shards: --resume or --overwrite
+        demos.main(argv)
+    assert demos.main([*argv, "--resume"]) == 0
+    assert first.stat().st_mtime_ns == stamp  # kept, not recorded again
+    with h5py.File(second, "r") as f:
+        assert f["data/demo_0"].attrs["init_source"] == "fresh:5"
+        np.testing.assert_array_equal(f["data/demo_0/init_sim_state"][()], expected)
+
+
 def test_demos_config_validation(tmp_path):
     with pytest.raises(ValueError, match=r"valid: 0\.\.49"):
-        demos.DemosConfig(out=tmp_path / "x.hdf5", init_states="45-55")
+        demos.DemosConfig(out=tmp_path / "x.hdf5", init_states="45-55", allow_benchmark_states=True)
+    with pytest.raises(ValueError, match="benchmark initial states, the evaluation set"):
+        demos.DemosConfig(out=tmp_path / "x.hdf5", init_states="5-24")
+    assert demos.DemosConfig(
+        out=tmp_path / "x.hdf5", init_states="5-6", allow_benchmark_states=True
+    ).init_ids == [5, 6]
+    with pytest.raises(ValueError, match="--resume needs --shard-episodes"):
+        demos.DemosConfig(out=tmp_path / "x.hdf5", resume=True)
     existing = tmp_path / "exists.hdf5"
     existing.write_bytes(b"")
     with pytest.raises(ValueError, match="--overwrite"):
         demos.DemosConfig(out=existing)
     assert demos.DemosConfig(out=tmp_path / "y.hdf5").keep_failures is False
+
+
+def test_a_crashing_episode_is_counted_and_the_run_goes_on(tmp_path, monkeypatch):
+    def broken(cfg, init_state):
+        raise RuntimeError(f"simulator fell over at {init_state}")
+
+    monkeypatch.setattr(demos, "record_episode", broken)
+    out = tmp_path / "e.hdf5"
+    argv = ["--out", str(out), "--tasks", "3", "--init-states", "fresh:0-1", "--workers", "1"]
+    assert demos.main(argv) == 0
+    with h5py.File(out, "r") as f:
+        data = f["data"]
+        assert data.attrs["num_errors"] == 2 and data.attrs["num_demos"] == 0
+        assert not data.attrs["complete"]  # so that --resume records it again
+        errors = json.loads(data.attrs["errors"])
+        assert errors[1] == {
+            "task_id": 3,
+            "init_state": "fresh:1",
+            "error": "RuntimeError: simulator fell over at fresh:1",
+        }

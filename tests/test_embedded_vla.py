@@ -21,6 +21,7 @@ from common.vla.embedded import (
     save_embedded_vla,
 )
 from common.vla.tokenizer import InstructionTokenizer
+from tests.init_helpers import record_fresh_start
 
 INSTRUCTIONS = [
     "pick up the black bowl between the plate and the ramekin and place it on the plate",
@@ -201,6 +202,7 @@ def _write_demos(path, episodes: int = 4, steps: int = 12, side: int = 32) -> No
                 obs.create_dataset(cam, data=rng.integers(0, 256, (steps, side, side, 3), dtype=np.uint8))
             obs.create_dataset("ee_states", data=rng.normal(size=(steps, 6)))
             obs.create_dataset("gripper_states", data=rng.normal(size=(steps, 2)))
+            record_fresh_start(g, e)
 
 
 def test_train_vla_smoke(tmp_path) -> None:

@@ -13,6 +13,7 @@ import torch
 from common.draft import RFSQDraftModelWithProjection, save_checkpoint
 from common.policy import Observation
 from evaluator import eval as ev
+from tests.init_helpers import record_fresh_start
 
 
 class FakeEnv:
@@ -204,6 +205,7 @@ def _write_demos(path, lengths, size=64):
             g["obs/eye_in_hand_rgb"] = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
             g["obs/ee_states"] = rng.normal(size=(n, 6))
             g["obs/gripper_states"] = rng.normal(size=(n, 2)) * 0.02
+            record_fresh_start(g, i)
 
 
 def test_fit_draft_batched_extraction_equals_run_time_decoding(tmp_path):

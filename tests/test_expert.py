@@ -77,3 +77,66 @@ def test_expert_episodes_are_reproducible():
     assert first.steps == second.steps and first.success == second.success
     np.testing.assert_array_equal(np.array(rec1["actions"]), np.array(rec2["actions"]))
     np.testing.assert_array_equal(np.array(rec1["agentview_rgb"]), np.array(rec2["agentview_rgb"]))
+
+
+def _finish(env, expert) -> bool:
+    """Step the expert until the episode ends; whether it succeeded."""
+    done, info = False, {"success": False}
+    while not done:
+        _, _, done, info = env.step(expert.act(), observe=False)
+    return bool(info["success"])
+
+
+@pytest.mark.slow
+@pytest.mark.sim
+@pytest.mark.parametrize(("task_id", "init"), [(0, "fresh:0"), (4, 2)])
+def test_expert_takes_over_with_the_bowl_in_hand(task_id, init):
+    from producer.env import EnvConfig, LiberoEnv
+
+    with LiberoEnv(EnvConfig(task_id=task_id, image_size=16)) as env:
+        env.reset(init)
+        first = ScriptedExpert(env)
+        while first.phase_name != "carry":  # the first expert grasps and lifts the bowl, then stops
+            env.step(first.act(), observe=False)
+        assert env.is_grasped(first.obj)
+        for _ in range(5):  # and is partway over to the plate
+            env.step(first.act(), observe=False)
+        second = ScriptedExpert(env)
+        assert second.replan() in ("lift", "carry")  # lift: to a carry height above where it holds it now
+        assert _finish(env, second) and env.num_steps < 220
+
+
+@pytest.mark.slow
+@pytest.mark.sim
+@pytest.mark.parametrize("task_id", [0, 6])
+def test_expert_takes_over_after_another_policy_moved_the_arm(task_id):
+    from producer.env import EnvConfig, LiberoEnv
+
+    with LiberoEnv(EnvConfig(task_id=task_id, image_size=16)) as env:
+        env.reset("fresh:5")
+        detour = np.array([0.6, -0.6, -0.8, 0.2, 0.0, 0.3, 1.0], dtype=np.float32)  # down, aside, closing
+        for _ in range(20):
+            env.step(detour, observe=False)
+        assert env.eef_pos()[2] < 1.0  # low, beside the bowl
+        expert = ScriptedExpert(env)
+        assert expert.replan() == "approach" and expert.rise is not None  # straight up first: it is low
+        assert _finish(env, expert) and env.num_steps < 220
+
+
+@pytest.mark.slow
+@pytest.mark.sim
+def test_expert_takes_over_while_closing_at_the_rim_and_when_done():
+    from producer.env import EnvConfig, LiberoEnv
+
+    with LiberoEnv(EnvConfig(task_id=2, image_size=16)) as env:
+        env.reset("fresh:1")
+        first = ScriptedExpert(env)
+        while first.phase_name != "close":  # open fingers around the rim
+            env.step(first.act(), observe=False)
+        for _ in range(7):  # closing, not closed yet (it touches the rim at about step 10)
+            env.step(first.act(), observe=False)
+        assert 0.006 < env.gripper_qpos()[0] < 0.03 and not env.is_grasped(first.obj)
+        second = ScriptedExpert(env)
+        assert second.replan() == "close"
+        assert _finish(env, second)
+        assert ScriptedExpert(env).replan() == "release"  # the bowl is on the plate

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from common.archive import ArchiveWriter
+from common.init_states import BenchmarkStateLeak
 from common.schedule import INIT_STATES, parse_range
 from tests.stream_helpers import streamed_episode
 from trainer.pairs import load_keyed
@@ -130,6 +131,10 @@ def test_train_vla_onpolicy_term(tmp_path, policy):
     base = ["--packed", str(tmp_path / "d.npz"), "--out-dir", str(out), "--init-from", "assets/embedded_vla",
             "--steps", "2", "--eval-interval", "2", "--batch-size", "4", "--val-every", "2",
             "--free-running-samples", "4", "--consistency-weight", "4", "--onpolicy", str(tmp_path / "onp.npz")]  # fmt: skip
+    # the producer's episodes start from benchmark initial states: refused unless explicitly allowed
+    with pytest.raises(BenchmarkStateLeak, match="on-policy frames"):
+        main([*base, "--onpolicy-val-inits", "6"])
+    base.append("--allow-benchmark-states")
     with pytest.raises(ValueError, match="held-out initial state"):
         main([*base, "--onpolicy-val-inits", "5-6"])
     main([*base, "--onpolicy-val-inits", "6"])

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from common.archive import archive_meta
 from common.draft import coarse_targets
+from common.init_states import require_checked
 from common.policy import LayerwisePolicy
 from common.vla.embedded import normalize_images
 from trainer.pairs import load_keyed
@@ -41,6 +42,7 @@ def load_frames(cfg: FitDraftConfig, image_size: int) -> dict[str, Any]:
     (trainer.train_vla layout), every ``cfg.frame_stride``-th frame."""
     if cfg.packed is not None:
         data = unpack(cfg.packed)
+        require_checked(data.get("init_check"), cfg.allow_benchmark_states, f"demonstrations {cfg.packed}")
         if data["images"].shape[2] != image_size:
             raise ValueError(
                 f"{cfg.packed} holds {data['images'].shape[2]}-pixel frames, the policy reads {image_size}"
@@ -49,7 +51,7 @@ def load_frames(cfg: FitDraftConfig, image_size: int) -> dict[str, Any]:
             keep = np.flatnonzero(data["step"] % cfg.frame_stride == 0)
             data = {**data, **{k: data[k][keep] for k in ("images", "proprio", "episode", "step")}}
         return data
-    return read_demos(list(cfg.demos), image_size, cfg.frame_stride)
+    return read_demos(list(cfg.demos), image_size, cfg.frame_stride, cfg.allow_benchmark_states)
 
 
 @torch.no_grad()

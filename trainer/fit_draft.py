@@ -96,6 +96,11 @@ class FitDraftConfig:
     codec_dir: Path | None = field(default=None, metadata={"help": "RFSQ codec (none: assets/codec)"})
     num_coarse_layers: int = field(default=3, metadata={"help": "K: layers the draft predicts (1..8)"})
     frame_stride: int = field(default=1, metadata={"help": "use every n-th frame of each demonstration"})
+    allow_benchmark_states: bool = field(
+        default=False,
+        metadata={"help": "LEGACY DATA ONLY: also fit on demonstrations that start from benchmark initial "
+                  "states (the evaluation set) or do not record their starts (logged loudly)"},
+    )  # fmt: skip
     val_fraction: float = field(default=0.15, metadata={"help": "fraction of demonstrations held out"})
     augment: int = field(
         default=0, metadata={"help": "extra randomly shifted views of every training frame (0: none)"}

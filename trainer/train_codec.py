@@ -11,7 +11,8 @@ binarized gripper keeps [-1, 1]), as the OFT backend sets it, instead of the dat
 Reads ``data/demo_*/actions`` ([N, A] per episode, robomimic/LIBERO layout), cuts a chunk of T
 actions at every step, holds out whole episodes for validation, trains with quantize dropout and
 reports the reconstruction error per number of decoded layers k = 1..L and the per-layer code
-entropy on the held-out chunks. Writes the codec (safetensors + JSON with config, data provenance
+entropy on the held-out chunks. Files with episodes that start from a benchmark initial state (the
+evaluation set) or do not record their starts are refused unless ``--allow-benchmark-states``. Writes the codec (safetensors + JSON with config, data provenance
 and metrics) and a plot of the training curve and of the error per k.
 """
 
@@ -30,6 +31,7 @@ import torch
 
 from common.cli import config_to_dict, parse_config
 from common.codec import RFSQCodec, action_chunks, reconstruction_report, save_codec
+from common.init_states import check_demo_files
 from common.logs import setup_logging
 from common.shapes import RFSQShape
 from common.vla.openvla_oft import fit_codec_to_stats
@@ -62,6 +64,11 @@ class CodecTrainConfig:
     val_every: int = field(default=10, metadata={"help": "every N-th episode is held out for validation"})
     seed: int = field(default=0, metadata={"help": "random seed"})
     threads: int = field(default=2, metadata={"help": "torch CPU threads"})
+    allow_benchmark_states: bool = field(
+        default=False,
+        metadata={"help": "LEGACY DATA ONLY: also fit on demonstrations that start from benchmark initial "
+                  "states (the evaluation set) or do not record their starts (logged loudly)"},
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         if bool(self.demos) == bool(self.archives):
@@ -136,8 +143,11 @@ def train(cfg: CodecTrainConfig) -> dict:
     torch.set_num_threads(cfg.threads)
     shape = RFSQShape()
     if cfg.archives:
+        # stream archives (e.g. OpenVLA-OFT's): the producer's own episodes; their starts are not recorded
+        init_check = {"check": "stream archive: starts not recorded", "counts": {}}
         episodes, data_hash = load_archive_chunks(cfg.archives, shape)
     else:
+        init_check = check_demo_files(list(cfg.demos), cfg.allow_benchmark_states)  # refuses benchmark starts
         episodes, data_hash = load_episode_actions(cfg.demos)
     if episodes[0].shape[-1] != shape.action_dim:
         raise ValueError(f"actions have {episodes[0].shape[-1]} dims, the codec expects {shape.action_dim}")
@@ -212,6 +222,8 @@ def train(cfg: CodecTrainConfig) -> dict:
             "episodes_train": len(train_ids),
             "episodes_validation": len(val_ids),
             "chunks_train": len(train_chunks),
+            "init_check": init_check["check"],
+            "init_sources": init_check["counts"],
         },
         "train_config": config_to_dict(cfg),
         "metrics": metrics,

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from common.cli import config_to_dict, parse_config
 from common.codec import action_chunks, load_codec
+from common.init_states import check_demo_files, require_checked
 from common.logs import setup_logging
 from common.schedule import INIT_STATES, parse_range
 from common.vla.embedded import (
@@ -131,6 +132,11 @@ class VLATrainConfig:
     save_dtype: str = field(
         default="float16", metadata={"help": "dtype of the saved weights", "choices": ["float16", "float32"]}
     )
+    allow_benchmark_states: bool = field(
+        default=False,
+        metadata={"help": "LEGACY DATA ONLY: also train on data that starts from benchmark initial states "
+                  "(the evaluation set) or does not record its starts (logged loudly)"},
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         if not self.demos and self.packed is None:
@@ -163,21 +169,29 @@ def _demo_names(group: Any) -> list[str]:
     return sorted(group.keys(), key=lambda n: int(n.split("_")[-1]) if n.split("_")[-1].isdigit() else n)
 
 
-def read_demos(paths: list[Path], image_size: int, frame_stride: int = 1) -> dict[str, Any]:
+def read_demos(
+    paths: list[Path], image_size: int, frame_stride: int = 1, allow_benchmark_states: bool = False
+) -> dict[str, Any]:
     """Read HDF5 demos into frame arrays (images downsampled with the run-time function).
 
     Every ``frame_stride``-th step is kept as a training frame (offset alternating per episode);
-    the actions of every step are kept, so chunk targets are exact.
+    the actions of every step are kept, so chunk targets are exact. Files whose episodes start from a
+    benchmark initial state or do not record their starts are refused (``common.init_states``) unless
+    ``allow_benchmark_states``.
 
     returns images [N, 2, S, S, 3] uint8, proprio [N, 8] f32, episode [N] i64, step [N] i64 (frame
     index inside its episode), actions [M, A] f32 (all steps), action_episode [M] i64,
-    instruction_of_episode [E] str, task_of_episode [E] i64, episode_names [E] str.
+    instruction_of_episode [E] str, task_of_episode [E] i64, episode_names [E] str,
+    init_source_of_episode [E] str, init_check (str: "passed" or the override's record), and, if any
+    demo has per-step expert chunks (DAgger labels, ``expert_chunks`` [n, T, A]), label_chunks [N, T, A]
+    f32 (NaN for frames of demos without them).
     """
     import h5py
     from tqdm import tqdm
 
+    report = check_demo_files(list(paths), allow_benchmark_states)
     images, proprio, episode, steps, actions, action_episode = [], [], [], [], [], []
-    instructions, tasks, names = [], [], []
+    instructions, tasks, names, labels = [], [], [], []
     for path in paths:
         with h5py.File(path, "r") as f:
             if "data" not in f:
@@ -204,9 +218,24 @@ def read_demos(paths: list[Path], image_size: int, frame_stride: int = 1) -> dic
                 instructions.append(instr.decode() if isinstance(instr, bytes) else str(instr))
                 tasks.append(int(g.attrs.get("task_id", -1)))
                 names.append(f"{Path(path).name}:{name}")
+                labels.append(
+                    np.asarray(g["expert_chunks"], dtype=np.float32)[keep] if "expert_chunks" in g else None
+                )
     if not names:
         raise ValueError(f"no demonstrations in {paths}")
+    extra: dict[str, Any] = {
+        "init_source_of_episode": np.array([report["sources"][n] for n in names]),
+        "init_check": np.array(report["check"]),
+    }
+    lengths = {lab.shape[1:] for lab in labels if lab is not None}
+    if len(lengths) > 1:
+        raise ValueError(f"expert_chunks of different shapes {sorted(lengths)} in {paths}")
+    if lengths:
+        (shape,) = lengths  # (T, A)
+        blank = [np.full((len(p), *shape), np.nan, np.float32) for p in proprio]
+        extra["label_chunks"] = np.concatenate([b if lab is None else lab for lab, b in zip(labels, blank)])
     return {
+        **extra,
         "images": np.concatenate(images),
         "proprio": np.concatenate(proprio),
         "episode": np.concatenate(episode),
@@ -220,11 +249,19 @@ def read_demos(paths: list[Path], image_size: int, frame_stride: int = 1) -> dic
 
 
 def frame_chunks(data: dict[str, Any], chunk_len: int) -> np.ndarray:
-    """The action chunk starting at every training frame: [N, T, A] (past the end: last action repeated)."""
+    """The action chunk starting at every training frame: [N, T, A] (past the end: last action repeated;
+    frames with an expert label chunk, from DAgger, take that chunk)."""
     out = np.empty((len(data["episode"]), chunk_len, data["actions"].shape[1]), dtype=np.float32)
     for e in range(len(data["episode_names"])):
         rows = np.flatnonzero(data["episode"] == e)
         out[rows] = action_chunks(data["actions"][data["action_episode"] == e], chunk_len)[data["step"][rows]]
+    if "label_chunks" in data:  # DAgger frames: the expert's own chunk from the visited state
+        labelled = ~np.isnan(data["label_chunks"][:, 0, 0])
+        if data["label_chunks"].shape[1] < chunk_len:
+            raise ValueError(
+                f"expert chunks of {data['label_chunks'].shape[1]} steps, the codec needs {chunk_len}"
+            )
+        out[labelled] = data["label_chunks"][labelled, :chunk_len]
     return out
 
 
@@ -525,8 +562,10 @@ def train(cfg: VLATrainConfig) -> dict[str, Any]:
     data = (
         unpack(cfg.packed)
         if cfg.packed is not None
-        else read_demos(cfg.demos, cfg.image_size, cfg.frame_stride)
+        else read_demos(cfg.demos, cfg.image_size, cfg.frame_stride, cfg.allow_benchmark_states)
     )
+    init_check = {"demos": require_checked(data.get("init_check"), cfg.allow_benchmark_states,
+                                           f"demonstrations {cfg.packed or [str(p) for p in cfg.demos]}")}  # fmt: skip
     if cfg.pack_to is not None:
         pack(data, cfg.pack_to, cfg.jpeg_quality)
         return {"packed": str(cfg.pack_to)}
@@ -565,6 +604,9 @@ def train(cfg: VLATrainConfig) -> dict[str, Any]:
     on_batches = on_train = on_val = None
     if cfg.onpolicy is not None:
         on = unpack(cfg.onpolicy)
+        init_check["onpolicy"] = require_checked(
+            on.get("init_check"), cfg.allow_benchmark_states, f"on-policy frames {cfg.onpolicy}"
+        )
         if on["images"].shape[2] != cfg.image_size:
             raise ValueError(
                 f"{cfg.onpolicy} holds {on['images'].shape[2]}-px frames, --image-size is {cfg.image_size}"
@@ -615,7 +657,7 @@ def train(cfg: VLATrainConfig) -> dict[str, Any]:
                 save_embedded_vla(
                     model,
                     out_dir,
-                    extra={"train": config_to_dict(cfg), "held_out": ev},
+                    extra={"train": config_to_dict(cfg), "held_out": ev, "init_check": init_check},
                     dtype=getattr(torch, cfg.save_dtype),
                 )
             break
@@ -691,7 +733,7 @@ def train(cfg: VLATrainConfig) -> dict[str, Any]:
                 save_embedded_vla(
                     model,
                     out_dir,
-                    extra={"train": config_to_dict(cfg), "held_out": ev},
+                    extra={"train": config_to_dict(cfg), "held_out": ev, "init_check": init_check},
                     dtype=getattr(torch, cfg.save_dtype),
                 )
             model.train()
@@ -710,6 +752,7 @@ def train(cfg: VLATrainConfig) -> dict[str, Any]:
     )
     metrics = {
         "config": config_to_dict(cfg),
+        "init_check": init_check,
         "shipped_held_out": shipped_ev,
         "num_params": n_params,
         "frames": {"train": int(train_mask.sum()), "held_out": int(val_mask.sum())},
