@@ -34,6 +34,8 @@ import torch
 from common.cli import config_to_dict, parse_config
 from common.draft import RFSQDraftModelWithProjection
 from common.logs import setup_logging
+from common.vla.twin import TwinPolicy, llama7b_config, memory_floor_s, tiny_config
+from common.vla.twin_vision import FusedVisionTwin, GraphedVision, tiny_vision
 from evaluator.bench_7b_report import projection, projection_inputs, render_markdown
 from evaluator.bench_gpu import (
     FixedProposer,
@@ -45,8 +47,6 @@ from evaluator.bench_gpu import (
     time_events,
 )
 from evaluator.rsd import DraftProposer, RSDConfig, RSDEngine
-from evaluator.twin import TwinPolicy, llama7b_config, memory_floor_s, tiny_config
-from evaluator.twin_vision import FusedVisionTwin, GraphedVision, tiny_vision
 
 log = logging.getLogger("bench_7b")
 MODES = ("compiled_graphs_sliced", "compiled_graphs_sliced_skinny")
@@ -112,7 +112,7 @@ def prefix_flops(policy: TwinPolicy) -> float:
 
 def load_skinny_preset(path: Path) -> int:
     """Fill evaluator.twin_triton's tuned-config table from an earlier run; returns entries loaded."""
-    import evaluator.twin_triton as tt
+    import common.vla.twin_triton as tt
 
     d = json.loads(Path(path).read_text())
     res = next(iter(d["prefixes"].values())) if "prefixes" in d else d
@@ -369,7 +369,7 @@ def measure(cfg: Bench7BConfig, argv: list[str]) -> dict[str, Any]:
 def prefix_study(cfg: Bench7BConfig, policy: TwinPolicy) -> dict[str, Any]:
     """Where the prefix pass's time goes: its 128 matrix products alone (cuBLAS, one CUDA graph), and
     the causal flash prefix with a max-autotune compiled layer (Triton GEMM templates for P rows)."""
-    from evaluator.twin import layer_step
+    from common.vla.twin import layer_step
 
     c = policy.cfg
     P, D, I = c.prefix_len, c.hidden_size, c.intermediate_size

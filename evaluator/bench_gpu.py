@@ -41,8 +41,8 @@ import torch.nn.functional as F
 from common.cli import config_to_dict, parse_config
 from common.draft import RFSQDraftModelWithProjection
 from common.logs import setup_logging
+from common.vla.twin import TwinConfig, TwinPolicy, llama7b_config, memory_floor_s, tiny_config
 from evaluator.rsd import AcceptanceConfig, DraftProposer, Proposal, RSDConfig, RSDEngine
-from evaluator.twin import TwinConfig, TwinPolicy, llama7b_config, memory_floor_s, tiny_config
 
 log = logging.getLogger("bench_gpu")
 
@@ -227,7 +227,7 @@ def gemm_only_ms(policy: TwinPolicy, reps: int, skinny: bool = False) -> dict[st
     xd = torch.randn(1, W, D, device=policy.device, dtype=policy.dtype)
     xi = torch.randn(1, W, I, device=policy.device, dtype=policy.dtype)
     if skinny:
-        from evaluator.twin_triton import launch
+        from common.vla.twin_triton import launch
 
         xd, x2i = xd[0], torch.randn(W, 2 * I, device=policy.device, dtype=policy.dtype)
 
@@ -385,7 +385,7 @@ def bench_prefix(
             raise ValueError(f"unknown or disabled modes {unknown}; available: {modes}")
         modes = [m for m in modes if m in cfg.modes]
     if any(m.endswith("_skinny") for m in modes):
-        import evaluator.twin_triton as twin_triton
+        import common.vla.twin_triton as twin_triton
 
         twin_triton.WIDE_SEARCH = cfg.skinny_wide
         res["skinny_check"] = check_skinny(policy)
@@ -422,7 +422,7 @@ def bench_prefix(
         res["gemm_only_block_ms"] = gemm_only_ms(policy, cfg.pass_reps)
         if "skinny_check" in res:
             res["skinny_only_block_ms"] = gemm_only_ms(policy, cfg.pass_reps, skinny=True)
-            from evaluator.twin_triton import best_configs
+            from common.vla.twin_triton import best_configs
 
             res["skinny_configs"] = best_configs()
         for key in ("gemm_only_block_ms", "skinny_only_block_ms"):
@@ -436,7 +436,7 @@ def bench_prefix(
 @torch.no_grad()
 def check_skinny(policy: TwinPolicy) -> dict[str, float]:
     """The Triton products against F.linear on the twin's real shapes (bf16): largest relative error."""
-    from evaluator.twin_triton import launch, reference
+    from common.vla.twin_triton import launch, reference
 
     cfg, layer = policy.cfg, policy.model.layers[0]
     W, D, I = cfg.block_width, cfg.hidden_size, cfg.intermediate_size
@@ -617,7 +617,7 @@ def probe_block_pass(cfg: BenchGPUConfig, device: torch.device) -> dict[str, Any
     """Block pass (and verify k = 3) under several compile variants, plus a kernel profile."""
     import torch._inductor.config as inductor_config
 
-    from evaluator.twin import layer_step
+    from common.vla.twin import layer_step
 
     twin_cfg = tiny_config() if cfg.tiny else llama7b_config(280)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

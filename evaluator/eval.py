@@ -39,19 +39,21 @@ import numpy as np
 import torch
 
 from common.cli import config_to_dict, parse_config
-from common.draft import DEFAULT_FORWARD, FORWARD_HELP, FORWARDS, load_checkpoint
+from common.draft import DEFAULT_FORWARD, FORWARD_HELP, FORWARDS
 from common.layer_info import depth_from_dirs
 from common.logs import setup_logging
 from common.policy import LayerwisePolicy, Observation
-from common.vla import DEFAULT_CODEC_DIR, DEFAULT_EMBEDDED_DIR
+from common.vla import DEFAULT_CODEC_DIR, DEFAULT_EMBEDDED_DIR, backend, load_layerwise_policy
 from evaluator.arms import Arm, build_arms, is_known_name
 from evaluator.frontier import frontier
 from evaluator.openloop import ArmLog, OpenLoopRecorder, run_open_loop, summarize_arm, summarize_open_loop
-from evaluator.rsd import DraftProposer, RSDConfig, RSDEngine
+from evaluator.rsd import RSDConfig, RSDEngine, load_draft
 
 __all__ = [
     "ArmLog",
     "EvalConfig",
+    "load_draft",
+    "load_eval_policy",
     "OpenLoopRecorder",
     "run_open_loop",
     "summarize_arm",
@@ -60,7 +62,8 @@ __all__ = [
 
 log = logging.getLogger("evaluator.eval")
 
-POLICIES = ("embedded", "twin-tiny")
+POLICIES = ("embedded", "twin-tiny")  # layer-wise backends of common/vla/registry.py that run on a CPU
+load_eval_policy = load_layerwise_policy  # the policy RSD decodes, from the one backend registry
 
 
 @dataclass
@@ -184,7 +187,7 @@ class EvalConfig:
             raise ValueError("warmup must be >= 0, torch_threads and workers >= 1")
         if not self.tasks or not self.init_states:
             raise ValueError("tasks and init_states must be non-empty")
-        if self.closed_loop and self.policy != "embedded":
+        if self.closed_loop and not backend(self.policy).trained:
             raise ValueError("closed-loop success needs --policy embedded (the twin is not a trained policy)")
 
     def arms(self, num_drafted: int, num_layers: int = 8, decode_layers: int | None = None) -> dict[str, Arm]:
@@ -203,59 +206,6 @@ class EvalConfig:
             substitution=self.substitution,
             truncations=self.truncations,
         )
-
-
-# ------------------------------------------------------------------------------------------ loading
-def load_eval_policy(
-    name: str,
-    weights_dir: str | None = None,
-    codec_dir: str | None = None,
-    allow_random: bool = False,
-    device: str = "cpu",
-    decode_layers: int | None = None,
-) -> LayerwisePolicy:
-    """The policy; ``decode_layers`` overrides how many layers it decodes (None: its config)."""
-    if name == "twin-tiny":
-        from evaluator.twin import TwinPolicy, tiny_config
-
-        policy = TwinPolicy(tiny_config(), device=device, seed=0)
-    else:
-        from common.vla import load_policy
-
-        policy = load_policy(
-            name, device=device, weights_dir=weights_dir, codec_dir=codec_dir, allow_random=allow_random
-        )
-        if not isinstance(policy, LayerwisePolicy):
-            raise ValueError(f"policy {name!r} does not decode layer by layer; RSD needs a LayerwisePolicy")
-    if decode_layers is not None:
-        policy.decode_layers = decode_layers
-    return policy
-
-
-def load_draft(
-    path: str | Path, policy: LayerwisePolicy, forward: str = DEFAULT_FORWARD
-) -> tuple[DraftProposer, dict[str, Any]]:
-    model, ckpt = load_checkpoint(path, forward=forward)
-    if model.input_dim != policy.hidden_dim:
-        raise ValueError(
-            f"draft {path} reads hidden states of size {model.input_dim}, the policy's are {policy.hidden_dim}"
-        )
-    s = policy.shape
-    if (model.chunk_len, model.action_hidden_dim, model.grid_size) != (
-        s.chunk_len,
-        s.action_hidden_dim,
-        s.grid_size,
-    ):
-        raise ValueError(f"draft {path} predicts another code shape than the policy's {s}")
-    info = {
-        "path": str(path),
-        "num_coarse_layers": model.num_coarse_layers,
-        "forward": model.forward_name,
-        "val_accuracy": ckpt["val_accuracy"],
-        "epoch": ckpt["epoch"],
-        "config": ckpt["config"],
-    }
-    return DraftProposer(model), info
 
 
 # ------------------------------------------------------------------------------------------ closed loop
@@ -278,8 +228,9 @@ class RSDActFactory:
 
     def __call__(self) -> Callable[[Observation], np.ndarray]:
         policy = load_eval_policy(
-            self.policy, self.weights_dir, self.codec_dir, self.allow_random, decode_layers=self.decode_layers
-        )
+            self.policy, weights_dir=self.weights_dir, codec_dir=self.codec_dir,
+            allow_random=self.allow_random, decode_layers=self.decode_layers,
+        )  # fmt: skip
         proposer, _ = load_draft(self.draft, policy, self.draft_forward)
         kind = "truncation" if self.truncate is not None else ("baseline" if self.rsd is None else None)
         if kind is None:
@@ -341,12 +292,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     torch.set_num_threads(cfg.torch_threads)
     torch.manual_seed(cfg.seed)
     policy = load_eval_policy(
-        cfg.policy,
-        str(cfg.weights_dir) if cfg.weights_dir else None,
-        str(cfg.codec_dir) if cfg.codec_dir else None,
-        cfg.allow_random,
+        cfg.policy, weights_dir=cfg.weights_dir, codec_dir=cfg.codec_dir, allow_random=cfg.allow_random,
         decode_layers=cfg.decode_layers,
-    )
+    )  # fmt: skip
     proposer, draft_info = load_draft(cfg.draft, policy, cfg.draft_forward)
     arms = cfg.arms(proposer.num_layers, policy.shape.num_layers, policy.decode_layers)
     missing = [a for a in cfg.closed_loop_arms if a not in arms]

@@ -29,9 +29,8 @@ import numpy as np
 
 from common.policy import Observation
 from common.vla import load_policy
-from evaluator.eval import load_draft, load_eval_policy
 from evaluator.protocol import ArmSpec
-from evaluator.rsd import AcceptanceConfig, RSDConfig, RSDEngine
+from evaluator.rsd import AcceptanceConfig, RSDConfig, RSDEngine, load_draft
 
 DECODINGS = ("policy", "baseline", "truncation", "strict", "relaxed", "substitution")
 RSD_PARAMS = ("tau", "epsilon", "max_proposals", "confidence_threshold", "confidence_kind")
@@ -42,10 +41,9 @@ _MODE = {"strict": "strict", "relaxed": "relaxed", "substitution": "substitute"}
 @lru_cache(maxsize=4)
 def _policy(backend: str, weights: str | None, codec: str | None, random_weights: bool, allow_random: bool,
             seed: int, device: str, layerwise: bool, decode_layers: int | None = None) -> Any:  # fmt: skip
-    if layerwise:
-        return load_eval_policy(backend, weights, codec, allow_random, device, decode_layers=decode_layers)
-    return load_policy(backend, device=device, weights_dir=weights, codec_dir=codec,
-                       allow_random=allow_random, random_weights=random_weights, seed=seed)  # fmt: skip
+    return load_policy(backend, device=device, weights_dir=weights, codec_dir=codec, allow_random=allow_random,
+                       random_weights=random_weights, seed=seed, decode_layers=decode_layers,
+                       layerwise=layerwise)  # fmt: skip
 
 
 @lru_cache(maxsize=4)

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from common.vla.twin import TwinPolicy, tiny_config
+from common.vla.twin_vision import FusedVisionTwin, GraphedVision, tiny_vision
 from evaluator import bench_7b
 from evaluator.bench_7b_report import _rsd_ms, projection
 from evaluator.rsd import RSDConfig, RSDEngine
-from evaluator.twin import TwinPolicy, tiny_config
-from evaluator.twin_vision import FusedVisionTwin, GraphedVision, tiny_vision
 
 
 def test_causal_flash_prefix_equals_the_masked_prefix():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from evaluator.twin import TwinPolicy, llama7b_config, memory_floor_s, tiny_config
+from common.vla.twin import TwinPolicy, llama7b_config, memory_floor_s, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +175,7 @@ def test_skinny_triton_products_equal_linear():
 
 
 def skinny_checks() -> None:
-    from evaluator.twin_triton import launch, reference
+    from common.vla.twin_triton import launch, reference
 
     torch.manual_seed(0)
     for rows, n, k, residual, swiglu in [(8, 96, 64, False, False), (8, 64, 200, True, False),
