@@ -59,7 +59,6 @@ def layer_step(
     v_cache: torch.Tensor,  # [B, nh, S, hd], written in place
     eps: float,
     num_heads: int,
-    math_attention: bool = False,
     kv_len: int | None = None,
     skinny: bool = False,
     causal: bool = False,
@@ -95,19 +94,9 @@ def layer_step(
     v_cache.index_copy_(2, positions, v)
     if kv_len is not None:
         k_cache, v_cache = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]  # [B, nh, kv_len, hd]
-    if math_attention:  # two batched products and a softmax that the compiler can fuse
-        scores = torch.matmul(q, k_cache.transpose(-1, -2)) * hd**-0.5  # [B, nh, N, S]
-        if mask is not None:
-            scores = scores + mask
-        if causal:
-            scores = scores.masked_fill(
-                torch.ones_like(scores[0, 0], dtype=torch.bool).triu(1), float("-inf")
-            )
-        attn = torch.matmul(scores.float().softmax(-1).to(q.dtype), v_cache)  # [B, nh, N, hd]
-    else:
-        attn = F.scaled_dot_product_attention(
-            q, k_cache, v_cache, attn_mask=mask, is_causal=causal and mask is None
-        )  # [B, nh, N, hd]
+    attn = F.scaled_dot_product_attention(
+        q, k_cache, v_cache, attn_mask=mask, is_causal=causal and mask is None
+    )  # [B, nh, N, hd]
     attn = attn.transpose(1, 2).reshape(B, N, D)
     if skinny:  # residual adds and SwiGLU inside the product kernels
         op = torch.ops.rsd_twin.skinny_linear
@@ -161,7 +150,6 @@ class TwinModel(nn.Module):
         self.register_buffer("h_index", torch.arange(s.action_hidden_dim), persistent=False)
         self.layer_fn = layer_step
         self.prefix_fn: Callable | None = None  # the prefix pass's layer function (None: layer_fn)
-        self.math_attention = False
         self.skinny = False
 
     def ensure_positions(self, n: int) -> None:
@@ -177,16 +165,14 @@ class TwinModel(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)  # [S, hd]
         self.rope_cos, self.rope_sin = emb.cos(), emb.sin()
 
-    def compile_layers(self, math_attention: bool = False, skinny: bool = False) -> None:
+    def compile_layers(self, skinny: bool = False) -> None:
         """Compile the layer function (torch.compile, dynamic N) to fuse its elementwise work.
 
-        ``math_attention`` spells attention as two matrix products and a softmax instead of
-        scaled_dot_product_attention (whichever measures faster). ``skinny``: the weight products
-        as the Triton kernels of common/vla/twin_triton.py (see :func:`layer_step`).
+        ``skinny``: the weight products as the Triton kernels of common/vla/twin_triton.py (see
+        :func:`layer_step`).
         """
         torch._dynamo.reset()  # a fresh cache for layer_step (earlier variants would count as recompiles)
         self.layer_fn = torch.compile(layer_step, dynamic=True, fullgraph=True)
-        self.math_attention = math_attention
         self.use_skinny(skinny)
 
     def use_skinny(self, on: bool = True) -> None:
@@ -304,7 +290,6 @@ class TwinModel(nn.Module):
                 v_cache[i],
                 eps,
                 nh,
-                self.math_attention,
                 kv_len,
                 self.skinny,
                 causal,
