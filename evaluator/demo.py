@@ -400,18 +400,24 @@ def _format_eval(ev: dict) -> list[str]:
                     f"({arms[name]['speedup_median']:.2f}x, mean {arms[name]['mean_j']:.2f} layers accepted)."
                 )
     cl = ev.get("closed_loop", {})
-    rates = {k: v for k, v in cl.items() if isinstance(v, dict) and "success_rate" in v}
+    rates = {k: v for k, v in cl.items() if isinstance(v, dict) and v.get("success_rate") is not None}
     if rates:
         lines.append(
             "closed-loop success: "
             + ", ".join(
-                f"{k} {v['successes']}/{v['episodes']} ({100 * v['success_rate']:.0f}%)"
+                f"{k} {v['successes']}/{v['episodes']} ({100 * v['success_rate']:.0f}%)" + _verdict(v)
                 for k, v in rates.items()
             )
             + f" (same {len(cl.get('episodes', []))} episodes per arm; small samples: differences of a few "
             "episodes are noise)"
         )
     return lines
+
+
+def _verdict(arm: dict) -> str:
+    """The paired comparison with the baseline (eval.json of the fleet's closed loop), if any."""
+    c = arm.get("vs_baseline")
+    return "" if not c else f" [vs baseline McNemar p {c['mcnemar_p']:.2g}, {c['verdict']}]"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,7 +17,8 @@ REFERENCE_KINDS = ("baseline", "truncation")
 
 def _success(closed_loop: dict[str, Any], name: str) -> float | None:
     v = closed_loop.get(name)
-    return float(v["success_rate"]) if isinstance(v, dict) and "success_rate" in v else None
+    rate = v.get("success_rate") if isinstance(v, dict) else None  # None: not run, or no episode finished
+    return None if rate is None else float(rate)
 
 
 def frontier(result: dict[str, Any], speeds: dict[str, float] | None = None) -> list[dict[str, Any]]:

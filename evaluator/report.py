@@ -18,6 +18,7 @@ from typing import Any
 
 from common.cli import new_parser
 from evaluator.frontier import frontier, plot_frontier, verdict_lines
+from evaluator.protocol_report import summary_markdown
 
 MAIN_ARMS = ("baseline", "strict", "relaxed", "draft-substitution")
 
@@ -228,6 +229,30 @@ def _closed_loop(result: dict[str, Any]) -> list[str]:
     cl = result.get("closed_loop")
     if not cl:
         return ["", "Closed loop: not run (`--no-closed-loop`)."]
+    if "protocol" not in cl:  # an eval.json from before the closed loop ran in the fleet
+        return _closed_loop_unpaired(cl)
+    arms = {n: v for n, v in cl.items() if n in cl["protocol"]["arms"]}
+    return [
+        "",
+        summary_markdown(cl["protocol"], heading="##").rstrip("\n"),
+        "",
+        "Decoding in the closed loop (per policy query):",
+        "",
+        "| arm | mean steps | mean act (ms) | accepted layers | proposed layers | passes |",
+        "|---|---:|---:|---:|---:|---:|",
+        *(
+            f"| `{n}` | {_num(a['mean_steps'], 0)} | {a['mean_act_ms']:.1f} | {a['mean_accepted']:.2f} | "
+            f"{a['mean_proposed']:.2f} | {a['mean_passes']:.2f} |"
+            for n, a in arms.items()
+        ),
+    ]
+
+
+def _num(x: float | None, nd: int) -> str:
+    return "–" if x is None else f"{x:.{nd}f}"
+
+
+def _closed_loop_unpaired(cl: dict[str, Any]) -> list[str]:
     n = len(cl["episodes"])
     lines = [
         "",
