@@ -217,18 +217,16 @@ class EvalConfig:
             raise ValueError("closed-loop success needs --policy embedded (the twin is not a trained policy)")
         if not 0 < self.margin < 1:
             raise ValueError(f"margin must be a fraction in (0, 1), got {self.margin}")
-        Protocol(
-            self.suite, tuple(self.tasks), tuple(self.closed_loop_init_states)
-        )  # unknown ids: usage error
+        self.protocol()  # unknown tasks or initial states: a usage error before anything runs
+
+    def protocol(self) -> Protocol:
+        """The closed loop's tasks x initial states (the open loop's episodes take ``init_states``)."""
+        return Protocol(self.suite, tuple(self.tasks), tuple(self.closed_loop_init_states), self.seed,
+                        self.max_steps, self.image_size)  # fmt: skip
 
     def env_base(self) -> dict[str, Any]:
         """The EnvConfig fields every episode shares, open and closed loop."""
-        return {
-            "suite": self.suite,
-            "image_size": self.image_size,
-            "max_steps": self.max_steps,
-            "seed": self.seed,
-        }
+        return self.protocol().env_base()
 
     def arms(self, num_drafted: int, num_layers: int = 8, decode_layers: int | None = None) -> dict[str, Arm]:
         """Arm name -> :class:`Arm`, baseline first (evaluator/arms.py)."""
