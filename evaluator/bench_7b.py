@@ -2,9 +2,9 @@
 
 One process, one GPU (DESIGN §6):
 
-- the vision encoder (SigLIP + DINOv2 + projector, evaluator/twin_vision.py) on two 224 px images,
+- the vision encoder (SigLIP + DINOv2 + projector, common/vla/twin_vision.py) on two 224 px images,
   in a CUDA graph (eager and compiled blocks);
-- the 7B twin (evaluator/twin.py) with OFT's 600-token prefix: prefix pass with the masked kernel and
+- the 7B twin (common/vla/twin.py, from the backend registry) with OFT's 600-token prefix: prefix pass with the masked kernel and
   with causal flash attention (against its compute floor: FLOPs ÷ the measured bf16 matrix rate), block
   and verify passes (against their memory floor), and tree-verify passes of 1..129 blocks;
 - end-to-end chunks, observation pixels in, actions out (vision -> prefix -> layers -> codec), in rotating
@@ -20,7 +20,6 @@ One process, one GPU (DESIGN §6):
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
 import sys
@@ -30,23 +29,32 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
-from common.cli import config_to_dict, parse_config
+from common.cli import parse_config
 from common.draft import RFSQDraftModelWithProjection
 from common.logs import setup_logging
+from common.vla.twin import TwinPolicy, layer_step, llama7b_config, memory_floor_s, tiny_config
+from common.vla.twin_vision import FusedVisionTwin, GraphedVision, tiny_vision
 from evaluator.bench_7b_report import projection, projection_inputs, render_markdown
-from evaluator.bench_gpu import (
-    FixedProposer,
+from evaluator.bench_twin import (
     GraphedProposer,
+    check_skinny,
     copy_bandwidth,
-    corrupt_from,
+    forced_engine,
+    gemm_tflops,
+    graphed,
+    load_skinny_preset,
+    make_twin,
+    run_meta,
     self_consistent_drafts,
     summarize,
+    time_block_passes,
     time_events,
+    time_rotating,
+    write_json,
 )
 from evaluator.rsd import DraftProposer, RSDConfig, RSDEngine
-from evaluator.twin import TwinPolicy, llama7b_config, memory_floor_s, tiny_config
-from evaluator.twin_vision import FusedVisionTwin, GraphedVision, tiny_vision
 
 log = logging.getLogger("bench_7b")
 MODES = ("compiled_graphs_sliced", "compiled_graphs_sliced_skinny")
@@ -94,37 +102,12 @@ class Bench7BConfig:
                 raise ValueError(f"no such file: {p}")
 
 
-# ------------------------------------------------------------------------------------------ rates
-def gemm_tflops(device: torch.device, n: int = 8192, reps: int = 10) -> float:
-    """Dense bf16 matrix-product rate (TFLOP/s) of an n x n x n product: the compute-floor denominator."""
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    t = time_events(lambda: a @ b, reps)
-    return 2 * n**3 / (t["median_ms"] / 1e3) / 1e12
-
-
+# ------------------------------------------------------------------------------------------ floors
 def prefix_flops(policy: TwinPolicy) -> float:
     """Matrix products of the prefix pass plus causal attention (half of P x P per head)."""
     cfg = policy.cfg
     P, D = cfg.prefix_len, cfg.hidden_size
     return 2 * cfg.layer_params() * P + cfg.num_layers * 2 * P * P * D
-
-
-def load_skinny_preset(path: Path) -> int:
-    """Fill evaluator.twin_triton's tuned-config table from an earlier run; returns entries loaded."""
-    import evaluator.twin_triton as tt
-
-    d = json.loads(Path(path).read_text())
-    res = next(iter(d["prefixes"].values())) if "prefixes" in d else d
-    picked = res["skinny_configs"]["picked"]
-    n = 0
-    for key, cfg in picked.items():
-        k = key.strip("()").split(", ")
-        tt._best[(int(k[0]), int(k[1]), int(k[2]), k[3] == "True", k[4] == "True", torch.bfloat16)] = tuple(
-            int(x) for x in cfg.strip("()").split(", ")
-        )
-        n += 1
-    return n
 
 
 # ------------------------------------------------------------------------------------------ vision
@@ -177,17 +160,10 @@ def tree_sweep(policy: TwinPolicy, blocks: list[int], reps: int, graphs: bool) -
     for n in blocks:
         x = torch.randn(1, n * W, cfg.hidden_size, device=policy.device).to(policy.dtype)
 
-        def fn(x=x):
+        def fn(x: torch.Tensor = x) -> torch.Tensor:
             return m(x, start, k_cache, v_cache)
 
-        if graphs:
-            fn()
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                fn()
-            fn = graph.replay
-        out[str(n)] = time_events(fn, reps)
+        out[str(n)] = time_events(graphed(fn) if graphs else fn, reps)
     return out
 
 
@@ -225,26 +201,8 @@ def bench_mode(
     policy.capture_all(7)
     state = policy.prefix_from_embeds(embeds)
     codes1 = torch.randint(0, s.grid_size, (1, s.chunk_len, s.action_hidden_dim), device=policy.device)
-
-    def block():
-        policy.truncate(state, 1)
-        policy.decode_block(state, codes1)
-
-    def block0():
-        policy.truncate(state, 0)
-        policy.decode_block(state, None)
-
-    passes["block0"] = time_events(block0, cfg.pass_reps)
-    passes["block"] = time_events(block, cfg.pass_reps)
     drafts = {k: self_consistent_drafts(policy, embeds, k) for k in (2, 3, 7)}
-    for k in range(1, 8):
-        d = drafts[7][:, :k]
-
-        def ver(d=d):
-            policy.truncate(state, 0)
-            policy.verify(state, d)
-
-        passes[f"verify_k{k}"] = time_events(ver, cfg.pass_reps)
+    passes.update(time_block_passes(policy, state, drafts[7], cfg.pass_reps, codes1))
     res["passes"] = passes
     res["prefix_used"] = "flash" if policy.prefix_flash else "masked"
     res["tree_sweep"] = tree_sweep(policy, cfg.tree_blocks, cfg.pass_reps, graphs)
@@ -254,19 +212,17 @@ def bench_mode(
 
 def bench_chunks(cfg: Bench7BConfig, policy: TwinPolicy, proposer, drafts, with_vision) -> dict[str, Any]:
     """End-to-end chunk latency of every variant, rotating order; each includes the vision encoder."""
-    L, G = policy.shape.num_layers, policy.shape.grid_size
+    L = policy.shape.num_layers
     variants: dict[str, tuple] = {f"truncate_k{k}": ("truncate", k) for k in range(1, L + 1)}
     for D, k in ((3, 2), (8, 3), (8, 7)):
         for j in range(k + 1) if k < 7 else (0, 7):
             variants[f"D{D}_rsd_k{k}_j{j}"] = ("rsd", D, k, j)
-    engines = {}
-    for name, v in variants.items():
-        if v[0] == "truncate":
-            engines[name] = RSDEngine(policy, None, RSDConfig(stage_timing=False))
-        else:
-            _, D, k, j = v
-            fixed = FixedProposer(proposer, corrupt_from(drafts[k], j, G))
-            engines[name] = RSDEngine(policy, fixed, RSDConfig(stage_timing=False))
+    engines = {
+        name: RSDEngine(policy, None, RSDConfig(stage_timing=False))
+        if v[0] == "truncate"
+        else forced_engine(policy, proposer, drafts[v[2]], v[3])
+        for name, v in variants.items()
+    }
 
     def run(name: str) -> int:
         v, eng = variants[name], engines[name]
@@ -285,52 +241,21 @@ def bench_chunks(cfg: Bench7BConfig, policy: TwinPolicy, proposer, drafts, with_
         accepted[name] = run(name)
         if v[0] == "rsd" and accepted[name] != v[3]:
             log.warning("%s: forced j = %d but the engine accepted %d", name, v[3], accepted[name])
-    sync = torch.cuda.synchronize if policy.device.type == "cuda" else (lambda: None)
-    names = list(variants)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for rep in range(cfg.chunk_reps):
-        for name in names[rep % len(names) :] + names[: rep % len(names)]:
-            sync()
-            t = time.perf_counter()
-            run(name)
-            sync()
-            times[name].append((time.perf_counter() - t) * 1e3)
+    times = time_rotating(run, list(variants), cfg.chunk_reps, policy.device)
     return {n: {**summarize(v), "accepted_j": accepted[n]} for n, v in times.items()}
 
 
-def measure(cfg: Bench7BConfig, argv: list[str]) -> dict[str, Any]:
-    device = torch.device(cfg.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("no CUDA device: run this on a GPU machine (or pass --tiny --device cpu)")
+def setup_twin(cfg: Bench7BConfig, results: dict[str, Any], device: torch.device) -> tuple[TwinPolicy, Any]:
+    """The OFT-sized twin (600-token prefix) and its draft (in a CUDA graph on CUDA); floors and draft latency."""
     cuda = device.type == "cuda"
-    dtype = torch.bfloat16 if cuda else torch.float32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    results: dict[str, Any] = {
-        "meta": {
-            "device": torch.cuda.get_device_name(device) if cuda else "cpu",
-            "torch": torch.__version__,
-            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"),
-            "command": "python -m evaluator.bench_7b " + " ".join(argv),
-            "config": config_to_dict(cfg),
-        },
-        "bandwidth_GBps": copy_bandwidth(device) / 1e9 if cuda else 20.0,
-        "bf16_tflops": gemm_tflops(device) if cuda else 0.1,
-    }
-    log.info(
-        "copy bandwidth %.0f GB/s, bf16 products %.0f TFLOP/s",
-        results["bandwidth_GBps"],
-        results["bf16_tflops"],
-    )
-    vis = bench_vision(cfg, device, dtype, cuda)
-    results["vision"] = vis["summary"]
     twin_cfg = tiny_config(num_images=2, text_len=15) if cfg.tiny else llama7b_config(600)
-    policy = TwinPolicy(twin_cfg, device=device, dtype=dtype, cuda_graphs=cuda, seed=cfg.seed)
+    policy = make_twin(twin_cfg, device, cfg.seed, cuda)
     # rotary tables for the widest tree pass now: replacing them later would free memory that
     # captured CUDA graphs still read
     policy.model.ensure_positions(twin_cfg.prefix_len + max(cfg.tree_blocks) * twin_cfg.block_width + 16)
     torch.manual_seed(cfg.seed)
     draft = DraftProposer(
-        RFSQDraftModelWithProjection(input_dim=twin_cfg.hidden_size), device=device, dtype=dtype
+        RFSQDraftModelWithProjection(input_dim=twin_cfg.hidden_size), device=device, dtype=policy.dtype
     )
     proposer = GraphedProposer(draft, 1, twin_cfg.hidden_size) if cuda else draft
     results["draft_ms"] = time_events(
@@ -344,22 +269,44 @@ def measure(cfg: Bench7BConfig, argv: list[str]) -> dict[str, Any]:
         "prefix_compute_floor_ms": 1e3 * prefix_flops(policy) / (results["bf16_tflops"] * 1e12),
         "modes": {},
     }
-    modes = cfg.modes if cuda else ["eager"]
-    for mode in modes:
-        if mode.endswith("_skinny"):
-            try:
-                if cfg.skinny_preset is not None:
-                    log.info("skinny preset: %d tuned configs", load_skinny_preset(cfg.skinny_preset))
-                from evaluator.bench_gpu import check_skinny
+    return policy, proposer
 
-                results["twin"]["skinny_check"] = check_skinny(policy)
-            except Exception as exc:  # noqa: BLE001 - a failed optional kernel must not lose the other modes
-                log.error("skinny products unavailable (%s); mode skipped", exc)
-                results["twin"]["skinny_error"] = str(exc)
-                continue
+
+def skinny_ready(cfg: Bench7BConfig, policy: TwinPolicy, twin: dict[str, Any]) -> bool:
+    """Load the tuned preset (if any) and check the Triton products; False (logged) where they cannot run."""
+    try:
+        if cfg.skinny_preset is not None:
+            log.info("skinny preset: %d tuned configs", load_skinny_preset(cfg.skinny_preset))
+        twin["skinny_check"] = check_skinny(policy)
+    except Exception as exc:  # noqa: BLE001 - a failed optional kernel must not lose the other modes
+        log.error("skinny products unavailable (%s); mode skipped", exc)
+        twin["skinny_error"] = str(exc)
+        return False
+    return True
+
+
+def measure(cfg: Bench7BConfig, argv: list[str]) -> dict[str, Any]:
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run this on a GPU machine (or pass --tiny --device cpu)")
+    cuda = device.type == "cuda"
+    torch.backends.cuda.matmul.allow_tf32 = True
+    results: dict[str, Any] = {
+        "meta": run_meta(cfg, "python -m evaluator.bench_7b " + " ".join(argv), device),
+        "bandwidth_GBps": copy_bandwidth(device) / 1e9 if cuda else 20.0,
+        "bf16_tflops": gemm_tflops(device) if cuda else 0.1,
+    }
+    log.info("copy bandwidth %.0f GB/s, bf16 products %.0f TFLOP/s", results["bandwidth_GBps"],
+             results["bf16_tflops"])  # fmt: skip
+    vis = bench_vision(cfg, device, torch.bfloat16 if cuda else torch.float32, cuda)
+    results["vision"] = vis["summary"]
+    policy, proposer = setup_twin(cfg, results, device)
+    for mode in cfg.modes if cuda else ["eager"]:
+        if mode.endswith("_skinny") and not skinny_ready(cfg, policy, results["twin"]):
+            continue
         log.info("mode %s", mode)
         results["twin"]["modes"][mode] = bench_mode(cfg, policy, mode, vis["runner"], proposer, cuda)
-        write(results, cfg)
+        write_json(results, cfg.out)
     if cfg.prefix_study and cuda:
         results["twin"]["prefix_study"] = prefix_study(cfg, policy)
     return results
@@ -369,25 +316,19 @@ def measure(cfg: Bench7BConfig, argv: list[str]) -> dict[str, Any]:
 def prefix_study(cfg: Bench7BConfig, policy: TwinPolicy) -> dict[str, Any]:
     """Where the prefix pass's time goes: its 128 matrix products alone (cuBLAS, one CUDA graph), and
     the causal flash prefix with a max-autotune compiled layer (Triton GEMM templates for P rows)."""
-    from evaluator.twin import layer_step
-
     c = policy.cfg
     P, D, I = c.prefix_len, c.hidden_size, c.intermediate_size
     xd = torch.randn(P, D, device=policy.device, dtype=policy.dtype)
     xi = torch.randn(P, I, device=policy.device, dtype=policy.dtype)
 
-    def products():
+    def products() -> None:
         for layer in policy.model.layers:
-            torch.nn.functional.linear(xd, layer.wqkv)
-            torch.nn.functional.linear(xd, layer.wo)
-            torch.nn.functional.linear(xd, layer.wgu)
-            torch.nn.functional.linear(xi, layer.wdown)
+            F.linear(xd, layer.wqkv)
+            F.linear(xd, layer.wo)
+            F.linear(xd, layer.wgu)
+            F.linear(xi, layer.wdown)
 
-    products()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        products()
-    out: dict[str, Any] = {"products_only": time_events(graph.replay, cfg.pass_reps)}
+    out: dict[str, Any] = {"products_only": time_events(graphed(products), cfg.pass_reps)}
     embeds = torch.randn(1, P, D, device=policy.device).to(policy.dtype)
     policy.prefix_flash = True
     try:
@@ -410,11 +351,6 @@ def prefix_study(cfg: Bench7BConfig, policy: TwinPolicy) -> dict[str, Any]:
     return out
 
 
-def write(results: dict[str, Any], cfg: Bench7BConfig) -> None:
-    cfg.out.parent.mkdir(parents=True, exist_ok=True)
-    cfg.out.write_text(json.dumps(results, indent=1))
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     cfg = parse_config(Bench7BConfig, argv, prog="python -m evaluator.bench_7b")
@@ -425,7 +361,7 @@ def main(argv: list[str] | None = None) -> None:
         results["projection"] = projection(
             results, json.loads(Path(cfg.eval_json).read_text()), str(cfg.eval_json)
         )
-    write(results, cfg)
+    write_json(results, cfg.out)
     if cfg.markdown is not None:
         cfg.markdown.parent.mkdir(parents=True, exist_ok=True)
         cfg.markdown.write_text(render_markdown(results))

@@ -173,28 +173,33 @@ def run(cfg: DemoConfig) -> dict:
         "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl"),
     }
     log.info("run folder %s, endpoint %s", run_dir, endpoint)
+    interrupted = _stream_and_train(cfg, run_dir, endpoint, env)
 
+    summary = {"run_dir": str(run_dir), "endpoint": endpoint}
+    trainer_summary = run_dir / "summary.json"
+    if trainer_summary.is_file():
+        summary["trainer"] = json.loads(trainer_summary.read_text())
+    ckpt = run_dir / "draft_best.pt"
+    if not ckpt.is_file():
+        raise RuntimeError(
+            f"the trainer wrote no checkpoint; see {run_dir / 'trainer.log'}:\n{_tail(run_dir / 'trainer.log')}"
+        )
+    summary["checkpoint"] = str(ckpt)
+    if interrupted or cfg.skip_eval:
+        return summary
+    return {**summary, **_evaluate(cfg, ckpt, run_dir / "eval", env)}
+
+
+def _stream_and_train(cfg: DemoConfig, run_dir: Path, endpoint: str, env: dict[str, str]) -> bool:
+    """The trainer and the producers for the training budget, then a clean stop; True if interrupted."""
     budget_s = cfg.train_minutes * 60
     trainer = _spawn(
-        [
-            "trainer.online",
-            "--endpoint",
-            endpoint,
-            "--run-dir",
-            str(run_dir),
-            "--exit-after-byes",
-            str(cfg.producers),
-            "--no-resume",
-            "--threads",
-            str(cfg.torch_threads),
-            "--max-runtime-s",
-            str(int(budget_s + 240)),
-            "--warmup-steps",
-            str(cfg.warmup_steps),
-        ],
+        ["trainer.online", "--endpoint", endpoint, "--run-dir", str(run_dir), "--exit-after-byes",
+         str(cfg.producers), "--no-resume", "--threads", str(cfg.torch_threads), "--max-runtime-s",
+         str(int(budget_s + 240)), "--warmup-steps", str(cfg.warmup_steps)],
         run_dir / "trainer.log",
         env,
-    )
+    )  # fmt: skip
     time.sleep(2.0)
     producers = [
         _spawn(
@@ -214,10 +219,9 @@ def run(cfg: DemoConfig) -> dict:
             ],
             run_dir / f"producer-{i}.log",
             env,
-        )
+        )  # fmt: skip
         for i in range(cfg.producers)
     ]
-    interrupted = False
     t0 = time.time()
     try:
         with progress_bar(
@@ -239,42 +243,20 @@ def run(cfg: DemoConfig) -> dict:
                 time.sleep(2.0)
             bar.n = int(budget_s)
     except KeyboardInterrupt:
-        interrupted = True
         log.warning("interrupted: stopping producers and trainer cleanly")
+        return True
     finally:
         _shutdown(producers, trainer, run_dir / "trainer.log")
+    return False
 
-    summary = {"run_dir": str(run_dir), "endpoint": endpoint}
-    trainer_summary = run_dir / "summary.json"
-    if trainer_summary.is_file():
-        summary["trainer"] = json.loads(trainer_summary.read_text())
-    ckpt = run_dir / "draft_best.pt"
-    if not ckpt.is_file():
-        raise RuntimeError(
-            f"the trainer wrote no checkpoint; see {run_dir / 'trainer.log'}:\n{_tail(run_dir / 'trainer.log')}"
-        )
-    summary["checkpoint"] = str(ckpt)
-    if interrupted or cfg.skip_eval:
-        return summary
 
-    eval_dir = run_dir / "eval"
+def _evaluate(cfg: DemoConfig, ckpt: Path, eval_dir: Path, env: dict[str, str]) -> dict:
+    """``python -m evaluator.eval`` with the fresh draft, as a child process; its eval.json."""
     args = [
-        "evaluator.eval",
-        "--draft",
-        str(ckpt),
-        "--out-dir",
-        str(eval_dir),
-        "--tasks",
-        *map(str, cfg.eval_tasks),
-        "--closed-loop-init-states",
-        *map(str, cfg.eval_init_states),
-        "--max-chunks",
-        str(cfg.eval_max_chunks),
-        "--torch-threads",
-        str(cfg.torch_threads),
-        "--closed-loop-arms",
-        *cfg.eval_arms,
-    ]
+        "evaluator.eval", "--draft", str(ckpt), "--out-dir", str(eval_dir), "--tasks", *map(str, cfg.eval_tasks),
+        "--closed-loop-init-states", *map(str, cfg.eval_init_states), "--max-chunks", str(cfg.eval_max_chunks),
+        "--torch-threads", str(cfg.torch_threads), "--closed-loop-arms", *cfg.eval_arms,
+    ]  # fmt: skip
     log.info("evaluating: python -m %s", " ".join(args))
     proc = subprocess.Popen([sys.executable, "-m", *args], env=env, cwd=REPO)
     try:
@@ -285,11 +267,11 @@ def run(cfg: DemoConfig) -> dict:
         raise
     if proc.returncode != 0:
         raise RuntimeError(f"the evaluator failed with code {proc.returncode}")
-    summary["eval_dir"] = str(eval_dir)
+    out: dict = {"eval_dir": str(eval_dir)}
     eval_json = eval_dir / "eval.json"
     if eval_json.is_file():
-        summary["eval"] = json.loads(eval_json.read_text())
-    return summary
+        out["eval"] = json.loads(eval_json.read_text())
+    return out
 
 
 def _progress_hint(log_path: Path) -> str:
@@ -400,18 +382,24 @@ def _format_eval(ev: dict) -> list[str]:
                     f"({arms[name]['speedup_median']:.2f}x, mean {arms[name]['mean_j']:.2f} layers accepted)."
                 )
     cl = ev.get("closed_loop", {})
-    rates = {k: v for k, v in cl.items() if isinstance(v, dict) and "success_rate" in v}
+    rates = {k: v for k, v in cl.items() if isinstance(v, dict) and v.get("success_rate") is not None}
     if rates:
         lines.append(
             "closed-loop success: "
             + ", ".join(
-                f"{k} {v['successes']}/{v['episodes']} ({100 * v['success_rate']:.0f}%)"
+                f"{k} {v['successes']}/{v['episodes']} ({100 * v['success_rate']:.0f}%)" + _verdict(v)
                 for k, v in rates.items()
             )
             + f" (same {len(cl.get('episodes', []))} episodes per arm; small samples: differences of a few "
             "episodes are noise)"
         )
     return lines
+
+
+def _verdict(arm: dict) -> str:
+    """The paired comparison with the baseline (eval.json of the fleet's closed loop), if any."""
+    c = arm.get("vs_baseline")
+    return "" if not c else f" [vs baseline McNemar p {c['mcnemar_p']:.2g}, {c['verdict']}]"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,8 +14,12 @@ Two parts, one report:
    Per arm: chunk latency (median, p90, ratio to the baseline), accepted layers j, passes, |Δa| from
    the baseline's chunk (mean and p99 over every action component); for the draft: accuracy per
    layer and the tree-verification ranks (evaluator/lossless_bound.py).
-2. **Closed loop.** Success rate of the chosen arms, each acting on its own in the same (task,
-   initial state) episodes, in worker processes (evaluator/rollout.py).
+2. **Closed loop** (evaluator/closed_loop.py). Success of the chosen arms, each acting on its own, in
+   the evaluation fleet (evaluator/fleet.py): paired on the same (task, initial state) episodes and
+   seeds, by default the standard protocol (every task x initial states 0-49; a smaller run says it
+   is not), each episode appended to ``closed_loop.jsonl`` as it finishes (a rerun resumes; Ctrl-C
+   keeps what finished), reported with Wilson intervals and, against the baseline, exact McNemar and
+   a non-inferiority verdict (``closed_loop.md``, and in ``report.md``).
 
 The report puts every arm on the speed/fidelity frontier against the truncations (evaluator/frontier.py)
 and records the layer information that sets D (common/layer_info.py).
@@ -29,29 +33,36 @@ import logging
 import os
 import platform
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from common.cli import config_to_dict, parse_config
-from common.draft import DEFAULT_FORWARD, FORWARD_HELP, FORWARDS, load_checkpoint
+from common.draft import DEFAULT_FORWARD, FORWARD_HELP, FORWARDS
 from common.layer_info import depth_from_dirs
 from common.logs import setup_logging
-from common.policy import LayerwisePolicy, Observation
-from common.vla import DEFAULT_CODEC_DIR, DEFAULT_EMBEDDED_DIR
+from common.policy import LayerwisePolicy
+from common.vla import DEFAULT_CODEC_DIR, DEFAULT_EMBEDDED_DIR, backend, load_layerwise_policy
+from evaluator import closed_loop
 from evaluator.arms import Arm, build_arms, is_known_name
+from evaluator.episode import make_libero_env
+from evaluator.fleet_worker import EnvFactory
 from evaluator.frontier import frontier
 from evaluator.openloop import ArmLog, OpenLoopRecorder, run_open_loop, summarize_arm, summarize_open_loop
-from evaluator.rsd import DraftProposer, RSDConfig, RSDEngine
+from evaluator.protocol import STANDARD_INIT_STATES, ArmSpec, Protocol, ProtocolMismatch
+from evaluator.protocol_report import ProtocolResult, summary_markdown
+from evaluator.report import write_report
+from evaluator.rsd import load_draft
+from evaluator.stats import DEFAULT_MARGIN
 
 __all__ = [
     "ArmLog",
     "EvalConfig",
+    "load_draft",
+    "load_eval_policy",
     "OpenLoopRecorder",
     "run_open_loop",
     "summarize_arm",
@@ -60,7 +71,8 @@ __all__ = [
 
 log = logging.getLogger("evaluator.eval")
 
-POLICIES = ("embedded", "twin-tiny")
+POLICIES = ("embedded", "twin-tiny")  # layer-wise backends of common/vla/registry.py that run on a CPU
+load_eval_policy = load_layerwise_policy  # the policy RSD decodes, from the one backend registry
 
 
 @dataclass
@@ -90,8 +102,11 @@ class EvalConfig:
         default_factory=lambda: [0], metadata={"help": "initial states of the open-loop (latency) episodes"}
     )
     closed_loop_init_states: list[int] = field(
-        default_factory=lambda: [0, 1, 2, 3, 4],
-        metadata={"help": "initial states of the closed-loop episodes"},
+        default_factory=lambda: list(STANDARD_INIT_STATES),
+        metadata={
+            "help": "initial states of the closed-loop episodes (standard protocol: 0-49 of every task; a "
+            "smaller run is reported as not the standard protocol)"
+        },
     )
     closed_loop_arms: list[str] = field(
         default_factory=lambda: ["baseline", "relaxed", "truncate-k2"],
@@ -150,7 +165,21 @@ class EvalConfig:
         default=None, metadata={"help": "stop the open loop after this many chunks"}
     )
     torch_threads: int = field(default=1, metadata={"help": "torch threads (fixed for honest timing)"})
-    workers: int = field(default=2, metadata={"help": "closed-loop worker processes"})
+    workers: int = field(default=2, metadata={"help": "closed-loop worker processes (or Ray actors)"})
+    ray_address: str | None = field(
+        default=None,
+        metadata={"help": "run the closed-loop workers as Ray actors: local, auto or HOST:PORT (README)"},
+    )
+    closed_loop_results: Path | None = field(
+        default=None,
+        metadata={
+            "help": "per-episode closed-loop results, JSON lines; a rerun resumes them (none: "
+            "OUT_DIR/closed_loop.jsonl)"
+        },
+    )
+    margin: float = field(
+        default=DEFAULT_MARGIN, metadata={"help": "closed loop: non-inferiority margin (a fraction)"}
+    )
     seed: int = field(default=0, metadata={"help": "environment seed"})
 
     def __post_init__(self) -> None:
@@ -184,8 +213,20 @@ class EvalConfig:
             raise ValueError("warmup must be >= 0, torch_threads and workers >= 1")
         if not self.tasks or not self.init_states:
             raise ValueError("tasks and init_states must be non-empty")
-        if self.closed_loop and self.policy != "embedded":
+        if self.closed_loop and not backend(self.policy).trained:
             raise ValueError("closed-loop success needs --policy embedded (the twin is not a trained policy)")
+        if not 0 < self.margin < 1:
+            raise ValueError(f"margin must be a fraction in (0, 1), got {self.margin}")
+        self.protocol()  # unknown tasks or initial states: a usage error before anything runs
+
+    def protocol(self) -> Protocol:
+        """The closed loop's tasks x initial states (the open loop's episodes take ``init_states``)."""
+        return Protocol(self.suite, tuple(self.tasks), tuple(self.closed_loop_init_states), self.seed,
+                        self.max_steps, self.image_size)  # fmt: skip
+
+    def env_base(self) -> dict[str, Any]:
+        """The EnvConfig fields every episode shares, open and closed loop."""
+        return self.protocol().env_base()
 
     def arms(self, num_drafted: int, num_layers: int = 8, decode_layers: int | None = None) -> dict[str, Arm]:
         """Arm name -> :class:`Arm`, baseline first (evaluator/arms.py)."""
@@ -205,135 +246,29 @@ class EvalConfig:
         )
 
 
-# ------------------------------------------------------------------------------------------ loading
-def load_eval_policy(
-    name: str,
-    weights_dir: str | None = None,
-    codec_dir: str | None = None,
-    allow_random: bool = False,
-    device: str = "cpu",
-    decode_layers: int | None = None,
-) -> LayerwisePolicy:
-    """The policy; ``decode_layers`` overrides how many layers it decodes (None: its config)."""
-    if name == "twin-tiny":
-        from evaluator.twin import TwinPolicy, tiny_config
-
-        policy = TwinPolicy(tiny_config(), device=device, seed=0)
-    else:
-        from common.vla import load_policy
-
-        policy = load_policy(
-            name, device=device, weights_dir=weights_dir, codec_dir=codec_dir, allow_random=allow_random
-        )
-        if not isinstance(policy, LayerwisePolicy):
-            raise ValueError(f"policy {name!r} does not decode layer by layer; RSD needs a LayerwisePolicy")
-    if decode_layers is not None:
-        policy.decode_layers = decode_layers
-    return policy
-
-
-def load_draft(
-    path: str | Path, policy: LayerwisePolicy, forward: str = DEFAULT_FORWARD
-) -> tuple[DraftProposer, dict[str, Any]]:
-    model, ckpt = load_checkpoint(path, forward=forward)
-    if model.input_dim != policy.hidden_dim:
-        raise ValueError(
-            f"draft {path} reads hidden states of size {model.input_dim}, the policy's are {policy.hidden_dim}"
-        )
-    s = policy.shape
-    if (model.chunk_len, model.action_hidden_dim, model.grid_size) != (
-        s.chunk_len,
-        s.action_hidden_dim,
-        s.grid_size,
-    ):
-        raise ValueError(f"draft {path} predicts another code shape than the policy's {s}")
-    info = {
-        "path": str(path),
-        "num_coarse_layers": model.num_coarse_layers,
-        "forward": model.forward_name,
-        "val_accuracy": ckpt["val_accuracy"],
-        "epoch": ckpt["epoch"],
-        "config": ckpt["config"],
-    }
-    return DraftProposer(model), info
-
-
 # ------------------------------------------------------------------------------------------ closed loop
-@dataclass(frozen=True)
-class RSDActFactory:
-    """Picklable recipe for a rollout worker: policy + draft + one decoding arm -> act callable.
-
-    rsd None and truncate None: the baseline; truncate k: truncated decoding of k layers.
-    """
-
-    draft: str
-    rsd: dict[str, Any] | None  # None: no draft; else RSDConfig fields (acceptance as a dict)
-    policy: str = "embedded"
-    weights_dir: str | None = None
-    codec_dir: str | None = None
-    allow_random: bool = False
-    decode_layers: int | None = None  # the policy's D (None: its config)
-    truncate: int | None = None
-    draft_forward: str = DEFAULT_FORWARD
-
-    def __call__(self) -> Callable[[Observation], np.ndarray]:
-        policy = load_eval_policy(
-            self.policy, self.weights_dir, self.codec_dir, self.allow_random, decode_layers=self.decode_layers
-        )
-        proposer, _ = load_draft(self.draft, policy, self.draft_forward)
-        kind = "truncation" if self.truncate is not None else ("baseline" if self.rsd is None else None)
-        if kind is None:
-            kind = {"strict": "strict", "relaxed": "relaxed", "substitute": "substitution"}[
-                self.rsd["acceptance"]["mode"]
-            ]
-        arm = Arm.from_dict({"name": "closed-loop", "kind": kind, "rsd": self.rsd, "layers": self.truncate})
-        rsd = arm.rsd or RSDConfig()
-        engine = RSDEngine(policy, proposer if arm.drafted else None, replace(rsd, stage_timing=False))
-
-        def act(obs: Observation) -> np.ndarray:
-            return arm.decode(engine, [obs]).actions[0].float().cpu().numpy()
-
-        act.backbone_id = policy.backbone_id  # type: ignore[attr-defined]
-        return act
+def closed_loop_specs(cfg: EvalConfig, arms: dict[str, Arm], decode_layers: int | None) -> list[ArmSpec]:
+    """The fleet's recipes of the closed-loop arms, baseline first (evaluator/closed_loop.py)."""
+    common = dict(policy=cfg.policy, draft=cfg.draft, weights_dir=cfg.weights_dir, codec_dir=cfg.codec_dir,
+                  allow_random=cfg.allow_random, decode_layers=decode_layers,
+                  draft_forward=cfg.draft_forward)  # fmt: skip
+    return [closed_loop.arm_spec(arms[name], **common) for name in closed_loop.ordered(cfg.closed_loop_arms)]
 
 
-def run_closed_loop(cfg: EvalConfig, arms: dict[str, Arm]) -> dict[str, Any]:
-    from evaluator.rollout import run_episodes, summarize
-
-    env_base = {
-        "suite": cfg.suite,
-        "image_size": cfg.image_size,
-        "max_steps": cfg.max_steps,
-        "seed": cfg.seed,
-    }
-    jobs = [(t, i) for t in cfg.tasks for i in cfg.closed_loop_init_states]
-    out: dict[str, Any] = {}
-    for name in cfg.closed_loop_arms:
-        arm = arms[name]
-        factory = RSDActFactory(
-            draft=str(cfg.draft),
-            rsd=arm.to_dict()["rsd"],
-            policy=cfg.policy,
-            weights_dir=str(cfg.weights_dir) if cfg.weights_dir else None,
-            codec_dir=str(cfg.codec_dir) if cfg.codec_dir else None,
-            allow_random=cfg.allow_random,
-            decode_layers=cfg.decode_layers,
-            truncate=arm.layers,
-            draft_forward=cfg.draft_forward,
-        )
-        log.info("closed loop: %s on %d episodes", name, len(jobs))
-        t0 = time.time()
-        results, _ = run_episodes(
-            jobs, env_base, factory, workers=cfg.workers, torch_threads=cfg.torch_threads
-        )
-        out[name] = {
-            **summarize(results),
-            "wall_s": time.time() - t0,
-            "success": [r.success for r in results],
-        }
-        log.info("closed loop: %s success %.1f%%", name, 100 * out[name]["success_rate"])
-    out["episodes"] = [list(j) for j in jobs]
-    return out
+def run_closed_loop(
+    cfg: EvalConfig,
+    arms: dict[str, Arm],
+    decode_layers: int | None = None,
+    env_factory: EnvFactory = make_libero_env,
+) -> tuple[dict[str, Any], ProtocolResult]:
+    """The closed-loop arms in the evaluation fleet: (eval.json's ``closed_loop`` block, the fleet's result)."""
+    result = closed_loop.run_arms(
+        closed_loop_specs(cfg, arms, decode_layers), cfg.tasks, cfg.closed_loop_init_states,
+        cfg.closed_loop_results or cfg.out_dir / "closed_loop.jsonl", env_base=cfg.env_base(),
+        workers=cfg.workers, torch_threads=cfg.torch_threads, ray_address=cfg.ray_address,
+        env_factory=env_factory,
+    )  # fmt: skip
+    return closed_loop.summarize(result, cfg.margin), result
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -341,12 +276,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     torch.set_num_threads(cfg.torch_threads)
     torch.manual_seed(cfg.seed)
     policy = load_eval_policy(
-        cfg.policy,
-        str(cfg.weights_dir) if cfg.weights_dir else None,
-        str(cfg.codec_dir) if cfg.codec_dir else None,
-        cfg.allow_random,
+        cfg.policy, weights_dir=cfg.weights_dir, codec_dir=cfg.codec_dir, allow_random=cfg.allow_random,
         decode_layers=cfg.decode_layers,
-    )
+    )  # fmt: skip
     proposer, draft_info = load_draft(cfg.draft, policy, cfg.draft_forward)
     arms = cfg.arms(proposer.num_layers, policy.shape.num_layers, policy.decode_layers)
     missing = [a for a in cfg.closed_loop_arms if a not in arms]
@@ -354,28 +286,15 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         raise ValueError(f"closed-loop arms {missing} are not measured in this run (see --truncations)")
     rec = OpenLoopRecorder(policy, proposer, arms, cfg.warmup)
 
-    def env_factory(task_id: int, init_state: int):
-        from producer.env import EnvConfig, LiberoEnv
-
-        return LiberoEnv(
-            EnvConfig(
-                suite=cfg.suite,
-                task_id=task_id,
-                init_state=init_state,
-                image_size=cfg.image_size,
-                max_steps=cfg.max_steps,
-                seed=cfg.seed,
-            )
-        )
-
     t0 = time.time()
     episodes = run_open_loop(
-        rec, [(t, i) for t in cfg.tasks for i in cfg.init_states], env_factory, cfg.max_chunks
-    )
+        rec, [(t, i) for t in cfg.tasks for i in cfg.init_states],
+        lambda t, i: make_libero_env({**cfg.env_base(), "task_id": t, "init_state": i}), cfg.max_chunks,
+    )  # fmt: skip
     result = build_result(cfg, policy, draft_info, rec, episodes, time.time() - t0)
     if cfg.closed_loop:
         write_outputs(result, cfg.out_dir)  # the open-loop part, readable while the closed loop runs
-        result["closed_loop"] = run_closed_loop(cfg, arms)
+        result["closed_loop"], _ = run_closed_loop(cfg, arms, policy.decode_layers)
     return result
 
 
@@ -424,13 +343,24 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging("eval")
     cfg = parse_config(EvalConfig, argv, prog="python -m evaluator.eval")
     os.environ.setdefault("MUJOCO_GL", "egl")
-    result = evaluate(cfg)
+    try:
+        result = evaluate(cfg)
+    except ProtocolMismatch as exc:  # a results file of another run: a usage error, nothing lost
+        log.error("%s", exc)
+        raise SystemExit(2) from None
+    except RuntimeError as exc:  # e.g. a policy no worker can build: finished episodes are kept
+        log.error("stopped: %s", exc)
+        raise SystemExit(1) from None
     write_outputs(result, cfg.out_dir)
+    status = (result.get("closed_loop") or {}).get("protocol", {})
+    if status.get("interrupted"):
+        raise SystemExit(130)
+    if status and not status["complete"]:
+        log.error("closed loop incomplete (errored episodes): run the same command again to retry them")
+        raise SystemExit(1)
 
 
 def write_outputs(result: dict[str, Any], out_dir: Path) -> Path:
-    from evaluator.report import write_report
-
     out_dir.mkdir(parents=True, exist_ok=True)
     result["frontier"] = frontier(result)
     path = out_dir / "eval.json"
@@ -449,13 +379,28 @@ def write_outputs(result: dict[str, Any], out_dir: Path) -> Path:
                 row["arm"], row["speedup"], row["mean_abs"], row["p99_abs"], row["verdict"],
             )  # fmt: skip
     if "closed_loop" in result:
-        cl = result["closed_loop"]
-        log.info(
-            "closed loop success: %s",
-            ", ".join(f"{a} {v['success_rate']:.2f}" for a, v in cl.items() if isinstance(v, dict)),
-        )
+        log_closed_loop(result["closed_loop"], out_dir)
     log.info("wrote %s and report.md", path)
     return path
+
+
+def log_closed_loop(cl: dict[str, Any], out_dir: Path) -> None:
+    """Log the closed loop's rates and verdicts and write its own report, ``closed_loop.md``."""
+    s = cl.get("protocol")
+    if s is None:  # an eval.json written before the fleet ran the closed loop
+        return
+    (out_dir / "closed_loop.md").write_text(summary_markdown(s))
+    log.info("closed loop: %s", s["protocol"]["description"])
+    for name, a in s["arms"].items():
+        c = s["comparisons"].get(name)
+        vs = (
+            ""
+            if c is None
+            else f"; vs baseline {100 * c['difference']:+.1f} points, McNemar p {c['mcnemar_p']:.3g}, {c['verdict']}"
+        )
+        lo, hi = a["wilson95"]
+        log.info("  %-20s %d/%d (Wilson 95%% %.1f-%.1f%%)%s", name, a["successes"], a["episodes"], 100 * lo,
+                 100 * hi, vs)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -93,16 +93,8 @@ class _Scheduler:
         return None
 
 
-def dispatch(
-    backend: Backend,
-    jobs: Sequence[Job],
-    results: ResultsLog,
-    arm_names: Sequence[str],
-    workers: int,
-    retries: int = 1,
-    episode_timeout_s: float = 1800.0,
-    progress: bool = True,
-) -> int:
+def dispatch(backend: Backend, jobs: Sequence[Job], results: ResultsLog, arm_names: Sequence[str], workers: int,
+             retries: int = 1, episode_timeout_s: float = 1800.0, progress: bool = True) -> int:  # fmt: skip
     """Run ``jobs`` on ``backend`` until each has an outcome or is out of retries; returns attempts recorded."""
     sched = _Scheduler(jobs)
     final, _, _ = outcomes(results.records)

@@ -13,7 +13,8 @@ Decodings (``ArmSpec.decoding``):
 * ``substitution`` — UNVERIFIED draft substitution: drafted layers used unchecked (not speculative
   decoding; the arms of evaluator/arms.py name it ``draft-substitution``).
 
-Every layer-wise decoding takes ``params["decode_layers"]`` (the policy's D; default: its config).
+Every layer-wise decoding takes ``params["decode_layers"]`` (the policy's D; default: its config); drafted
+ones ``params["draft_forward"]`` (the draft checkpoint's forward, common/draft.py; default: the plan's).
 
 Policies and drafts are loaded once per worker process and shared by the arms that name the same
 files. RSD act callables count chunks, accepted layers and passes; ``episode_extra()`` returns (and
@@ -27,30 +28,29 @@ from typing import Any
 
 import numpy as np
 
+from common.draft import DEFAULT_FORWARD
 from common.policy import Observation
 from common.vla import load_policy
-from evaluator.eval import load_draft, load_eval_policy
 from evaluator.protocol import ArmSpec
-from evaluator.rsd import AcceptanceConfig, RSDConfig, RSDEngine
+from evaluator.rsd import AcceptanceConfig, RSDConfig, RSDEngine, load_draft
 
 DECODINGS = ("policy", "baseline", "truncation", "strict", "relaxed", "substitution")
 RSD_PARAMS = ("tau", "epsilon", "max_proposals", "confidence_threshold", "confidence_kind")
-OTHER_PARAMS = ("layers", "decode_layers")
+OTHER_PARAMS = ("layers", "decode_layers", "draft_forward")
 _MODE = {"strict": "strict", "relaxed": "relaxed", "substitution": "substitute"}
 
 
 @lru_cache(maxsize=4)
 def _policy(backend: str, weights: str | None, codec: str | None, random_weights: bool, allow_random: bool,
             seed: int, device: str, layerwise: bool, decode_layers: int | None = None) -> Any:  # fmt: skip
-    if layerwise:
-        return load_eval_policy(backend, weights, codec, allow_random, device, decode_layers=decode_layers)
-    return load_policy(backend, device=device, weights_dir=weights, codec_dir=codec,
-                       allow_random=allow_random, random_weights=random_weights, seed=seed)  # fmt: skip
+    return load_policy(backend, device=device, weights_dir=weights, codec_dir=codec, allow_random=allow_random,
+                       random_weights=random_weights, seed=seed, decode_layers=decode_layers,
+                       layerwise=layerwise)  # fmt: skip
 
 
 @lru_cache(maxsize=4)
-def _draft(path: str, policy: Any) -> Any:
-    return load_draft(path, policy)[0]
+def _draft(path: str, policy: Any, forward: str = DEFAULT_FORWARD) -> Any:
+    return load_draft(path, policy, forward)[0]
 
 
 def rsd_config(spec: ArmSpec) -> RSDConfig | None:
@@ -134,4 +134,5 @@ def build_act(spec: ArmSpec) -> Any:
         return RSDAct(RSDEngine(policy, None, RSDConfig(stage_timing=False)), False, truncate)
     if not spec.draft:
         raise ValueError(f"arm {spec.name}: decoding {spec.decoding!r} needs a draft checkpoint")
-    return RSDAct(RSDEngine(policy, _draft(spec.draft, policy), config), use_draft=True)
+    draft = _draft(spec.draft, policy, spec.params.get("draft_forward", DEFAULT_FORWARD))
+    return RSDAct(RSDEngine(policy, draft, config), use_draft=True)

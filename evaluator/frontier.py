@@ -12,12 +12,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
 REFERENCE_KINDS = ("baseline", "truncation")
 
 
 def _success(closed_loop: dict[str, Any], name: str) -> float | None:
     v = closed_loop.get(name)
-    return float(v["success_rate"]) if isinstance(v, dict) and "success_rate" in v else None
+    rate = v.get("success_rate") if isinstance(v, dict) else None  # None: not run, or no episode finished
+    return None if rate is None else float(rate)
 
 
 def frontier(result: dict[str, Any], speeds: dict[str, float] | None = None) -> list[dict[str, Any]]:
@@ -108,16 +112,12 @@ def verdict_lines(rows: list[dict[str, Any]]) -> list[str]:
 
 def plot_frontier(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     """Speedup against mean |Δa|, p99 |Δa| and (if run) closed-loop success; truncations as a line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     succ = any(r["success"] is not None for r in rows)
     panels = [("mean_abs", "mean |Δa| vs baseline"), ("p99_abs", "p99 |Δa| vs baseline")]
     if succ:
         panels.append(("success", "closed-loop success rate"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
+    fig = Figure(figsize=(5.2 * len(panels), 4.2))
+    axes = fig.subplots(1, len(panels), squeeze=False)
     colours = {"strict": "tab:green", "relaxed": "tab:blue", "substitution": "tab:red"}
     refs = sorted((r for r in rows if r["kind"] in REFERENCE_KINDS), key=lambda r: r["speedup"])
     for ax, (key, xlabel) in zip(axes[0], panels):
@@ -137,8 +137,7 @@ def plot_frontier(rows: list[dict[str, Any]], path: Path, title: str) -> None:
         ax.set_xlabel(xlabel)
         ax.set_ylabel("speedup vs baseline")
     axes[0][0].set_title(title, fontsize=9)
-    handles = [plt.Line2D([], [], color=c, marker="o", linestyle="", label=k) for k, c in colours.items()]
+    handles = [Line2D([], [], color=c, marker="o", linestyle="", label=k) for k, c in colours.items()]
     axes[0][-1].legend(handles=handles, fontsize=7, title="★ = win", title_fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)

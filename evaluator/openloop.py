@@ -22,6 +22,7 @@ import torch
 from common.logs import progress_bar
 from common.policy import LayerwisePolicy, Observation
 from evaluator.arms import Arm
+from evaluator.episode import run_episode
 from evaluator.lossless_bound import TREE_MAX_CANDIDATES, candidate_rank, hit_rates
 from evaluator.rsd import ChunkResult, DraftProposer, RSDConfig, RSDEngine
 
@@ -220,7 +221,6 @@ def run_open_loop(
     max_chunks: int | None = None,
 ) -> list[dict[str, Any]]:
     """Drive LIBERO episodes with the baseline's actions; every query is decoded by every arm."""
-    from evaluator.rollout import run_episode
 
     class Enough(Exception):
         pass

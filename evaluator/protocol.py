@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from common.schedule import INIT_STATES
-from common.vla import DEFAULT_CODEC_DIR, DEFAULT_EMBEDDED_DIR
+from common.vla.paths import DEFAULT_CODEC_DIR, DEFAULT_EMBEDDED_DIR
 from producer.env import SUITES
 
 log = logging.getLogger("evaluator.protocol")
@@ -62,7 +62,7 @@ class ArmSpec:
     """
 
     name: str
-    backend: str = "embedded"  # embedded | twin-tiny | openvla-oft
+    backend: str = "embedded"  # common/vla/registry.py: embedded | twin-tiny | openvla-oft | twin
     weights: str | None = None  # weights folder or hub id (None: the backend's shipped weights)
     codec: str | None = None  # RFSQ codec folder (None: assets/codec)
     draft: str | None = None  # draft checkpoint (needed by the baseline/strict/relaxed decodings)

@@ -111,50 +111,55 @@ class ProtocolResult:
         }
 
     def markdown(self, margin: float = DEFAULT_MARGIN, baseline: str | None = None) -> str:
-        s = self.summary(margin, baseline)
-        p = s["protocol"]
-        lines = [f"# Closed-loop protocol: {p['description']}", ""]
-        if not p["standard"]:
-            lines += ["**Not the standard protocol** (10 tasks × initial states 0–49): figures below are", ""]
-            lines[-2] += " not comparable with standard-protocol figures."
-        status = "complete" if s["complete"] else ("interrupted" if s["interrupted"] else "incomplete")
+        return summary_markdown(self.summary(margin, baseline))
+
+
+def summary_markdown(s: dict[str, Any], heading: str = "#") -> str:
+    """The markdown report of a summary (:meth:`ProtocolResult.summary`, also as stored in eval.json)."""
+    margin = next((c["margin"] for c in s["comparisons"].values()), DEFAULT_MARGIN)
+    p = s["protocol"]
+    lines = [f"{heading} Closed-loop protocol: {p['description']}", ""]
+    if not p["standard"]:
+        lines += ["**Not the standard protocol** (10 tasks × initial states 0–49): figures below are", ""]
+        lines[-2] += " not comparable with standard-protocol figures."
+    status = "complete" if s["complete"] else ("interrupted" if s["interrupted"] else "incomplete")
+    lines += [
+        f"Results: `{s['results_path']}` ({status}: {s['finished_episodes']}/{s['planned_episodes']} "
+        f"episodes with an outcome, {s['errored_attempts']} errored attempts, seed {p['seed']}).",
+        "",
+        "| arm | success | rate | Wilson 95 % | errored | missing | policy |",
+        "|---|---:|---:|---|---:|---:|---|",
+    ]
+    for name, a in s["arms"].items():
+        rate = "–" if a["success_rate"] is None else f"{100 * a['success_rate']:.1f} %"
+        lo, hi = a["wilson95"]
+        lines.append(
+            f"| {name} | {a['successes']}/{a['episodes']} | {rate} | {100 * lo:.1f}–{100 * hi:.1f} % "
+            f"| {a['errored']} | {a['missing']} | {', '.join(a['backbone'])} |"
+        )
+    if s["comparisons"]:
         lines += [
-            f"Results: `{s['results_path']}` ({status}: {s['finished_episodes']}/{s['planned_episodes']} "
-            f"episodes with an outcome, {s['errored_attempts']} errored attempts, seed {p['seed']}).",
             "",
-            "| arm | success | rate | Wilson 95 % | errored | missing | policy |",
-            "|---|---:|---:|---|---:|---:|---|",
+            f"Paired against the baseline (same task, initial state and seeds); difference = arm − baseline "
+            f"with Newcombe's 95 % interval; non-inferiority margin {100 * margin:g} points:",
+            "",
+            "| arm | pairs | both | baseline only | arm only | difference | 95 % interval | McNemar p | verdict |",
+            "|---|---:|---:|---:|---:|---:|---|---:|---|",
         ]
-        for name, a in s["arms"].items():
-            rate = "–" if a["success_rate"] is None else f"{100 * a['success_rate']:.1f} %"
-            lo, hi = a["wilson95"]
+        for name, c in s["comparisons"].items():
+            lo, hi = c["ci95"]
+            diff = "–" if c["pairs"] == 0 else f"{100 * c['difference']:+.1f}"
             lines.append(
-                f"| {name} | {a['successes']}/{a['episodes']} | {rate} | {100 * lo:.1f}–{100 * hi:.1f} % "
-                f"| {a['errored']} | {a['missing']} | {', '.join(a['backbone'])} |"
+                f"| {name} | {c['pairs']} | {c['both']} | {c['baseline_only']} | {c['arm_only']} | {diff} "
+                f"| {100 * lo:+.1f} to {100 * hi:+.1f} | {c['mcnemar_p']:.3g} | {c['verdict']} |"
             )
-        if s["comparisons"]:
-            lines += [
-                "",
-                f"Paired against the baseline (same task, initial state and seeds); difference = arm − baseline "
-                f"with Newcombe's 95 % interval; non-inferiority margin {100 * margin:g} points:",
-                "",
-                "| arm | pairs | both | baseline only | arm only | difference | 95 % interval | McNemar p | verdict |",
-                "|---|---:|---:|---:|---:|---:|---|---:|---|",
-            ]
-            for name, c in s["comparisons"].items():
-                lo, hi = c["ci95"]
-                diff = "–" if c["pairs"] == 0 else f"{100 * c['difference']:+.1f}"
-                lines.append(
-                    f"| {name} | {c['pairs']} | {c['both']} | {c['baseline_only']} | {c['arm_only']} | {diff} "
-                    f"| {100 * lo:+.1f} to {100 * hi:+.1f} | {c['mcnemar_p']:.3g} | {c['verdict']} |"
-                )
-        lines += ["", "Per task (successes / episodes):", ""]
-        lines.append("| task | " + " | ".join(s["arms"]) + " |")
-        lines.append("|---:|" + "---:|" * len(s["arms"]))
-        for t in p["tasks"]:
-            cells = [f"{a['per_task'][str(t)][0]}/{a['per_task'][str(t)][1]}" for a in s["arms"].values()]
-            lines.append(f"| {t} | " + " | ".join(cells) + " |")
-        return "\n".join(lines) + "\n"
+    lines += ["", "Per task (successes / episodes):", ""]
+    lines.append("| task | " + " | ".join(s["arms"]) + " |")
+    lines.append("|---:|" + "---:|" * len(s["arms"]))
+    for t in p["tasks"]:
+        cells = [f"{a['per_task'][str(t)][0]}/{a['per_task'][str(t)][1]}" for a in s["arms"].values()]
+        lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _mean(values: list[float]) -> float | None:

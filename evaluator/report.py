@@ -16,8 +16,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from matplotlib.figure import Figure
+
 from common.cli import new_parser
 from evaluator.frontier import frontier, plot_frontier, verdict_lines
+from evaluator.protocol_report import summary_markdown
 
 MAIN_ARMS = ("baseline", "strict", "relaxed", "draft-substitution")
 
@@ -36,70 +40,66 @@ def _rows(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def plot_all(result: dict[str, Any], out_dir: Path) -> list[str]:
-    import matplotlib
+    """The PNG plots of an eval (the frontier, latency, acceptance, draft accuracy); returns their names."""
+    title = f"Speed/fidelity, {result['meta']['machine'][:40]}"
+    plot_frontier(_rows(result), out_dir / "frontier.png", title)
+    files = ["frontier.png", _plot_latency(result, out_dir), _plot_acceptance(result, out_dir)]
+    if result.get("draft_accuracy"):
+        files.append(_plot_accuracy(result["draft_accuracy"], out_dir))
+    return files
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
 
-    files = []
-    plot_frontier(
-        _rows(result), out_dir / "frontier.png", f"Speed/fidelity, {result['meta']['machine'][:40]}"
-    )
-    files.append("frontier.png")
+def _save(
+    fig: Figure, ax: Any, xlabel: str, ylabel: str, title: str, path: Path, legend_size: int | None = 8
+) -> str:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path.name
+
+
+def _plot_latency(result: dict[str, Any], out_dir: Path) -> str:
     per_chunk = result["per_chunk"]
-    shown = [
-        a
-        for a in (*MAIN_ARMS, f"truncate-k{max(1, result['meta'].get('decode_layers', 2) - 1)}")
-        if a in per_chunk
-    ]
-
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    truncation = f"truncate-k{max(1, result['meta'].get('decode_layers', 2) - 1)}"
+    shown = [a for a in (*MAIN_ARMS, truncation) if a in per_chunk]
+    fig = Figure(figsize=(6.5, 4))
+    ax = fig.subplots()
     hi = max(np.percentile(per_chunk[a]["latency_ms"], 99) for a in shown)
     bins = np.linspace(0, hi * 1.05, 50)
     for arm in shown:
         ax.hist(per_chunk[arm]["latency_ms"], bins=bins, histtype="step", linewidth=1.5, label=arm)
-    ax.set_xlabel("chunk latency (ms)")
-    ax.set_ylabel("chunks")
-    ax.set_title("Chunk latency, same observations")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_dir / "latency.png", dpi=120)
-    plt.close(fig)
-    files.append("latency.png")
+    return _save(
+        fig, ax, "chunk latency (ms)", "chunks", "Chunk latency, same observations", out_dir / "latency.png"
+    )
 
+
+def _plot_acceptance(result: dict[str, Any], out_dir: Path) -> str:
     drafted = [a for a in MAIN_ARMS if a in result["arms"] and result["arms"][a].get("rsd")]
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig = Figure(figsize=(6.5, 4))
+    ax = fig.subplots()
     width = 0.8 / max(1, len(drafted))
     for i, m in enumerate(drafted):
         hist = np.asarray(result["arms"][m]["j_histogram"], dtype=float)
         x = np.arange(len(hist))
         ax.bar(x + i * width - 0.4 + width / 2, hist / max(1.0, hist.sum()), width=width, label=m)
-    ax.set_xlabel("accepted drafted layers j")
-    ax.set_ylabel("fraction of chunks")
-    ax.set_title("Acceptance")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_dir / "acceptance.png", dpi=120)
-    plt.close(fig)
-    files.append("acceptance.png")
+    return _save(
+        fig, ax, "accepted drafted layers j", "fraction of chunks", "Acceptance", out_dir / "acceptance.png"
+    )
 
-    acc = result.get("draft_accuracy")
-    if acc:
-        fig, ax = plt.subplots(figsize=(6.5, 4))
-        x = np.arange(len(acc["token_per_layer"]))
-        ax.bar(x - 0.2, acc["token_per_layer"], width=0.4, label="token accuracy")
-        ax.bar(x + 0.2, acc["exact_per_layer"], width=0.4, label="whole layer right")
-        ax.set_xticks(x, [f"L{i}" for i in x])
-        ax.set_ylim(0, 1)
-        ax.set_ylabel("vs the policy's own codes")
-        ax.set_title("Draft accuracy per layer")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out_dir / "accuracy.png", dpi=120)
-        plt.close(fig)
-        files.append("accuracy.png")
-    return files
+
+def _plot_accuracy(acc: dict[str, Any], out_dir: Path) -> str:
+    fig = Figure(figsize=(6.5, 4))
+    ax = fig.subplots()
+    x = np.arange(len(acc["token_per_layer"]))
+    ax.bar(x - 0.2, acc["token_per_layer"], width=0.4, label="token accuracy")
+    ax.bar(x + 0.2, acc["exact_per_layer"], width=0.4, label="whole layer right")
+    ax.set_xticks(x, [f"L{i}" for i in x])
+    ax.set_ylim(0, 1)
+    path = out_dir / "accuracy.png"
+    return _save(fig, ax, "", "vs the policy's own codes", "Draft accuracy per layer", path, legend_size=None)
 
 
 def _headline(result: dict[str, Any]) -> list[str]:
@@ -228,6 +228,30 @@ def _closed_loop(result: dict[str, Any]) -> list[str]:
     cl = result.get("closed_loop")
     if not cl:
         return ["", "Closed loop: not run (`--no-closed-loop`)."]
+    if "protocol" not in cl:  # an eval.json from before the closed loop ran in the fleet
+        return _closed_loop_unpaired(cl)
+    arms = {n: v for n, v in cl.items() if n in cl["protocol"]["arms"]}
+    return [
+        "",
+        summary_markdown(cl["protocol"], heading="##").rstrip("\n"),
+        "",
+        "Decoding in the closed loop (per policy query):",
+        "",
+        "| arm | mean steps | mean act (ms) | accepted layers | proposed layers | passes |",
+        "|---|---:|---:|---:|---:|---:|",
+        *(
+            f"| `{n}` | {_num(a['mean_steps'], 0)} | {a['mean_act_ms']:.1f} | {a['mean_accepted']:.2f} | "
+            f"{a['mean_proposed']:.2f} | {a['mean_passes']:.2f} |"
+            for n, a in arms.items()
+        ),
+    ]
+
+
+def _num(x: float | None, nd: int) -> str:
+    return "–" if x is None else f"{x:.{nd}f}"
+
+
+def _closed_loop_unpaired(cl: dict[str, Any]) -> list[str]:
     n = len(cl["episodes"])
     lines = [
         "",

@@ -11,188 +11,30 @@ where it stopped (Ctrl-C keeps every finished episode). Writes the report to ``-
 beside it as markdown (``.md``): success with its Wilson 95 % interval, per-task successes, errored
 episodes (crashes, never counted as failures).
 
-Also here, for the RSD evaluator's closed loop until it moves to :func:`evaluator.fleet.run_protocol`:
-:func:`run_episodes` runs (task, init state) jobs in worker processes from a picklable act factory
-and raises on any crash; :func:`summarize` gives success rates per task. :func:`run_episode` and
-:func:`make_libero_env` live in :mod:`evaluator.episode`.
+The RSD arms of ``make eval`` run closed loop in the same fleet (evaluator/closed_loop.py). One episode:
+:mod:`evaluator.episode`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import multiprocessing as mp
 import os
 import platform
-import queue
 import sys
-import time
-import traceback
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
-
-import numpy as np
 
 from common.cli import config_to_dict, parse_config
-from common.logs import progress_bar, setup_logging
+from common.logs import setup_logging
 from common.schedule import INIT_STATES, parse_range
-from evaluator.episode import ActFn, EpisodeEnv, EpisodeResult, make_libero_env, run_episode
 from evaluator.fleet import run_protocol
 from evaluator.protocol import ArmSpec, ProtocolMismatch
 from evaluator.stats import DEFAULT_MARGIN
 from producer.env import SUITES
 
-__all__ = [
-    "ActFn",
-    "EpisodeEnv",
-    "EpisodeResult",
-    "make_libero_env",
-    "run_episode",
-    "run_episodes",
-    "summarize",
-]
-
 log = logging.getLogger("evaluator.rollout")
-
-
-def _worker(
-    wid: int,
-    jobs: Any,
-    results: Any,
-    env_base: dict[str, Any],
-    act_factory: Callable[[], ActFn],
-    env_factory: Callable[[dict[str, Any]], EpisodeEnv],
-    torch_threads: int,
-) -> None:
-    setup_logging(f"rollout-{wid}")
-    try:
-        import torch
-
-        torch.set_num_threads(torch_threads)
-        act = act_factory()
-        results.put(("ready", wid, getattr(act, "backbone_id", "")))
-        env, env_task = None, None
-        while True:
-            job = jobs.get()
-            if job is None:
-                break
-            task_id, init_state = job
-            if env_task != task_id:
-                if env is not None and hasattr(env, "close"):
-                    env.close()
-                env = env_factory({**env_base, "task_id": task_id, "init_state": init_state})
-                env_task = task_id
-            res = run_episode(env, act, init_state, suite=env_base.get("suite", ""), task_id=task_id)
-            res.extra["worker"] = wid
-            results.put(("episode", wid, res))
-        if env is not None and hasattr(env, "close"):
-            env.close()
-        results.put(("done", wid, None))
-    except BaseException:  # reported to the parent, which raises: a crash is never a policy failure
-        results.put(("error", wid, traceback.format_exc()))
-
-
-def run_episodes(
-    jobs: Sequence[tuple[int, int]],
-    env_base: dict[str, Any],
-    act_factory: Callable[[], ActFn],
-    workers: int = 2,
-    env_factory: Callable[[dict[str, Any]], EpisodeEnv] = make_libero_env,
-    torch_threads: int = 1,
-    progress: bool = True,
-    timeout_s: float = 3600.0,
-) -> tuple[list[EpisodeResult], str]:
-    """Run (task_id, init_state) ``jobs`` in ``workers`` processes; returns (results in job order, backbone id).
-
-    ``env_base`` holds the EnvConfig fields shared by all jobs (suite, image size, ...). Jobs are
-    handed out in order, so consecutive jobs of one task reuse a worker's env. Raises RuntimeError
-    with the worker's traceback if any worker crashes.
-    """
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
-    os.environ.setdefault("MUJOCO_GL", "egl")
-    ctx = mp.get_context("spawn")
-    job_q, res_q = ctx.Queue(), ctx.Queue()
-    for job in jobs:
-        job_q.put(tuple(job))
-    n_workers = min(workers, max(1, len(jobs)))
-    for _ in range(n_workers):
-        job_q.put(None)
-    procs = [
-        ctx.Process(
-            target=_worker,
-            args=(w, job_q, res_q, env_base, act_factory, env_factory, torch_threads),
-            name=f"rollout-{w}",
-            daemon=True,
-        )
-        for w in range(n_workers)
-    ]
-    for p in procs:
-        p.start()
-    results: dict[tuple[int, int], EpisodeResult] = {}
-    backbone = ""
-    finished = 0
-    deadline = time.monotonic() + timeout_s
-    bar = progress_bar(total=len(jobs), desc="episodes", unit="ep", disable=not progress, dynamic_ncols=True)
-    try:
-        while finished < n_workers:
-            try:
-                kind, wid, payload = res_q.get(timeout=5.0)
-            except queue.Empty:
-                dead = [p for p in procs if not p.is_alive() and p.exitcode not in (0, None)]
-                if dead:
-                    raise RuntimeError(
-                        f"rollout worker {dead[0].name} died with exit code {dead[0].exitcode}"
-                    ) from None
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"rollouts did not finish within {timeout_s:.0f} s") from None
-                continue
-            if kind == "error":
-                raise RuntimeError(f"rollout worker {wid} crashed:\n{payload}")
-            if kind == "ready":
-                backbone = backbone or payload
-            elif kind == "episode":
-                results[(payload.task_id, payload.init_state)] = payload
-                bar.update(1)
-                done = list(results.values())
-                bar.set_postfix(success=f"{np.mean([r.success for r in done]):.2f}")
-            elif kind == "done":
-                finished += 1
-    finally:
-        bar.close()
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
-            p.join(timeout=10)
-    missing = [j for j in jobs if tuple(j) not in results]
-    if missing:
-        raise RuntimeError(f"{len(missing)} episodes have no result, e.g. {missing[:3]}")
-    return [results[tuple(j)] for j in jobs], backbone
-
-
-def summarize(results: list[EpisodeResult]) -> dict[str, Any]:
-    """Success rate overall and per task, with counts and timing."""
-    per_task: dict[int, list[EpisodeResult]] = {}
-    for r in results:
-        per_task.setdefault(r.task_id, []).append(r)
-    return {
-        "success_rate": float(np.mean([r.success for r in results])) if results else 0.0,
-        "episodes": len(results),
-        "successes": int(sum(r.success for r in results)),
-        "per_task": {
-            str(t): {
-                "success_rate": float(np.mean([r.success for r in rs])),
-                "successes": int(sum(r.success for r in rs)),
-                "episodes": len(rs),
-            }
-            for t, rs in sorted(per_task.items())
-        },
-        "mean_steps": float(np.mean([r.steps for r in results])) if results else 0.0,
-        "mean_act_ms": 1000 * float(sum(r.act_s for r in results) / max(1, sum(r.queries for r in results))),
-    }
 
 
 @dataclass

@@ -32,10 +32,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 
+from common.draft import DEFAULT_FORWARD, load_checkpoint
 from common.policy import LayerwisePolicy, Observation, PrefixState, fill_center
 
 MODES = ("strict", "relaxed", "substitute")
@@ -159,6 +161,36 @@ class DraftProposer:
         logits = self.model(hidden.to(device=self.device, dtype=self.dtype))  # [B, K, T*H, G]
         B, K, _, G = logits.shape
         return logits.float().softmax(-1).view(B, K, chunk_len, -1, G)
+
+
+def load_draft(
+    path: str | Path, policy: LayerwisePolicy, forward: str = DEFAULT_FORWARD
+) -> tuple[DraftProposer, dict[str, Any]]:
+    """The draft checkpoint at ``path`` as a proposer for ``policy``, and what eval.json records of it.
+
+    ValueError when the draft reads other hidden states or predicts another code shape than the policy's.
+    """
+    model, ckpt = load_checkpoint(path, forward=forward)
+    if model.input_dim != policy.hidden_dim:
+        raise ValueError(
+            f"draft {path} reads hidden states of size {model.input_dim}, the policy's are {policy.hidden_dim}"
+        )
+    s = policy.shape
+    if (model.chunk_len, model.action_hidden_dim, model.grid_size) != (
+        s.chunk_len,
+        s.action_hidden_dim,
+        s.grid_size,
+    ):
+        raise ValueError(f"draft {path} predicts another code shape than the policy's {s}")
+    info = {
+        "path": str(path),
+        "num_coarse_layers": model.num_coarse_layers,
+        "forward": model.forward_name,
+        "val_accuracy": ckpt["val_accuracy"],
+        "epoch": ckpt["epoch"],
+        "config": ckpt["config"],
+    }
+    return DraftProposer(model), info
 
 
 @dataclass

@@ -43,7 +43,8 @@ from common.logs import progress_bar, setup_logging
 from common.policy import ChunkPolicy, Observation
 from common.schedule import episode_schedule
 from common.shutdown import stop_on_signals
-from common.vla.openvla_oft import OpenVLAOFTUnavailable, oft_image_prep, prepared_image_prep
+from common.vla import load_policy
+from common.vla.openvla_oft import OpenVLAOFTUnavailable
 from producer.env import EnvConfig, LiberoEnv
 from producer.replay import ReplayEnv, load_replay
 from producer.sender import ReliableSender, TrainerRefused
@@ -184,22 +185,12 @@ class ProducerConfig:
 
 # ------------------------------------------------------------------------------ policy
 def build_policy(cfg: ProducerConfig, prepared_images: bool = False) -> ChunkPolicy:
+    """The producer's policy, from the backend registry (common/vla/registry.py)."""
     if cfg.vla == "openvla-oft":
-        from common.vla.openvla_oft import load_openvla_oft
-
-        prep = prepared_image_prep if prepared_images else oft_image_prep
-        return load_openvla_oft(
-            cfg.model_id, device=cfg.device, codec_dir=cfg.codec_dir, suite=cfg.suite, image_prep=prep
-        )
-    from common.vla import load_policy
-
-    policy = load_policy(
-        "embedded",
-        device=cfg.device,
-        weights_dir=cfg.weights_dir,
-        codec_dir=cfg.codec_dir,
-        allow_random=cfg.allow_random_policy,
-    )
+        options = {"weights_dir": cfg.model_id, "suite": cfg.suite, "prepared_images": prepared_images}
+    else:
+        options = {"weights_dir": cfg.weights_dir, "allow_random": cfg.allow_random_policy}
+    policy = load_policy(cfg.vla, device=cfg.device, codec_dir=cfg.codec_dir, **options)
     if "random" in policy.backbone_id:
         log.warning("policy %s has RANDOM weights: data for plumbing tests only", policy.backbone_id)
     return policy

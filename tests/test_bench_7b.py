@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from evaluator import bench_7b
+from common.vla.twin import TwinPolicy, tiny_config
+from common.vla.twin_vision import FusedVisionTwin, GraphedVision, tiny_vision
+from evaluator import bench_7b, bench_gpu
 from evaluator.bench_7b_report import _rsd_ms, projection
 from evaluator.rsd import RSDConfig, RSDEngine
-from evaluator.twin import TwinPolicy, tiny_config
-from evaluator.twin_vision import FusedVisionTwin, GraphedVision, tiny_vision
 
 
 def test_causal_flash_prefix_equals_the_masked_prefix():
@@ -82,17 +82,43 @@ def test_bench_7b_end_to_end_on_a_tiny_twin(tmp_path):
     assert "7B" in (tmp_path / "b.md").read_text()
 
 
+def test_bench_gpu_end_to_end_on_a_tiny_twin(tmp_path):
+    """evaluator.bench_gpu on the CPU: every pass and forced-j chunk of the eager mode, and the
+    expected speedup of a given acceptance distribution, in its JSON and Markdown."""
+    torch.set_num_threads(1)
+    out = tmp_path / "g.json"
+    bench_gpu.main(
+        ["--tiny", "--device", "cpu", "--prefix-tokens", "280", "--eager-reps", "1", "--max-drafted", "3",
+         "--acceptance", "0.5", "0", "0", "0.5", "--out", str(out), "--markdown", str(tmp_path / "g.md")]
+    )  # fmt: skip
+    res = json.loads(out.read_text())
+    p = res["prefixes"]["p280"]
+    assert p["modes"] == ["eager"]
+    assert set(p["passes_eager"]) == {"prefix", "block0", "block"} | {f"verify_k{k}" for k in (1, 2, 3)}
+    chunks = p["chunks_eager"]
+    assert [chunks[f"rsd_k3_j{j}"]["accepted_j"] for j in range(4)] == [0, 1, 2, 3]  # j forced exactly
+    exp = res["expected_speedup"]["given/p280/eager"]
+    want = chunks["baseline"]["median_ms"] / (
+        0.5 * chunks["rsd_k3_j0"]["median_ms"] + 0.5 * chunks["rsd_k3_j3"]["median_ms"]
+    )
+    assert exp["speedup"] == pytest.approx(want)
+    assert "Expected speedup under measured acceptance" in (tmp_path / "g.md").read_text()
+    with pytest.raises(SystemExit) as exc:  # the modes that lost were removed: a usage error naming them
+        bench_gpu.main(["--modes", "graphs"])
+    assert exc.value.code == 2
+
+
 def test_bench_gpu_refuses_an_eval_of_another_depth(tmp_path):
     """The 8-layer twin timings of evaluator.bench_gpu cannot project an eval of a 3-layer baseline."""
-    from evaluator.bench_gpu import BenchGPUConfig, acceptance_distributions
+    from evaluator.bench_gpu_report import acceptance_distributions
 
     ev = tmp_path / "eval.json"
     ev.write_text(json.dumps({"meta": {"decode_layers": 3, "num_layers": 8}, "arms": {}}))
     with pytest.raises(ValueError, match="bench_7b"):
-        acceptance_distributions(BenchGPUConfig(eval_json=ev))
+        acceptance_distributions(ev)
     ev.write_text(
         json.dumps(
             {"meta": {"decode_layers": 8, "num_layers": 8}, "arms": {"strict": {"j_histogram": [3, 1]}}}
         )
     )
-    assert acceptance_distributions(BenchGPUConfig(eval_json=ev)) == {"embedded_vla_strict": [0.75, 0.25]}
+    assert acceptance_distributions(ev) == {"embedded_vla_strict": [0.75, 0.25]}

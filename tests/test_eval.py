@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,14 @@ import torch
 
 from common.draft import RFSQDraftModelWithProjection, save_checkpoint
 from common.policy import Observation
+from evaluator import closed_loop
 from evaluator import eval as ev
+from evaluator.fleet_arms import build_act, rsd_config
+from evaluator.frontier import _success
+from evaluator.protocol import ProtocolMismatch
+from evaluator.report import _closed_loop as _closed_loop_lines
+from evaluator.rsd import RSDEngine
+from tests.fleet_fakes import make_fake_env
 from tests.init_helpers import record_fresh_start
 
 
@@ -379,25 +388,61 @@ def test_fit_draft_keys_trajectories_across_archives(tmp_path):
 
 
 def test_closed_loop_worker_recipe_rebuilds_every_kind_of_arm(draft_ckpt):
-    """The picklable recipe of a rollout worker decodes exactly as the open loop's arm does."""
-    import pickle
-
-    from evaluator.rsd import RSDEngine
-
-    cfg = make_cfg(draft_ckpt, Path("unused"))
+    """The fleet's picklable recipe of each closed-loop arm decodes exactly as the open loop's arm does."""
+    cfg = make_cfg(draft_ckpt, Path("unused"), closed_loop_arms=["relaxed", "baseline"])
     policy = ev.load_eval_policy("twin-tiny", decode_layers=4)
     proposer, _ = ev.load_draft(draft_ckpt, policy)
     arms = cfg.arms(proposer.num_layers, 8, 4)
+    assert [s.name for s in ev.closed_loop_specs(cfg, arms, 4)] == ["baseline", "relaxed"]  # baseline first
     obs = FakeEnv(3).reset()
     for name in ("baseline", "truncate-k2", "strict", "relaxed", "draft-substitution"):
         arm = arms[name]
-        factory = ev.RSDActFactory(
-            draft=str(draft_ckpt),
-            rsd=arm.to_dict()["rsd"],
-            policy="twin-tiny",
-            decode_layers=4,
-            truncate=arm.layers,
-        )
-        act = pickle.loads(pickle.dumps(factory))()
+        spec = closed_loop.arm_spec(arm, policy="twin-tiny", draft=draft_ckpt, decode_layers=4,
+                                    draft_forward=cfg.draft_forward)  # fmt: skip
+        spec = pickle.loads(pickle.dumps(spec))
+        assert spec.decoding == arm.kind and (spec.draft is not None) == arm.drafted, name
+        rebuilt = rsd_config(spec)
+        assert rebuilt == (None if arm.rsd is None else replace(arm.rsd, stage_timing=False)), name
+        act = build_act(spec)
         ref = arm.decode(RSDEngine(policy, proposer if arm.drafted else None, arm.rsd), [obs])
         np.testing.assert_array_equal(act(obs), ref.actions[0].float().numpy(), err_msg=name)
+
+
+def test_closed_loop_runs_paired_resumable_and_reported_in_the_fleet(draft_ckpt, tmp_path):
+    """make eval's closed loop: every arm on the same episodes in the fleet, the baseline first; strict
+    (lossless) has the baseline's outcome on every pair; a rerun resumes; eval.json and report.md carry
+    Wilson intervals, McNemar and the note that a small run is not the standard protocol."""
+    cfg = make_cfg(draft_ckpt, tmp_path, decode_layers=4, tasks=[0, 1], closed_loop_init_states=[0, 1],
+                   closed_loop_arms=["strict", "baseline", "truncate-k2"], max_steps=4, workers=1)  # fmt: skip
+    policy = ev.load_eval_policy("twin-tiny", decode_layers=4)
+    proposer, _ = ev.load_draft(draft_ckpt, policy)
+    arms = cfg.arms(proposer.num_layers, 8, 4)
+    cl, res = ev.run_closed_loop(cfg, arms, 4, env_factory=make_fake_env)
+    assert res.complete and res.episodes_run == 12 and res.arm_names == ["baseline", "strict", "truncate-k2"]
+    assert cl["episodes"] == [[0, 0], [0, 1], [1, 0], [1, 1]]
+    assert cl["strict"]["success"] == cl["baseline"]["success"]  # lossless, paired on the same seeds
+    cmp = cl["strict"]["vs_baseline"]
+    assert cmp["pairs"] == 4 and cmp["baseline_only"] == cmp["arm_only"] == 0 and cmp["mcnemar_p"] == 1.0
+    assert (
+        cl["strict"]["mean_accepted"] <= cl["strict"]["mean_proposed"] and cl["baseline"]["mean_passes"] == 5
+    )
+    assert cl["truncate-k2"]["mean_passes"] == 3 and len(cl["baseline"]["wilson95"]) == 2
+    assert not cl["protocol"]["protocol"]["standard"]
+    again, res2 = ev.run_closed_loop(cfg, arms, 4, env_factory=make_fake_env)  # resumes: nothing to run
+    assert res2.episodes_run == 0 and again["baseline"]["success"] == cl["baseline"]["success"]
+    assert _success(cl, "strict") == cl["strict"]["success_rate"]  # what the frontier reads
+    md = "\n".join(_closed_loop_lines({"closed_loop": cl}))
+    assert "**Not the standard protocol**" in md and "McNemar p" in md and "Wilson 95 %" in md
+    other = make_cfg(draft_ckpt, tmp_path, decode_layers=4, tasks=[0, 1], closed_loop_init_states=[0, 1],
+                     closed_loop_arms=["baseline", "relaxed"], max_steps=4, workers=1)  # fmt: skip
+    with pytest.raises(ProtocolMismatch, match="another results path"):  # other arms: refused, nothing lost
+        ev.run_closed_loop(other, arms, 4, env_factory=make_fake_env)
+
+
+def test_closed_loop_defaults_to_the_standard_protocol(draft_ckpt, tmp_path):
+    cfg = ev.EvalConfig(draft=draft_ckpt, out_dir=tmp_path)
+    assert cfg.tasks == list(range(10)) and cfg.closed_loop_init_states == list(range(50))
+    with pytest.raises(ValueError, match="unknown initial states"):
+        ev.EvalConfig(draft=draft_ckpt, out_dir=tmp_path, closed_loop_init_states=[50])
+    with pytest.raises(ValueError, match="unknown task ids"):
+        ev.EvalConfig(draft=draft_ckpt, out_dir=tmp_path, tasks=[10])

@@ -1,4 +1,6 @@
-"""Closed-loop rollout runner: chunk execution, worker processes, crashes raised as errors."""
+"""One closed-loop episode (chunk execution, rendering only at query steps) and the make eval-vla CLI.
+
+Worker processes, crashes and resuming: tests/test_fleet.py."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import numpy as np
 import pytest
 
 from common.policy import Observation
-from evaluator.rollout import EpisodeResult, run_episode, run_episodes, summarize
+from evaluator.episode import make_libero_env, run_episode
 
 
 class ScriptedEnv:
@@ -40,10 +42,6 @@ class ScriptedEnv:
         return (self._obs() if observe else None), 0.0, done, {"success": success}
 
 
-def make_env(cfg: dict) -> ScriptedEnv:
-    return ScriptedEnv(cfg)
-
-
 def push_right() -> callable:
     return lambda obs: np.tile(np.array([[1, 0, 0, 0, 0, 0, -1]], np.float32), (4, 1))
 
@@ -69,46 +67,10 @@ def test_run_episode_failure_and_bad_chunk() -> None:
         run_episode(ScriptedEnv({}), lambda obs: np.full((4, 7), np.nan), init_state=0)
 
 
-def test_run_episodes_in_workers() -> None:
-    jobs = [(t, i) for t in range(2) for i in range(3)]
-    results, _ = run_episodes(
-        jobs, {"goal": 6, "max_steps": 12}, push_right, workers=2, env_factory=make_env, progress=False
-    )
-    assert [(r.task_id, r.init_state) for r in results] == jobs
-    assert all(r.success for r in results)
-    assert {r.extra["worker"] for r in results} <= {0, 1}
-    s = summarize(results)
-    assert s["success_rate"] == 1.0 and s["per_task"]["1"]["episodes"] == 3
-
-
-def test_worker_crash_is_an_error_not_a_failure() -> None:
-    with pytest.raises(RuntimeError, match="simulated env crash"):
-        run_episodes(
-            [(0, 0), (0, 1)],
-            {"crash_on_init": 1},
-            push_right,
-            workers=1,
-            env_factory=make_env,
-            progress=False,
-        )
-
-
-def test_summarize_per_task() -> None:
-    rs = [
-        EpisodeResult("s", t, i, success=(t == 0 or i == 0), steps=5, queries=1, act_s=0.1, wall_s=1.0)
-        for t in range(2)
-        for i in range(2)
-    ]
-    s = summarize(rs)
-    assert s["success_rate"] == 0.75 and s["per_task"]["1"]["success_rate"] == 0.5
-
-
 @pytest.mark.slow
 @pytest.mark.sim
 def test_real_libero_episode_random_policy() -> None:
     """One short real LIBERO episode with a random-weight embedded VLA (plumbing, not success)."""
-    from evaluator.rollout import make_libero_env
-
     os.environ.setdefault("MUJOCO_GL", "egl")
     env = make_libero_env({"suite": "libero_spatial", "task_id": 0, "init_state": 0, "max_steps": 16})
     try:

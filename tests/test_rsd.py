@@ -13,6 +13,7 @@ import torch
 
 from common.draft import RFSQDraftModelWithProjection
 from common.policy import Observation
+from common.vla.twin import TwinPolicy, tiny_config
 from evaluator.rsd import (
     AcceptanceConfig,
     DraftProposer,
@@ -21,7 +22,6 @@ from evaluator.rsd import (
     RSDEngine,
     accepted_prefix,
 )
-from evaluator.twin import TwinPolicy, tiny_config
 
 L = 8
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from evaluator.twin import TwinPolicy, llama7b_config, memory_floor_s, tiny_config
+from common.vla.twin import TwinPolicy, llama7b_config, memory_floor_s, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +100,8 @@ def test_bad_calls_raise(policy):
 
 
 def test_bench_forces_accepted_layers_and_expected_speedup(policy):
-    from evaluator.bench_gpu import FixedProposer, corrupt_from, expected_speedups, self_consistent_drafts
+    from evaluator.bench_gpu_report import expected_speedups
+    from evaluator.bench_twin import FixedProposer, corrupt_from, self_consistent_drafts
     from evaluator.rsd import Proposal, RSDEngine
 
     class NoDraft:
@@ -127,16 +128,13 @@ def test_bench_forces_accepted_layers_and_expected_speedup(policy):
     assert expected_speedups(results, {"d": [0.2] * 5}) == {}  # k = 4 was not measured
 
 
-@pytest.mark.parametrize("math_attention", [False, True])
-def test_sliced_attention_equals_masked_attention(math_attention):
+def test_sliced_attention_equals_masked_attention():
     """Single-block passes over the filled part of the cache (no mask) give the masked passes' logits,
     also after a truncation leaves stale blocks behind and for RSD chunks mixing verify and blocks."""
     torch.manual_seed(0)
     cfg = tiny_config()
     masked = TwinPolicy(cfg, seed=3)
     sliced = TwinPolicy(cfg, seed=3, sliced_attention=True)
-    for p in (masked, sliced):
-        p.model.math_attention = math_attention
     embeds = torch.randn(1, cfg.prefix_len, masked.hidden_dim)
     runs = []
     for p in (masked, sliced):
@@ -175,7 +173,7 @@ def test_skinny_triton_products_equal_linear():
 
 
 def skinny_checks() -> None:
-    from evaluator.twin_triton import launch, reference
+    from common.vla.twin_triton import launch, reference
 
     torch.manual_seed(0)
     for rows, n, k, residual, swiglu in [(8, 96, 64, False, False), (8, 64, 200, True, False),
@@ -197,4 +195,7 @@ def skinny_checks() -> None:
         outs.append((state.hidden, first, p.decode_block(state, first.argmax(-1))))
     for a, b in zip(*outs):
         assert torch.allclose(a, b, atol=1e-4)
+    from evaluator.bench_twin import check_skinny  # the GPU benchmarks' check, on the twin's own weights
+
+    assert set(check_skinny(plain)) == {"qkv", "o_residual", "gate_up", "down_swiglu_residual"}
     print("skinny ok")

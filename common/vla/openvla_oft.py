@@ -45,8 +45,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.codec import load_codec
 from common.policy import ChunkPolicy, Observation, PolicyOutput
 from common.shapes import RFSQShape
+from common.vla.paths import DEFAULT_CODEC_DIR
 
 log = logging.getLogger(__name__)
 
@@ -310,9 +312,6 @@ def build_from_checkpoint(
     from prismatic.models.action_heads import L1RegressionActionHead
     from prismatic.models.projectors import ProprioProjector
     from transformers import AutoModelForVision2Seq, AutoProcessor
-
-    from common.codec import load_codec
-    from common.vla import DEFAULT_CODEC_DIR
 
     check_constants()
     try:

@@ -1,5 +1,8 @@
 """Skinny matrix products for the twin's block passes, as a Triton kernel (CUDA machines only).
 
+Imported only where it is used (triton is an optional dependency):
+:meth:`common.vla.twin_model.TwinModel.use_skinny` and the GPU benchmarks.
+
 A block pass multiplies 8 rows (one action chunk) by every weight matrix of the 7B decoder: its cost
 is reading the weights once. ``skinny_linear`` computes ``x @ w.T`` for up to 8 rows with the weight
 tile as the left operand of the dot in its stored layout (the few rows of ``x`` padded to 16 on the
@@ -27,7 +30,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from evaluator.twin import SKINNY_MAX_ROWS as MAX_ROWS  # noqa: E402  (block passes: 8 rows; wider ones: cuBLAS)
+from common.vla.twin_config import SKINNY_MAX_ROWS as MAX_ROWS  # block passes: 8 rows; wider: cuBLAS
 
 
 @triton.jit

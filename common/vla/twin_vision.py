@@ -3,7 +3,7 @@
 OpenVLA(-OFT) runs every 224 px image through two ViTs side by side and concatenates their patch
 features (Prismatic's "dinosiglip" backbone), then a 3-layer GELU MLP projects them to the language
 model's width; OFT sends two images (third-person + wrist), i.e. 2 x 256 image tokens of the
-600-token prefix. Shapes (random bf16 weights: timing only, like evaluator/twin.py):
+600-token prefix. Shapes (random bf16 weights: timing only, like common/vla/twin.py):
 
 - SigLIP ViT-SO400M/14 at 224 px: width 1152, 27 blocks, 16 heads, MLP 4304, 256 patches;
 - DINOv2 ViT-L/14 with 4 registers: width 1024, 24 blocks, 16 heads, MLP 4096, LayerScale,
