@@ -39,6 +39,7 @@ $(STAMP): requirements.lock pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps -r requirements.lock
 	$(PY) -c "import site, pathlib; pathlib.Path(site.getsitepackages()[0], 'rsd-repo.pth').write_text('$(CURDIR)\\n')"
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .  # the rsd-* commands
 	-$(PY) -m pip uninstall -q -y torchvision 2>/dev/null
 	$(PY) -m producer.libero_setup
 	@touch $@

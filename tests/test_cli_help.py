@@ -118,3 +118,19 @@ def test_codec_training_end_to_end(tmp_path) -> None:
     meta = json.loads((tmp_path / "codec" / "codec.json").read_text())
     assert len(meta["metrics"]["validation"]["mse_norm"]) == 8
     assert meta["sha256"] == codec.sha256
+
+
+def test_every_console_script_names_a_main():
+    """pyproject's [project.scripts]: each rsd-* command points at a module whose main exists."""
+    import importlib
+    from pathlib import Path
+
+    import tomllib
+
+    scripts = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"][
+        "scripts"
+    ]
+    assert len(scripts) >= 20
+    for name, target in scripts.items():
+        module, func = target.split(":")
+        assert name.startswith("rsd-") and callable(getattr(importlib.import_module(module), func)), name
