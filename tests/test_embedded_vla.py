@@ -270,7 +270,9 @@ def test_train_vla_smoke(tmp_path) -> None:
 
 def test_pack_round_trip(tmp_path) -> None:
     """Agentview frames come back bit-exact (delta + LZMA); wrist JPEG frames come back close."""
-    from trainer.train_vla import frame_chunks, pack, read_demos, unpack
+    from common.demos import read_demos
+    from common.packed import pack, unpack
+    from trainer.train_vla import frame_chunks
 
     demos = tmp_path / "demos.hdf5"
     _write_demos(demos, episodes=3, steps=9)

@@ -31,6 +31,7 @@ import torch
 
 from common.cli import config_to_dict, parse_config
 from common.codec import RFSQCodec, action_chunks, reconstruction_report, save_codec
+from common.demos import read_episode_actions
 from common.init_states import check_demo_files
 from common.logs import setup_logging
 from common.shapes import RFSQShape
@@ -84,35 +85,6 @@ class CodecTrainConfig:
             raise ValueError(f"val_every must be >= 2, got {self.val_every}")
 
 
-def load_episode_actions(paths: list[Path]) -> tuple[list[np.ndarray], str]:
-    """All episodes' actions [N, A] from the files, in file/demo order, plus a hash of the data."""
-    import h5py
-
-    episodes: list[np.ndarray] = []
-    digest = hashlib.sha256()
-    for path in paths:
-        with h5py.File(path, "r") as f:
-            if "data" not in f:
-                raise ValueError(f"{path}: no 'data' group (expected the robomimic/LIBERO layout)")
-            names = sorted(
-                f["data"].keys(), key=lambda n: int(n.split("_")[-1]) if n.split("_")[-1].isdigit() else n
-            )
-            for name in names:
-                grp = f["data"][name]
-                if "actions" not in grp:
-                    raise ValueError(f"{path}: data/{name} has no 'actions' dataset")
-                a = np.asarray(grp["actions"], dtype=np.float32)
-                if a.ndim != 2 or not np.isfinite(a).all():
-                    raise ValueError(
-                        f"{path}: data/{name}/actions must be finite [N, A], got shape {a.shape}"
-                    )
-                episodes.append(a)
-                digest.update(a.tobytes())
-    if not episodes:
-        raise ValueError(f"no episodes found in {[str(p) for p in paths]}")
-    return episodes, digest.hexdigest()
-
-
 def load_archive_chunks(paths: list[Path], shape: RFSQShape) -> tuple[list[np.ndarray], str]:
     """Every archived episode's action chunks [n, T, A] (episodes without samples skipped) + data hash."""
     episodes: list[np.ndarray] = []
@@ -148,7 +120,7 @@ def train(cfg: CodecTrainConfig) -> dict:
         episodes, data_hash = load_archive_chunks(cfg.archives, shape)
     else:
         init_check = check_demo_files(list(cfg.demos), cfg.allow_benchmark_states)  # refuses benchmark starts
-        episodes, data_hash = load_episode_actions(cfg.demos)
+        episodes, data_hash = read_episode_actions(cfg.demos)
     if episodes[0].shape[-1] != shape.action_dim:
         raise ValueError(f"actions have {episodes[0].shape[-1]} dims, the codec expects {shape.action_dim}")
 

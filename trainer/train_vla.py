@@ -22,7 +22,6 @@ free-running decoding, see :func:`action_score`),
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -37,14 +36,15 @@ import torch.nn.functional as F
 
 from common.cli import config_to_dict, parse_config
 from common.codec import action_chunks, load_codec
-from common.init_states import check_demo_files, require_checked
+from common.demos import read_demos
+from common.init_states import require_checked
 from common.logs import setup_logging
+from common.packed import pack, unpack
 from common.schedule import INIT_STATES, parse_range
 from common.vla.embedded import (
     EmbeddedVLA,
     EmbeddedVLAConfig,
     EmbeddedVLAPolicy,
-    downsample_images,
     load_embedded_vla,
     save_embedded_vla,
 )
@@ -165,89 +165,6 @@ class VLATrainConfig:
 
 
 # ------------------------------------------------------------------------------------------ data
-def _demo_names(group: Any) -> list[str]:
-    return sorted(group.keys(), key=lambda n: int(n.split("_")[-1]) if n.split("_")[-1].isdigit() else n)
-
-
-def read_demos(
-    paths: list[Path], image_size: int, frame_stride: int = 1, allow_benchmark_states: bool = False
-) -> dict[str, Any]:
-    """Read HDF5 demos into frame arrays (images downsampled with the run-time function).
-
-    Every ``frame_stride``-th step is kept as a training frame (offset alternating per episode);
-    the actions of every step are kept, so chunk targets are exact. Files whose episodes start from a
-    benchmark initial state or do not record their starts are refused (``common.init_states``) unless
-    ``allow_benchmark_states``.
-
-    returns images [N, 2, S, S, 3] uint8, proprio [N, 8] f32, episode [N] i64, step [N] i64 (frame
-    index inside its episode), actions [M, A] f32 (all steps), action_episode [M] i64,
-    instruction_of_episode [E] str, task_of_episode [E] i64, episode_names [E] str,
-    init_source_of_episode [E] str, init_check (str: "passed" or the override's record), and, if any
-    demo has per-step expert chunks (DAgger labels, ``expert_chunks`` [n, T, A]), label_chunks [N, T, A]
-    f32 (NaN for frames of demos without them).
-    """
-    import h5py
-    from tqdm import tqdm
-
-    report = check_demo_files(list(paths), allow_benchmark_states)
-    images, proprio, episode, steps, actions, action_episode = [], [], [], [], [], []
-    instructions, tasks, names, labels = [], [], [], []
-    for path in paths:
-        with h5py.File(path, "r") as f:
-            if "data" not in f:
-                raise ValueError(f"{path}: no 'data' group (expected the robomimic/LIBERO layout)")
-            for name in tqdm(_demo_names(f["data"]), desc=f"read {Path(path).name}", unit="demo"):
-                g = f["data"][name]
-                e = len(names)
-                a = np.asarray(g["actions"], dtype=np.float32)  # [n, A]
-                n = a.shape[0]
-                keep = np.arange(e % frame_stride, n, frame_stride)  # [n']
-                obs = g["obs"]
-                av = downsample_images(np.asarray(obs["agentview_rgb"])[keep], image_size)  # [n', S, S, 3]
-                wr = downsample_images(np.asarray(obs["eye_in_hand_rgb"])[keep], image_size)  # [n', S, S, 3]
-                pr = np.concatenate([np.asarray(obs["ee_states"]), np.asarray(obs["gripper_states"])], axis=1)
-                if pr.shape != (n, 8):
-                    raise ValueError(f"{path}: data/{name} proprio has shape {pr.shape}, expected ({n}, 8)")
-                images.append(torch.stack([av, wr], dim=1).numpy())  # [n', 2, S, S, 3]
-                proprio.append(pr[keep].astype(np.float32))
-                episode.append(np.full(len(keep), e, dtype=np.int64))
-                steps.append(keep.astype(np.int64))
-                actions.append(a)
-                action_episode.append(np.full(n, e, dtype=np.int64))
-                instr = g.attrs["instruction"]
-                instructions.append(instr.decode() if isinstance(instr, bytes) else str(instr))
-                tasks.append(int(g.attrs.get("task_id", -1)))
-                names.append(f"{Path(path).name}:{name}")
-                labels.append(
-                    np.asarray(g["expert_chunks"], dtype=np.float32)[keep] if "expert_chunks" in g else None
-                )
-    if not names:
-        raise ValueError(f"no demonstrations in {paths}")
-    extra: dict[str, Any] = {
-        "init_source_of_episode": np.array([report["sources"][n] for n in names]),
-        "init_check": np.array(report["check"]),
-    }
-    lengths = {lab.shape[1:] for lab in labels if lab is not None}
-    if len(lengths) > 1:
-        raise ValueError(f"expert_chunks of different shapes {sorted(lengths)} in {paths}")
-    if lengths:
-        (shape,) = lengths  # (T, A)
-        blank = [np.full((len(p), *shape), np.nan, np.float32) for p in proprio]
-        extra["label_chunks"] = np.concatenate([b if lab is None else lab for lab, b in zip(labels, blank)])
-    return {
-        **extra,
-        "images": np.concatenate(images),
-        "proprio": np.concatenate(proprio),
-        "episode": np.concatenate(episode),
-        "step": np.concatenate(steps),
-        "actions": np.concatenate(actions),
-        "action_episode": np.concatenate(action_episode),
-        "instruction_of_episode": np.array(instructions),
-        "task_of_episode": np.array(tasks, dtype=np.int64),
-        "episode_names": np.array(names),
-    }
-
-
 def frame_chunks(data: dict[str, Any], chunk_len: int) -> np.ndarray:
     """The action chunk starting at every training frame: [N, T, A] (past the end: last action repeated;
     frames with an expert label chunk, from DAgger, take that chunk)."""
@@ -263,74 +180,6 @@ def frame_chunks(data: dict[str, Any], chunk_len: int) -> np.ndarray:
             )
         out[labelled] = data["label_chunks"][labelled, :chunk_len]
     return out
-
-
-def pack(data: dict[str, Any], path: Path, jpeg_quality: int) -> None:
-    """Write ``data`` (from :func:`read_demos`) as one .npz.
-
-    Agentview frames are stored losslessly (per-episode temporal difference + LZMA: the scene is
-    mostly static); wrist frames as JPEG of quality ``jpeg_quality`` (0: lossless like agentview).
-    """
-    import lzma
-
-    from tqdm import tqdm
-
-    out = {k: v for k, v in data.items() if k != "images"}
-    imgs = data["images"]  # [N, 2, S, S, 3]
-    out["images_shape"] = np.array(imgs.shape, dtype=np.int64)
-    for cam in range(imgs.shape[1]):
-        blobs: list[bytes] = []
-        if cam == 1 and jpeg_quality:
-            from PIL import Image
-
-            for img in tqdm(imgs[:, cam], desc="wrist jpeg", unit="img"):
-                buf = io.BytesIO()
-                Image.fromarray(img).save(buf, format="JPEG", quality=jpeg_quality)
-                blobs.append(buf.getvalue())
-        else:
-            for e in tqdm(range(len(data["episode_names"])), desc=f"camera {cam} lzma", unit="ep"):
-                x = imgs[data["episode"] == e, cam].astype(np.int16)  # [n, S, S, 3]
-                delta = np.diff(x, axis=0, prepend=0).astype(np.uint8)  # mod-256 difference
-                blobs.append(lzma.compress(delta.tobytes(), preset=6))
-        out[f"cam{cam}_codec"] = np.array("jpeg" if cam == 1 and jpeg_quality else "delta-lzma")
-        out[f"cam{cam}_offsets"] = np.cumsum([0] + [len(b) for b in blobs]).astype(np.int64)
-        out[f"cam{cam}_bytes"] = np.frombuffer(b"".join(blobs), dtype=np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **out)
-    log.info(
-        "packed %d frames of %d episodes to %s (%.1f MB)",
-        len(data["episode"]),
-        len(data["episode_names"]),
-        path,
-        path.stat().st_size / 1e6,
-    )
-
-
-def unpack(path: Path) -> dict[str, Any]:
-    """Inverse of :func:`pack`."""
-    import lzma
-
-    from PIL import Image
-    from tqdm import tqdm
-
-    z = np.load(path, allow_pickle=False)
-    data = {k: z[k] for k in z.files if not k.startswith("cam") and k != "images_shape"}
-    shape = tuple(int(v) for v in z["images_shape"])  # (N, 2, S, S, 3)
-    images = np.empty(shape, dtype=np.uint8)
-    for cam in range(shape[1]):
-        codec, offsets, blob = str(z[f"cam{cam}_codec"]), z[f"cam{cam}_offsets"], z[f"cam{cam}_bytes"]
-        if codec == "jpeg":
-            for i in tqdm(range(shape[0]), desc=f"camera {cam} jpeg", unit="img"):
-                raw = blob[offsets[i] : offsets[i + 1]].tobytes()
-                images[i, cam] = np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))
-        else:
-            for e in range(len(data["episode_names"])):
-                rows = np.flatnonzero(data["episode"] == e)
-                raw = lzma.decompress(blob[offsets[e] : offsets[e + 1]].tobytes())
-                delta = np.frombuffer(raw, dtype=np.uint8).reshape(len(rows), *shape[2:])
-                images[rows, cam] = np.cumsum(delta, axis=0, dtype=np.uint8)  # mod-256 running sum
-    data["images"] = images
-    return data
 
 
 # ------------------------------------------------------------------------------------------ model
