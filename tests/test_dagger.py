@@ -36,7 +36,7 @@ def test_dagger_round_labels_visited_states_and_trains(tmp_path):
     from common.vla import load_policy
     from producer.env import EnvConfig, LiberoEnv
     from producer.expert import ScriptedExpert
-    from trainer.train_vla import frame_chunks
+    from trainer.vla_data import frame_chunks
 
     out = tmp_path / "round2.hdf5"
     argv = ["--out", str(out), "--tasks", "0", "--init-states", "fresh:0", "--workers", "1", "--max-steps", "5",

@@ -30,7 +30,7 @@ from common.packed import unpack
 from common.policy import LayerwisePolicy
 from common.vla.embedded import normalize_images
 from trainer.pairs import load_keyed
-from trainer.train_vla import random_shift
+from trainer.vla_data import random_shift
 
 if TYPE_CHECKING:  # the command's config, for annotations only (trainer.fit_draft imports this module)
     from trainer.fit_draft import FitDraftConfig
