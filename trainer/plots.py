@@ -74,3 +74,21 @@ def plot_vla_training(metrics: dict[str, Any], path: Path) -> None:
     ax[2].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def plot_codec_training(curve: list[tuple[int, float]], report: dict[str, Any], path: Path) -> None:
+    """RFSQ codec (``trainer.train_codec``): training loss, held-out reconstruction error per number of
+    decoded layers, code entropy per layer."""
+    fig = Figure(figsize=(14, 3.8))
+    axes = fig.subplots(1, 3)
+    steps, losses = zip(*curve)
+    axes[0].semilogy(steps, losses)
+    axes[0].set(title="training loss (MSE, normalized)", xlabel="step")
+    ks = list(range(1, len(report["mse_norm"]) + 1))
+    axes[1].semilogy(ks, report["mse_norm"], "o-")
+    axes[1].set(title="held-out reconstruction MSE vs layers decoded", xlabel="k (layers decoded)")
+    axes[2].bar(ks, report["layer_entropy_bits"])
+    axes[2].axhline(report["max_entropy_bits"], color="gray", ls="--", lw=1)
+    axes[2].set(title="code entropy per layer (bits)", xlabel="layer (1-based)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
