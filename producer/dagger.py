@@ -36,10 +36,11 @@ import numpy as np
 import torch
 
 from common.cli import config_to_dict, parse_config
+from common.demos import DemoWriter
 from common.init_states import FRESH, parse_init
 from common.logs import setup_logging
 from common.vla import load_policy
-from producer.demo_file import DemoWriter, ShardStats, errored, finish_file, git_revision
+from producer.demo_file import ShardStats, errored, finish_file, git_revision
 from producer.demos import episode_meta, episode_stream, install_stop_handlers
 from producer.env import EnvConfig, LiberoEnv
 from producer.expert import (

@@ -1,7 +1,8 @@
-"""The demonstration HDF5 file: one writer for every recorder (scripted expert, DAgger).
+"""What every demonstration recorder (scripted expert, DAgger) keeps while it writes a file: per-file
+counts (:class:`ShardStats`), errored episodes, and the file-level attributes written when a file is
+finalized (:func:`finish_file`: ``<file>.partial`` renamed to the file).
 
-Layout: see ``producer/demos.py``. Only the parent process writes; a file is written as
-``<file>.partial`` and renamed when finalized (:func:`finish_file`).
+The file format, its writer and its readers: :mod:`common.demos` (docs/DESIGN.md §8.2).
 """
 
 from __future__ import annotations
@@ -18,13 +19,10 @@ from typing import Any
 import numpy as np
 
 from common.cli import config_to_dict
-from common.init_states import BENCHMARK, BenchmarkStateLeak, assert_no_benchmark_states, parse_init
+from common.demos import SCHEMA_VERSION, DemoWriter
 from producer.expert import EpisodeResult
 
 log = logging.getLogger(__name__)
-
-SCHEMA_VERSION = 2  # 2: initial states recorded (init_sim_state, init_source, init_object_qpos)
-OBS_KEYS = ("agentview_rgb", "eye_in_hand_rgb", "ee_states", "gripper_states", "joint_states")
 
 
 def git_revision() -> str:
@@ -40,117 +38,6 @@ def git_revision() -> str:
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
-class DemoWriter:
-    """Writes episodes into ``data/demo_K`` groups; the parent process is its only user.
-
-    Every episode's initial state is checked against the task's benchmark initial states before it is
-    written: a fresh start that matches one is dropped and counted (``leaks``), never written.
-    """
-
-    def __init__(self, path: Path, compression: str = "gzip") -> None:
-        import h5py
-
-        self.path = path
-        self.compression = None if compression == "none" else compression
-        self.file = h5py.File(path, "w", libver="latest")
-        self.data = self.file.create_group("data")
-        self.num_demos = 0
-        self.total = 0
-        self.names_by_task: dict[int, list[tuple[tuple[str, int], str]]] = {}
-        self.leaks: list[str] = []
-        self.unchecked: list[str] = []
-        self.benchmark_starts = 0
-        self.nearest_benchmark_m = float("inf")
-
-    def _dataset(self, group: Any, name: str, array: np.ndarray, image: bool = False) -> None:
-        kwargs: dict[str, Any] = {}
-        if image:
-            kwargs["chunks"] = (1, *array.shape[1:])  # one frame per chunk: cheap random access
-            if self.compression == "gzip":
-                kwargs.update(compression="gzip", compression_opts=4)
-            elif self.compression == "lzf":
-                kwargs.update(compression="lzf")
-        group.create_dataset(name, data=array, **kwargs)
-
-    def admissible(self, meta: dict[str, Any], init_sim_state: np.ndarray) -> bool:
-        """False (logged, counted) for a fresh start that is a benchmark initial state."""
-        kind, _ = parse_init(meta["init_source"])
-        if kind == BENCHMARK:  # allowed by the caller's explicit override only
-            self.benchmark_starts += 1
-            return True
-        try:
-            near = assert_no_benchmark_states(
-                init_sim_state, meta["suite"], meta["task_name"], meta["init_object_qpos"],
-                what=f"{meta['task_name']} {meta['init_source']}",
-            )  # fmt: skip
-        except BenchmarkStateLeak as exc:
-            log.error("dropped: %s", exc)
-            self.leaks.append(meta["init_source"])
-            return False
-        except (OSError, ValueError) as exc:  # benchmark states unreadable now: keep it
-            log.error("written unchecked (the trainers check it again): %s", exc)
-            self.unchecked.append(meta["init_source"])
-            return True
-        self.nearest_benchmark_m = min(self.nearest_benchmark_m, float(near.min()))
-        return True
-
-    def add(self, result: EpisodeResult, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> str | None:
-        """Write one episode (``arrays``: OBS_KEYS in ``obs/``, the rest at the top; ``meta["attrs"]``:
-        extra attributes). Returns its name, or None if its start is a benchmark state (dropped)."""
-        if not self.admissible(meta, arrays["init_sim_state"]):
-            return None
-        name = f"demo_{self.num_demos}"
-        g = self.data.create_group(name)
-        n = int(arrays["actions"].shape[0])
-        obs = g.create_group("obs")
-        for key in OBS_KEYS:
-            self._dataset(obs, key, arrays[key], image=key.endswith("_rgb"))
-        for key, array in arrays.items():
-            if key not in OBS_KEYS:
-                self._dataset(g, key, array)
-        kind, index = parse_init(meta["init_source"])
-        attrs = {
-            "num_samples": n, "instruction": meta["instruction"], "task_name": meta["task_name"],
-            "task_id": result.task_id, "success": bool(result.success), "init_source": f"{kind}:{index}",
-            "init_state": index if kind == BENCHMARK else -1, "fresh_attempts": int(meta["fresh_attempts"]),
-            "init_object_qpos": np.asarray(meta["init_object_qpos"], dtype=np.int64), **meta.get("attrs", {}),
-        }  # fmt: skip
-        g.attrs.update(attrs)
-        self.num_demos += 1
-        self.total += n
-        self.names_by_task.setdefault(result.task_id, []).append(((kind, index), name))
-        self.file.flush()
-        return name
-
-    def finish(self, attrs: dict[str, Any]) -> None:
-        import h5py
-
-        for k, v in attrs.items():
-            self.data.attrs[k] = v
-        self.data.attrs["total"] = self.total
-        self.data.attrs["num_demos"] = self.num_demos
-        self.data.attrs["init_check"] = json.dumps(
-            {"benchmark_starts_written": self.benchmark_starts, "fresh_dropped_as_benchmark": self.leaks,
-             "unchecked": self.unchecked,
-             "nearest_benchmark_m": None if self.nearest_benchmark_m == float("inf") else self.nearest_benchmark_m}
-        )  # fmt: skip
-        # Validation split: the episodes of the highest initial state of every task.
-        train: list[str] = []
-        valid: list[str] = []
-        for _, items in sorted(self.names_by_task.items()):
-            items.sort()
-            if len(items) > 1:
-                valid.append(items[-1][1])
-                train.extend(n for _, n in items[:-1])
-            else:
-                train.extend(n for _, n in items)
-        mask = self.file.create_group("mask")
-        dt = h5py.string_dtype()
-        mask.create_dataset("train", data=np.array(train, dtype=object), dtype=dt)
-        mask.create_dataset("valid", data=np.array(valid, dtype=object), dtype=dt)
-        self.file.close()
 
 
 def errored(

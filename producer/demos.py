@@ -13,27 +13,8 @@ every task are the evaluation set: recording from them needs ``--allow-benchmark
 data only), and every fresh start is compared to them before it is written (a match is dropped and
 counted).
 
-Layout (N steps of one episode; images exactly as the policy sees them, upright uint8):
-
-    data/                       attrs: env_args (JSON), total, num_demos, num_failures, config (JSON),
-                                init_check, …
-    data/demo_K/                attrs: num_samples, instruction, task_id, task_name, success,
-                                init_source ("fresh:<seed>" or "benchmark:<index>"), init_state (the
-                                benchmark index, -1 for a fresh start), init_object_qpos (qpos indices
-                                of the objects' xyz), fresh_attempts
-        actions            [N, 7]  float32   the env's action space ([-1, 1]; gripper -1 open, +1 close)
-        obs/agentview_rgb  [N, h, w, 3] uint8
-        obs/eye_in_hand_rgb [N, h, w, 3] uint8
-        obs/ee_states      [N, 6]  float64   eef position (3), axis-angle (3)
-        obs/gripper_states [N, 2]  float64   finger joint positions
-        obs/joint_states   [N, 7]  float64   arm joint positions
-        states             [N, S]  float64   flattened MuJoCo state (for replay)
-        init_sim_state     [S]     float64   the initial state: after placement, before settling
-        rewards            [N]     float32
-        dones              [N]     uint8
-    mask/train, mask/valid      demo names (valid: the last initial state of every task)
-
-``obs[i]`` is the observation on which ``actions[i]`` was taken; ``rewards[i]``/``dones[i]`` follow it.
+The file layout, its writer (:class:`common.demos.DemoWriter`) and its readers: :mod:`common.demos`
+(docs/DESIGN.md §8.2).
 
     python -m producer.demos --out data/demos/libero_spatial_fresh.hdf5 --tasks 0-9 --init-states fresh:0-49
     python -m producer.demos --out /work/data/fresh/spatial.hdf5 --init-states fresh:0-59 \
@@ -56,12 +37,13 @@ from typing import Any
 
 import numpy as np
 
+from common.demos import DemoWriter
 from common.init_states import (
     BENCHMARK,
     OVERRIDE_FLAG,
     parse_init,
 )
-from producer.demo_file import DemoWriter, ShardStats, errored, finish_file, git_revision
+from producer.demo_file import ShardStats, errored, finish_file, git_revision
 from producer.env import EnvConfig
 from producer.expert import (
     SUPPORTED_SUITES,

@@ -32,10 +32,11 @@ def test_success_table():
 
 @pytest.mark.sim
 def test_dagger_round_labels_visited_states_and_trains(tmp_path):
+    from common.demos import read_demos
     from common.vla import load_policy
     from producer.env import EnvConfig, LiberoEnv
     from producer.expert import ScriptedExpert
-    from trainer.train_vla import frame_chunks, read_demos
+    from trainer.vla_data import frame_chunks
 
     out = tmp_path / "round2.hdf5"
     argv = ["--out", str(out), "--tasks", "0", "--init-states", "fresh:0", "--workers", "1", "--max-steps", "5",

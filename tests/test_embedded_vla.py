@@ -270,7 +270,9 @@ def test_train_vla_smoke(tmp_path) -> None:
 
 def test_pack_round_trip(tmp_path) -> None:
     """Agentview frames come back bit-exact (delta + LZMA); wrist JPEG frames come back close."""
-    from trainer.train_vla import frame_chunks, pack, read_demos, unpack
+    from common.demos import read_demos
+    from common.packed import pack, unpack
+    from trainer.vla_data import frame_chunks
 
     demos = tmp_path / "demos.hdf5"
     _write_demos(demos, episodes=3, steps=9)
@@ -289,7 +291,7 @@ def test_pack_round_trip(tmp_path) -> None:
 
 
 def test_consistency_term_is_cross_entropy_from_aux_to_decoder() -> None:
-    from trainer.train_vla import losses
+    from trainer.vla_loss import losses
 
     torch.manual_seed(0)
     model = EmbeddedVLA(small_config())

@@ -221,10 +221,10 @@ def test_fit_draft_batched_extraction_equals_run_time_decoding(tmp_path):
     """Distillation pairs are exactly what the policy computes at run time, one observation at a time."""
     import torch
 
+    from common.demos import read_demos
     from common.policy import Observation
     from evaluator.eval import load_eval_policy
     from trainer.distill_pairs import extract
-    from trainer.train_vla import read_demos
 
     _write_demos(tmp_path / "d.hdf5", (3, 4))
     policy = load_eval_policy("embedded")

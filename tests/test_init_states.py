@@ -122,17 +122,19 @@ def _legacy_file(path, episodes=2, steps=6, side=16) -> None:
 
 
 def test_trainers_refuse_legacy_data_without_the_override(tmp_path):
+    from common.demos import read_demos
+    from common.packed import pack
     from trainer import train_codec, train_vla
 
     _legacy_file(tmp_path / "legacy.hdf5")
     with pytest.raises(BenchmarkStateLeak, match="do not record their initial state"):
-        train_vla.read_demos([tmp_path / "legacy.hdf5"], 16)
-    data = train_vla.read_demos([tmp_path / "legacy.hdf5"], 16, allow_benchmark_states=True)
+        read_demos([tmp_path / "legacy.hdf5"], 16)
+    data = read_demos([tmp_path / "legacy.hdf5"], 16, allow_benchmark_states=True)
     assert str(data["init_check"]).startswith("OVERRIDDEN") and list(data["init_source_of_episode"]) == [
         "unrecorded",
         "unrecorded",
     ]
-    train_vla.pack(data, tmp_path / "legacy.npz", 0)
+    pack(data, tmp_path / "legacy.npz", 0)
     with pytest.raises(BenchmarkStateLeak, match="--allow-benchmark-states"):  # the pack remembers
         train_vla.main(
             ["--packed", str(tmp_path / "legacy.npz"), "--image-size", "16", "--out-dir", str(tmp_path)]

@@ -64,8 +64,8 @@ def test_load_keyed_splits_by_initial_state(tmp_path, policy):
 
 def test_pack_onpolicy_keeps_frames_codes_and_keys(tmp_path, policy):
     from common.archive import iter_episodes
+    from common.packed import unpack
     from trainer.pack_onpolicy import main
-    from trainer.train_vla import unpack
 
     _write_archive(tmp_path / "a.hdf5", policy, [(0, "train", 3), (4, "valid", 2)])
     _write_archive(
@@ -119,9 +119,11 @@ def test_fit_draft_relabels_observations_and_validates_on_held_out_initial_state
 def test_train_vla_onpolicy_term(tmp_path, policy):
     """A few fine-tuning steps from the shipped weights with an on-policy batch per step; the held-out
     on-policy figures (readout agreement, same codes as streamed, action change) are reported."""
+    from common.demos import read_demos
+    from common.packed import pack
     from tests.test_eval import _write_demos
     from trainer.pack_onpolicy import main as pack_main
-    from trainer.train_vla import main, pack, read_demos
+    from trainer.train_vla import main
 
     _write_demos(tmp_path / "d.hdf5", (4, 3, 5, 4))
     pack(read_demos([tmp_path / "d.hdf5"], SIDE), tmp_path / "d.npz", 0)

@@ -23,12 +23,14 @@ import torch
 from tqdm import tqdm
 
 from common.archive import archive_meta
+from common.demos import read_demos
 from common.draft import coarse_targets
 from common.init_states import require_checked
+from common.packed import unpack
 from common.policy import LayerwisePolicy
 from common.vla.embedded import normalize_images
 from trainer.pairs import load_keyed
-from trainer.train_vla import random_shift, read_demos, unpack
+from trainer.vla_data import random_shift
 
 if TYPE_CHECKING:  # the command's config, for annotations only (trainer.fit_draft imports this module)
     from trainer.fit_draft import FitDraftConfig

@@ -26,8 +26,8 @@ from common.archive import archive_meta, iter_episodes
 from common.cli import parse_config
 from common.libero_tasks import instruction
 from common.logs import setup_logging
+from common.packed import pack
 from common.vla.embedded import downsample_images
-from trainer.train_vla import pack
 
 log = logging.getLogger("trainer.pack_onpolicy")
 

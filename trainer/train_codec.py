@@ -28,14 +28,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
+from common.archive import iter_episodes
 from common.cli import config_to_dict, parse_config
 from common.codec import RFSQCodec, action_chunks, reconstruction_report, save_codec
+from common.demos import read_episode_actions
 from common.init_states import check_demo_files
 from common.logs import setup_logging
 from common.shapes import RFSQShape
 from common.vla.openvla_oft import fit_codec_to_stats
-from trainer.archive import iter_episodes
+from trainer.plots import plot_codec_training
 
 log = logging.getLogger("trainer.train_codec")
 
@@ -84,35 +87,6 @@ class CodecTrainConfig:
             raise ValueError(f"val_every must be >= 2, got {self.val_every}")
 
 
-def load_episode_actions(paths: list[Path]) -> tuple[list[np.ndarray], str]:
-    """All episodes' actions [N, A] from the files, in file/demo order, plus a hash of the data."""
-    import h5py
-
-    episodes: list[np.ndarray] = []
-    digest = hashlib.sha256()
-    for path in paths:
-        with h5py.File(path, "r") as f:
-            if "data" not in f:
-                raise ValueError(f"{path}: no 'data' group (expected the robomimic/LIBERO layout)")
-            names = sorted(
-                f["data"].keys(), key=lambda n: int(n.split("_")[-1]) if n.split("_")[-1].isdigit() else n
-            )
-            for name in names:
-                grp = f["data"][name]
-                if "actions" not in grp:
-                    raise ValueError(f"{path}: data/{name} has no 'actions' dataset")
-                a = np.asarray(grp["actions"], dtype=np.float32)
-                if a.ndim != 2 or not np.isfinite(a).all():
-                    raise ValueError(
-                        f"{path}: data/{name}/actions must be finite [N, A], got shape {a.shape}"
-                    )
-                episodes.append(a)
-                digest.update(a.tobytes())
-    if not episodes:
-        raise ValueError(f"no episodes found in {[str(p) for p in paths]}")
-    return episodes, digest.hexdigest()
-
-
 def load_archive_chunks(paths: list[Path], shape: RFSQShape) -> tuple[list[np.ndarray], str]:
     """Every archived episode's action chunks [n, T, A] (episodes without samples skipped) + data hash."""
     episodes: list[np.ndarray] = []
@@ -138,17 +112,28 @@ def load_norm_bounds(path: Path, key: str) -> dict:
     return stats[key]["action"]
 
 
-def train(cfg: CodecTrainConfig) -> dict:
-    torch.manual_seed(cfg.seed)
-    torch.set_num_threads(cfg.threads)
-    shape = RFSQShape()
+@dataclass
+class CodecData:
+    """Action chunks split by episode (every ``val_every``-th episode held out), with their provenance."""
+
+    train_chunks: torch.Tensor  # [n, T, A]
+    val_chunks: torch.Tensor  # [m, T, A]
+    train_episodes: int
+    val_episodes: int
+    data_hash: str
+    init_check: dict
+
+
+def load_chunks(cfg: CodecTrainConfig, shape: RFSQShape) -> CodecData:
+    """The chunks of ``--archives`` (the backbone's own) or of ``--demos`` (cut at every step; files with
+    benchmark starts refused unless ``--allow-benchmark-states``)."""
     if cfg.archives:
         # stream archives (e.g. OpenVLA-OFT's): the producer's own episodes; their starts are not recorded
         init_check = {"check": "stream archive: starts not recorded", "counts": {}}
         episodes, data_hash = load_archive_chunks(cfg.archives, shape)
     else:
         init_check = check_demo_files(list(cfg.demos), cfg.allow_benchmark_states)  # refuses benchmark starts
-        episodes, data_hash = load_episode_actions(cfg.demos)
+        episodes, data_hash = read_episode_actions(cfg.demos)
     if episodes[0].shape[-1] != shape.action_dim:
         raise ValueError(f"actions have {episodes[0].shape[-1]} dims, the codec expects {shape.action_dim}")
 
@@ -168,7 +153,14 @@ def train(cfg: CodecTrainConfig) -> dict:
         len(train_chunks),
         len(val_chunks),
     )
+    return CodecData(train_chunks, val_chunks, len(train_ids), len(val_ids), data_hash, init_check)
 
+
+def build_codec(
+    cfg: CodecTrainConfig, shape: RFSQShape, train_chunks: torch.Tensor
+) -> tuple[RFSQCodec, list[float] | None]:
+    """A new codec normalized by ``--norm-stats`` (returns the clamped fraction per dimension too) or by
+    the training chunks' own quantiles."""
     codec = RFSQCodec(shape=shape, mlp_hidden=cfg.mlp_hidden, quantize_dropout=cfg.quantize_dropout)
     clamped = None
     if cfg.norm_stats is not None:
@@ -183,14 +175,16 @@ def train(cfg: CodecTrainConfig) -> dict:
         )
     else:
         codec.set_normalization(train_chunks[:, 0])
+    return codec, clamped
+
+
+def fit_codec(cfg: CodecTrainConfig, codec: RFSQCodec, train_chunks: torch.Tensor) -> list[tuple[int, float]]:
+    """AdamW with cosine decay and quantize dropout; returns the training curve (step, loss)."""
     opt = torch.optim.AdamW(codec.parameters(), lr=cfg.lr, weight_decay=1e-5)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps))
     )
-    from tqdm import tqdm
-
     curve: list[tuple[int, float]] = []
-    t0 = time.time()
     gen = torch.Generator().manual_seed(cfg.seed)
     codec.train()
     bar = tqdm(range(cfg.steps), desc="codec", unit="step", dynamic_ncols=True)
@@ -205,8 +199,19 @@ def train(cfg: CodecTrainConfig) -> dict:
             curve.append((step, float(loss)))
             bar.set_postfix(loss=f"{float(loss):.2e}")
     codec.eval()
-    report = reconstruction_report(codec, val_chunks)
-    report_train = reconstruction_report(codec, train_chunks[: min(len(train_chunks), 20000)])
+    return curve
+
+
+def train(cfg: CodecTrainConfig) -> dict:
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    shape = RFSQShape()
+    data = load_chunks(cfg, shape)
+    codec, clamped = build_codec(cfg, shape, data.train_chunks)
+    t0 = time.time()
+    curve = fit_codec(cfg, codec, data.train_chunks)
+    report = reconstruction_report(codec, data.val_chunks)
+    report_train = reconstruction_report(codec, data.train_chunks[: min(len(data.train_chunks), 20000)])
     metrics = {
         "validation": report,
         "train_subset": {k: report_train[k] for k in ("mse_norm", "layer_entropy_bits")},
@@ -218,18 +223,18 @@ def train(cfg: CodecTrainConfig) -> dict:
             "files": [str(p) for p in [*cfg.demos, *cfg.archives]],
             "normalization": str(cfg.norm_stats or "data quantiles"),
             "clamped_fraction_per_dim": clamped,
-            "data_sha256": data_hash,
-            "episodes_train": len(train_ids),
-            "episodes_validation": len(val_ids),
-            "chunks_train": len(train_chunks),
-            "init_check": init_check["check"],
-            "init_sources": init_check["counts"],
+            "data_sha256": data.data_hash,
+            "episodes_train": data.train_episodes,
+            "episodes_validation": data.val_episodes,
+            "chunks_train": len(data.train_chunks),
+            "init_check": data.init_check["check"],
+            "init_sources": data.init_check["counts"],
         },
         "train_config": config_to_dict(cfg),
         "metrics": metrics,
     }
     out = save_codec(codec, cfg.out_dir, extra=extra)
-    _plot(curve, report, out / "codec_training.png")
+    plot_codec_training(curve, report, out / "codec_training.png")
     log.info(
         "validation MSE (normalized) per k=1..%d: %s",
         shape.num_layers,
@@ -242,27 +247,6 @@ def train(cfg: CodecTrainConfig) -> dict:
     )
     log.info("codec written to %s (sha256 %s)", out, codec.sha256[:16])
     return {"out_dir": str(out), "sha256": codec.sha256, **metrics}
-
-
-def _plot(curve: list[tuple[int, float]], report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
-    steps, losses = zip(*curve)
-    axes[0].semilogy(steps, losses)
-    axes[0].set(title="training loss (MSE, normalized)", xlabel="step")
-    ks = list(range(1, len(report["mse_norm"]) + 1))
-    axes[1].semilogy(ks, report["mse_norm"], "o-")
-    axes[1].set(title="held-out reconstruction MSE vs layers decoded", xlabel="k (layers decoded)")
-    axes[2].bar(ks, report["layer_entropy_bits"])
-    axes[2].axhline(report["max_entropy_bits"], color="gray", ls="--", lw=1)
-    axes[2].set(title="code entropy per layer (bits)", xlabel="layer (1-based)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> None:
