@@ -167,10 +167,6 @@ def list_tasks(suite: str = "libero_spatial") -> tuple[TaskInfo, ...]:
     return tuple(out)
 
 
-def list_suites() -> list[str]:
-    return list(SUITES)
-
-
 def instruction(suite: str, task_id: int) -> str:
     return list_tasks(suite)[task_id].instruction
 
@@ -492,9 +488,6 @@ class LiberoEnv:
         """The task's BDDL goal, e.g. ``[['on', 'akita_black_bowl_1', 'plate_1']]``."""
         return [list(p) for p in self._env.env.parsed_problem["goal_state"]]
 
-    def object_names(self) -> list[str]:
-        return list(self._env.env.obj_body_id)
-
     def object_pos(self, name: str) -> np.ndarray:
         """[3] world position of an object's body (the current sim; valid after every reset)."""
         ids = self._env.env.obj_body_id
@@ -546,11 +539,6 @@ class LiberoEnv:
                 "image_convention": "upright (robosuite image rotated 180 degrees)",
             },
         }
-
-    @property
-    def raw_env(self) -> Any:
-        """The LIBERO ``OffScreenRenderEnv`` (its ``.env`` is the robosuite environment)."""
-        return self._env
 
     # ---------------------------------------------------------------- lifetime
     def close(self) -> None:
