@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
+import h5py
 import numpy as np
 
 from common.cli import new_parser
@@ -34,8 +35,6 @@ def _attr(value: Any) -> Any:
 
 def summarize(path: Path, out: TextIO = sys.stdout, verbose: bool = False) -> dict[str, Any]:
     """Print the summary to ``out`` and return its main figures as a dict."""
-    import h5py
-
     if not path.exists():
         raise FileNotFoundError(
             f"no such file: {path} (make dataset-info FILE=…: archives come from `make train` or `make demo`, "
