@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import types
 import typing
@@ -152,7 +151,3 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
         return v
 
     return {k: clean(v) for k, v in dataclasses.asdict(cfg).items()}
-
-
-def config_to_json(cfg: Any) -> str:
-    return json.dumps(config_to_dict(cfg), sort_keys=True)

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from common.cli import config_to_dict, parse_config
 from common.demos import DemoWriter
@@ -237,8 +238,6 @@ def success_table(results: list[EpisodeResult]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tqdm import tqdm
-
     cfg = parse_config(DaggerConfig, argv, prog="python -m producer.dagger")
     setup_logging("dagger")
     logging.getLogger("producer").setLevel(logging.WARNING)

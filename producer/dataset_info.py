@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
+import h5py
 import numpy as np
 
 from common.cli import new_parser
@@ -32,10 +33,30 @@ def _attr(value: Any) -> Any:
     return value
 
 
+def _print_first_demo(data: Any, demos: list[str], p: Any) -> None:
+    """The structure of the first demo and per-dimension statistics of every demo's actions."""
+    first = data[demos[0]]
+    p(f"structure of {demos[0]} (attrs: { ({k: _attr(v) for k, v in first.attrs.items()}) }):")
+
+    def show(name: str, obj: Any) -> None:
+        if isinstance(obj, h5py.Dataset):
+            comp = f", {obj.compression}" if obj.compression else ""
+            p(f"  {name}: shape {obj.shape}, dtype {obj.dtype}{comp}")
+
+    first.visititems(show)
+    # demos hold actions [n, A], archives [n, T, A] (one chunk per query): statistics per action dim A
+    acts = [data[d]["actions"][()] for d in demos if "actions" in data[d]]
+    acts = np.concatenate(acts, axis=0).reshape(-1, acts[0].shape[-1]) if acts else np.zeros((0, 0))
+    if len(acts):
+        p("")
+        p(f"actions per dimension over {len(acts)} actions (min / mean / max):")
+        for i in range(acts.shape[1]):
+            col = acts[:, i]
+            p(f"  dim {i}: {col.min():+.3f} / {col.mean():+.3f} / {col.max():+.3f}")
+
+
 def summarize(path: Path, out: TextIO = sys.stdout, verbose: bool = False) -> dict[str, Any]:
     """Print the summary to ``out`` and return its main figures as a dict."""
-    import h5py
-
     if not path.exists():
         raise FileNotFoundError(
             f"no such file: {path} (make dataset-info FILE=…: archives come from `make train` or `make demo`, "
@@ -87,24 +108,7 @@ def summarize(path: Path, out: TextIO = sys.stdout, verbose: bool = False) -> di
             p(json.dumps(env_args, indent=2, sort_keys=True))
         p("")
         if demos:
-            first = data[demos[0]]
-            p(f"structure of {demos[0]} (attrs: { ({k: _attr(v) for k, v in first.attrs.items()}) }):")
-
-            def show(name: str, obj: Any) -> None:
-                if isinstance(obj, h5py.Dataset):
-                    comp = f", {obj.compression}" if obj.compression else ""
-                    p(f"  {name}: shape {obj.shape}, dtype {obj.dtype}{comp}")
-
-            first.visititems(show)
-            # demos hold actions [n, A], archives [n, T, A] (one chunk per query): statistics per action dim A
-            acts = [data[d]["actions"][()] for d in demos if "actions" in data[d]]
-            acts = np.concatenate(acts, axis=0).reshape(-1, acts[0].shape[-1]) if acts else np.zeros((0, 0))
-            if len(acts):
-                p("")
-                p(f"actions per dimension over {len(acts)} actions (min / mean / max):")
-                for i in range(acts.shape[1]):
-                    col = acts[:, i]
-                    p(f"  dim {i}: {col.min():+.3f} / {col.mean():+.3f} / {col.max():+.3f}")
+            _print_first_demo(data, demos, p)
         if verbose:
             p("")
             for d in demos:

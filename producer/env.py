@@ -25,52 +25,32 @@ steps after the settle steps.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import cache, lru_cache
 from typing import Any
 
-import mujoco
 import numpy as np
 
 from common.init_states import BENCHMARK, parse_init
 from common.policy import Observation
+from producer.fresh_start import (
+    FRESH_ATTEMPTS,
+    FRESH_JOINT_NOISE,
+    fresh_seed,
+    placement_problem,
+    settle_motion,
+)
 from producer.libero_setup import ensure_libero
+from producer.sim_state import restart_sampling_clocks, restore_sim, snapshot_sim
+from producer.suites import MAX_STEPS, SUITES, list_tasks, task_init_states
 
 log = logging.getLogger(__name__)
 
-#: Number of tasks of each LIBERO suite (and the default suite first).
-SUITES: dict[str, int] = {
-    "libero_spatial": 10,
-    "libero_object": 10,
-    "libero_goal": 10,
-    "libero_10": 10,
-    "libero_90": 90,
-}
-#: Episode step limits of the OpenVLA-OFT LIBERO evaluation (policy steps after settling).
-MAX_STEPS: dict[str, int] = {
-    "libero_spatial": 220,
-    "libero_object": 280,
-    "libero_goal": 300,
-    "libero_10": 520,
-    "libero_90": 400,
-}
-CAMERAS: dict[str, str] = {"agentview": "agentview", "wrist": "robot0_eye_in_hand"}
 DEFAULT_CAMERAS = ("agentview", "robot0_eye_in_hand")
 ACTION_DIM = 7
-#: Gaussian noise (rad) on the arm joints of a fresh start: robosuite's "default", the spread (std about
-#: 0.02) of the arm joints over LIBERO's benchmark initial states. Benchmark starts restore their own.
-FRESH_JOINT_NOISE = 0.02
-FRESH_STREAM = 0x0F4E5  # keeps fresh-seed scenes apart from the benchmark episodes' fixture seeds
-FRESH_ATTEMPTS = 50  # draws of one fresh seed before giving up
-FRESH_MAX_SLIDE = 0.01  # m: an object sliding further (than in the benchmark scene) was placed overlapping
-FRESH_MAX_DZ = 0.005  # m: an object resting higher or lower than in the benchmark scenes lies on another
-_FULL_STATE = mujoco.mjtState.mjSTATE_INTEGRATION  # what a MuJoCo step reads (warm start included)
 #: The no-op used while objects settle: no motion, gripper open.
 SETTLE_ACTION = np.array([0, 0, 0, 0, 0, 0, -1], dtype=np.float32)
 
@@ -124,63 +104,6 @@ class EnvConfig:
             raise ValueError(f"max_steps {self.max_steps} must be > 0")
 
 
-@dataclass(frozen=True)
-class TaskInfo:
-    suite: str
-    task_id: int
-    name: str
-    instruction: str
-    bddl_file: str
-    num_init_states: int
-
-
-@cache
-def _benchmark(suite: str) -> Any:
-    """LIBERO's benchmark object of a suite, built once per process (quietly: LIBERO prints a line
-    "[info] using task orders ..." every time one is built)."""
-    ensure_libero()
-    from libero.libero import benchmark  # imports torch; configured by ensure_libero()
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        return benchmark.get_benchmark_dict()[suite]()
-
-
-@cache
-def list_tasks(suite: str = "libero_spatial") -> tuple[TaskInfo, ...]:
-    """The tasks of a suite, in the suite's order (not alphabetical)."""
-    if suite not in SUITES:
-        raise ValueError(f"unknown suite {suite!r}; valid suites: {list(SUITES)}")
-    bench = _benchmark(suite)
-    out = []
-    for i in range(bench.get_num_tasks()):
-        task = bench.get_task(i)
-        out.append(
-            TaskInfo(
-                suite=suite,
-                task_id=i,
-                name=task.name,
-                instruction=task.language,
-                bddl_file=bench.get_task_bddl_file_path(i),
-                num_init_states=len(_init_states(suite, i)),
-            )
-        )
-    return tuple(out)
-
-
-def list_suites() -> list[str]:
-    return list(SUITES)
-
-
-def instruction(suite: str, task_id: int) -> str:
-    return list_tasks(suite)[task_id].instruction
-
-
-@lru_cache(maxsize=16)
-def _init_states(suite: str, task_id: int) -> np.ndarray:
-    bench = _benchmark(suite)
-    return np.asarray(bench.get_task_init_states(task_id))  # [50, state_dim] flattened MuJoCo states
-
-
 def quat2axisangle(quat: np.ndarray) -> np.ndarray:
     """[x, y, z, w] quaternion -> [3] axis-angle (robosuite's convention, as in LIBERO's datasets)."""
     w = float(np.clip(quat[3], -1.0, 1.0))
@@ -206,9 +129,10 @@ class LiberoEnv:
         self.cfg = cfg
         ensure_libero()
         self.task = list_tasks(cfg.suite)[cfg.task_id]
-        self._init_states = _init_states(cfg.suite, cfg.task_id)
+        self._init_states = task_init_states(cfg.suite, cfg.task_id)
         self._check_init_state(cfg.init_state)
 
+        # Lazy on purpose: importing libero before ensure_libero() wrote its config stops at a prompt.
         from libero.libero.envs import OffScreenRenderEnv
 
         t0 = time.perf_counter()
@@ -255,16 +179,7 @@ class LiberoEnv:
             self.init_state = index
             self._start(self.episode_seed(index), 0.0, self._init_states[index])
         else:
-            reference = self._reference_settle() if self.cfg.settle_steps else None
-            for attempt in range(FRESH_ATTEMPTS):
-                self._start(self.fresh_seed(index, attempt), FRESH_JOINT_NOISE, None)
-                problem = self._placement_problem(reference)
-                if problem is None:
-                    break
-                log.debug("fresh:%d attempt %d redrawn: %s", index, attempt, problem)
-            else:
-                raise RuntimeError(f"fresh:{index}: no valid placement in {FRESH_ATTEMPTS} draws ({problem})")
-            self.fresh_attempts = attempt + 1
+            self.fresh_attempts = self._fresh_start(index)
         self.init_source = f"{kind}:{index}"
         self._fresh_images = True
         self._steps = 0
@@ -291,42 +206,42 @@ class LiberoEnv:
         self._want_images = self.cfg.settle_steps == 0
         self.initial_state = np.array(self._env.get_sim_state() if state is None else state, dtype=np.float64)
         self._raw = self._env.set_init_state(self.initial_state)
-        self._restart_sampling_clocks()
+        restart_sampling_clocks(self._env.env)
         for i in range(self.cfg.settle_steps):
             self._want_images = i == self.cfg.settle_steps - 1  # images of the last settle step only
             self._raw, _, _, _ = self._env.step(SETTLE_ACTION)
+
+    def _fresh_start(self, index: int) -> int:
+        """Draw placements of fresh seed ``index`` until one is valid (producer/fresh_start.py); returns
+        the number of draws."""
+        reference = self._reference_settle() if self.cfg.settle_steps else None
+        problem = None
+        for attempt in range(FRESH_ATTEMPTS):
+            self._start(self.fresh_seed(index, attempt), FRESH_JOINT_NOISE, None)
+            if reference is None:
+                return attempt + 1
+            names = list(self._env.env.objects_dict)
+            problem = placement_problem(self._placed_xyz(), self._object_xyz(), reference, names)
+            if problem is None:
+                return attempt + 1
+            log.debug("fresh:%d attempt %d redrawn: %s", index, attempt, problem)
+        raise RuntimeError(f"fresh:{index}: no valid placement in {FRESH_ATTEMPTS} draws ({problem})")
 
     def _reference_settle(self) -> tuple[np.ndarray, np.ndarray]:
         """How the objects settle in benchmark state 0 (once per task): (how far each slides [objects],
         the height each comes to rest at [objects]). A bowl placed on the ramekin slides 15 mm there."""
         if self._reference is None:
             self._start(self.episode_seed(0), 0.0, self._init_states[0])
-            placed = self.initial_state[1 + self.object_qpos_index()].reshape(-1, 3)
-            now = self._object_xyz()
-            self._reference = (np.linalg.norm(now[:, :2] - placed[:, :2], axis=1), now[:, 2])
+            self._reference = settle_motion(self._placed_xyz(), self._object_xyz())
         return self._reference
 
-    def _object_xyz(self) -> np.ndarray:
-        """[objects, 3] positions of the movable objects (qpos of their free joints)."""
-        return self._env.env.sim.data.qpos[self.object_qpos_index()].reshape(-1, 3).copy()
+    def _placed_xyz(self) -> np.ndarray:
+        """[objects, 3] positions of the movable objects as placed (in the initial state, before settling)."""
+        return self.initial_state[1 + self.object_qpos_index()].reshape(-1, 3)
 
-    def _placement_problem(self, reference: tuple[np.ndarray, np.ndarray] | None) -> str | None:
-        """Why the settled scene is not a valid start (None: valid): an object slid further while settling
-        than in the benchmark scene (its placement overlapped another) or rests at another height (on
-        another object)."""
-        if reference is None:
-            return None
-        ref_slide, rest_z = reference
-        placed = self.initial_state[1 + self.object_qpos_index()].reshape(-1, 3)
-        now = self._object_xyz()
-        slide = np.linalg.norm(now[:, :2] - placed[:, :2], axis=1) - ref_slide
-        dz = np.abs(now[:, 2] - rest_z)
-        names = list(self._env.env.objects_dict)
-        if slide.max() > FRESH_MAX_SLIDE:
-            return f"{names[int(slide.argmax())]} slid {1000 * slide.max():.0f} mm more than in the benchmark scene"
-        if dz.max() > FRESH_MAX_DZ:
-            return f"{names[int(dz.argmax())]} rests {1000 * dz.max():.0f} mm off its benchmark height"
-        return None
+    def _object_xyz(self) -> np.ndarray:
+        """[objects, 3] positions of the movable objects now (qpos of their free joints)."""
+        return self._env.env.sim.data.qpos[self.object_qpos_index()].reshape(-1, 3).copy()
 
     def step(
         self, action: np.ndarray, observe: bool = True
@@ -357,26 +272,13 @@ class LiberoEnv:
 
     def fresh_seed(self, seed: int, attempt: int = 0) -> int:
         """The seed of a fresh scene (placements, arm noise): per task, apart from the benchmark episodes'."""
-        entropy = [self.cfg.seed, FRESH_STREAM, self.cfg.task_id, seed, attempt]
-        return int(np.random.SeedSequence(entropy).generate_state(1)[0])
+        return fresh_seed(self.cfg.seed, self.cfg.task_id, seed, attempt)
 
     def object_qpos_index(self) -> np.ndarray:
         """qpos indices of the xyz of every movable object's free joint [3 x objects] (what places a scene)."""
         robo = self._env.env
         idx = [robo.sim.model.get_joint_qpos_addr(obj.joints[-1])[0] for obj in robo.objects_dict.values()]
         return np.array([i + k for i in idx for k in range(3)], dtype=np.int64)
-
-    def _restart_sampling_clocks(self) -> None:
-        """Put every observable's sampling clock in the same state at the start of each episode.
-
-        robosuite's ``Observable.reset()`` clears the timer but not the "sampled" flag, so without
-        this the substep at which observations are taken (and hence the images, the proprio and the
-        expert's actions) would depend on what the environment did before the reset. From here on,
-        observations are sampled after the first physics substep of each step.
-        """
-        for observable in self._env.env._observables.values():
-            observable._time_since_last_sample = 0.0
-            observable._sampled = False
 
     def _gate_camera_sensors(self) -> None:
         """Wrap robosuite's camera sensors so they render only while ``self._want_images`` is set.
@@ -401,35 +303,14 @@ class LiberoEnv:
 
     def snapshot(self) -> dict[str, Any]:
         """Everything a step depends on, to try actions from here and :meth:`restore` after (a DAgger
-        label): MuJoCo's integration state (warm start included), the robot's, its controller's and
-        gripper's arrays (goals, the gripper's ramped command), the env's clocks and this wrapper's."""
-        robo = self._env.env
-        model, data = robo.sim.model._model, robo.sim.data._data
-        state = np.empty(mujoco.mj_stateSize(model, _FULL_STATE))
-        mujoco.mj_getState(model, data, state, _FULL_STATE)
-        robot = robo.robots[0]
-        parts = (robot, robot.controller, robot.gripper)
-        return {
-            "mujoco": state,
-            "arrays": [{k: v.copy() for k, v in vars(p).items() if isinstance(v, np.ndarray)} for p in parts],
-            "env": (robo.timestep, robo.cur_time, robo.done),
-            "clocks": {k: (o._time_since_last_sample, o._sampled) for k, o in robo._observables.items()},
-            "wrapper": (dict(self._raw), self._steps, self._done, self._fresh_images, self._want_images),
-        }
+        label): the simulation's stepping state (producer/sim_state.py) and this wrapper's."""
+        snap = snapshot_sim(self._env.env)
+        snap["wrapper"] = (dict(self._raw), self._steps, self._done, self._fresh_images, self._want_images)
+        return snap
 
     def restore(self, snap: dict[str, Any]) -> None:
         """Go back to a :meth:`snapshot` of this episode (stepping on from it is stepping on from there)."""
-        robo = self._env.env
-        model, data = robo.sim.model._model, robo.sim.data._data
-        mujoco.mj_setState(model, data, snap["mujoco"], _FULL_STATE)
-        mujoco.mj_forward(model, data)  # positions of the restored state for readers before the next step
-        robot = robo.robots[0]
-        for part, arrays in zip((robot, robot.controller, robot.gripper), snap["arrays"]):
-            for k, v in arrays.items():
-                setattr(part, k, v.copy())
-        robo.timestep, robo.cur_time, robo.done = snap["env"]
-        for k, (since, sampled) in snap["clocks"].items():
-            robo._observables[k]._time_since_last_sample, robo._observables[k]._sampled = since, sampled
+        restore_sim(self._env.env, snap)
         raw, self._steps, self._done, self._fresh_images, self._want_images = snap["wrapper"]
         self._raw = dict(raw)
 
@@ -492,9 +373,6 @@ class LiberoEnv:
         """The task's BDDL goal, e.g. ``[['on', 'akita_black_bowl_1', 'plate_1']]``."""
         return [list(p) for p in self._env.env.parsed_problem["goal_state"]]
 
-    def object_names(self) -> list[str]:
-        return list(self._env.env.obj_body_id)
-
     def object_pos(self, name: str) -> np.ndarray:
         """[3] world position of an object's body (the current sim; valid after every reset)."""
         ids = self._env.env.obj_body_id
@@ -546,11 +424,6 @@ class LiberoEnv:
                 "image_convention": "upright (robosuite image rotated 180 degrees)",
             },
         }
-
-    @property
-    def raw_env(self) -> Any:
-        """The LIBERO ``OffScreenRenderEnv`` (its ``.env`` is the robosuite environment)."""
-        return self._env
 
     # ---------------------------------------------------------------- lifetime
     def close(self) -> None:

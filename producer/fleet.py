@@ -33,7 +33,8 @@ from ray.exceptions import RayActorError, RayError
 
 from common.curve import is_loopback
 from common.ray_cluster import actor_runtime_env, connect, shutdown
-from producer.produce import Producer, ProducerConfig
+from producer.config import ProducerConfig
+from producer.loop import Producer
 
 log = logging.getLogger("producer.fleet")
 
@@ -61,7 +62,7 @@ def fleet_configs(cfg: ProducerConfig) -> list[ProducerConfig]:
 def run_producer(
     cfg: ProducerConfig, first_episode: int, on_episode: Any, stop: threading.Event
 ) -> dict[str, Any]:
-    """The default runner of a producer actor: :class:`producer.produce.Producer` from ``first_episode``."""
+    """The default runner of a producer actor: :class:`producer.loop.Producer` from ``first_episode``."""
     producer = Producer(cfg)
     producer.stop = stop
     producer.first_episode = first_episode

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.cli import new_parser
+from common.logs import setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -209,8 +210,6 @@ def ensure_libero() -> LiberoPaths:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from common.logs import setup_logging
-
     parser = new_parser(
         prog="python -m producer.libero_setup",
         description="Write LIBERO's config file ($LIBERO_CONFIG_PATH/config.yaml, default "

@@ -27,7 +27,11 @@ from typing import Any
 
 import numpy as np
 
+from common.logs import setup_logging
 from common.policy import Observation
+from common.vla.openvla_oft import oft_image_prep
+from producer.env import EnvConfig, LiberoEnv
+from producer.expert import ScriptedExpert
 
 log = logging.getLogger("producer.replay")
 
@@ -96,9 +100,6 @@ class ReplayEnv:
 # ------------------------------------------------------------------------------ record / prepare
 def record(out: Path, suite: str, tasks: list[int], image_size: int, replan: int, max_queries: int) -> int:
     """Scripted-expert episodes in LIBERO, one frame per policy query, written to ``out``."""
-    from producer.env import EnvConfig, LiberoEnv
-    from producer.expert import ScriptedExpert
-
     cols: dict[str, list] = {k: [] for k in KEYS}
     for episode, task in enumerate(tasks):
         env = LiberoEnv(EnvConfig(suite=suite, task_id=task, init_state=0, image_size=image_size))
@@ -133,8 +134,6 @@ def record(out: Path, suite: str, tasks: list[int], image_size: int, replan: int
 
 def prepare(inp: Path, out: Path) -> int:
     """Apply OpenVLA-OFT's own image preprocessing (needs the OFT environment's TensorFlow)."""
-    from common.vla.openvla_oft import oft_image_prep
-
     data = load_replay(inp)
     if bool(data["prepared"]):
         raise ValueError(f"{inp} is already prepared")
@@ -153,8 +152,6 @@ def prepare(inp: Path, out: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from common.logs import setup_logging
-
     parser = argparse.ArgumentParser(
         prog="python -m producer.replay", description=__doc__.split("\n\n")[0], allow_abbrev=False
     )

@@ -21,15 +21,13 @@ import time
 import uuid
 from collections import OrderedDict, deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import zmq
 
 from common import wire
 from common.curve import client_curve
-
-if TYPE_CHECKING:
-    from producer.produce import ProducerConfig
+from producer.config import ProducerConfig
 
 log = logging.getLogger("producer.sender")
 

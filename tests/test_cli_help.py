@@ -10,11 +10,11 @@ from tests.init_helpers import record_fresh_start
 
 COMMANDS = [
     "producer.libero_setup",
-    "producer.env_bench",
-    "producer.expert",
+    "tools.env_bench",
+    "tools.expert_eval",
     "producer.demos",
     "producer.dagger",
-    "producer.fresh_probe",
+    "tools.fresh_probe",
     "producer.dataset_info",
     "producer.produce",
     "trainer.train_codec",

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from producer.expert import (
-    ExpertEvalConfig,
     ScriptedExpert,
     _mat_to_axisangle,
     _quat_to_mat,
@@ -16,6 +15,7 @@ from producer.expert import (
     parse_range,
     run_episode,
 )
+from tools.expert_eval import ExpertEvalConfig
 
 
 def test_parse_range():

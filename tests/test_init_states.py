@@ -85,15 +85,16 @@ def test_check_demo_files_refuses_benchmark_and_legacy_data(tmp_path, caplog):
 
 @pytest.mark.sim
 def test_fresh_resets_are_new_reproducible_scenes():
-    from producer.env import EnvConfig, LiberoEnv, _init_states
+    from producer.env import EnvConfig, LiberoEnv
+    from producer.suites import task_init_states
 
     with LiberoEnv(EnvConfig(task_id=3, image_size=16, settle_steps=10)) as env:
         assert env.task.name == TASK
-        np.testing.assert_array_equal(benchmark_init_states(SUITE, TASK), _init_states(SUITE, 3))
+        np.testing.assert_array_equal(benchmark_init_states(SUITE, TASK), task_init_states(SUITE, 3))
         assert list(env.object_qpos_index()) == list(OBJECTS)
         env.reset(5)
         assert env.init_source == "benchmark:5"
-        np.testing.assert_array_equal(env.initial_state, _init_states(SUITE, 3)[5])
+        np.testing.assert_array_equal(env.initial_state, task_init_states(SUITE, 3)[5])
         states = []
         for seed in (0, 1, 0):
             env.reset(f"fresh:{seed}")
@@ -149,7 +150,8 @@ def test_trainers_refuse_legacy_data_without_the_override(tmp_path):
 def test_fresh_start_where_the_benchmark_scene_itself_settles_with_a_slide():
     """Task 5 (bowl on the ramekin): the bowl slides ~15 mm while settling in every benchmark scene too,
     so a fresh placement is judged against that, not against a still scene (this once exhausted every draw)."""
-    from producer.env import FRESH_MAX_SLIDE, EnvConfig, LiberoEnv
+    from producer.env import EnvConfig, LiberoEnv
+    from producer.fresh_start import FRESH_MAX_SLIDE
 
     with LiberoEnv(EnvConfig(task_id=5, image_size=16)) as env:
         env.reset("fresh:0")

@@ -331,8 +331,8 @@ def test_max_steps_help_says_what_it_counts(capsys):
 def test_libero_is_quiet_and_env_args_name_every_task():
     """LIBERO prints a line each time it builds a benchmark, robosuite three macro warnings at import."""
     code = (
-        "import json, types; from producer.env import LiberoEnv, EnvConfig, list_tasks, _init_states\n"
-        "list_tasks('libero_spatial'); [_init_states('libero_spatial', t) for t in range(10)]\n"
+        "import json, types; from producer.env import LiberoEnv, EnvConfig, list_tasks, task_init_states\n"
+        "list_tasks('libero_spatial'); [task_init_states('libero_spatial', t) for t in range(10)]\n"
         "import robosuite\n"
         "fake = types.SimpleNamespace(cfg=EnvConfig(task_id=3), task=list_tasks('libero_spatial')[3])\n"
         "print('ENV_ARGS', json.dumps(LiberoEnv.env_args(fake, [0, 3, 9])))\n"

@@ -1,7 +1,7 @@
 """End to end over a real socket: two producer processes (real LIBERO, short episodes) feed one trainer
 process; every sample sent is archived exactly once, the accounting matches, the checkpoint loads and
-retraining from the archive works. One producer's policy raises in its first episode: that episode is
-``errored`` and the producer carries on.
+retraining from the archive works. One producer's policy raises in its first episode
+(``tests/raising_producer.py``): that episode is ``errored`` and the producer carries on.
 
 The producers use ``--allow-random-policy``: if no trained embedded VLA is installed in assets/, a
 random-weight one stands in (plumbing only; the test checks delivery, not policy quality).
@@ -46,10 +46,8 @@ def test_two_producers_one_trainer(tmp_path):
             producer_args(endpoint, "p1", 0, 2, 16, "--sample-every", "2"),
             tmp_path / "p1.log",
         )
-        p2 = spawn(
-            "producer.produce",
-            producer_args(endpoint, "p2", 1, 2, 16, "--test-raise-in-episode", "0"),
-            tmp_path / "p2.log",
+        p2 = spawn(  # p2's policy raises in its second query (episode 0): tests/raising_producer.py
+            "tests.raising_producer", producer_args(endpoint, "p2", 1, 2, 16), tmp_path / "p2.log"
         )
         out1 = finish(p1, tmp_path / "p1.log", 240)
         out2 = finish(p2, tmp_path / "p2.log", 240)
@@ -61,6 +59,7 @@ def test_two_producers_one_trainer(tmp_path):
     assert trainer.returncode == 0
     sums = {"p1": producer_summary(out1), "p2": producer_summary(out2)}
     assert sums["p2"]["episodes"]["errored"] == 1 and sum(sums["p2"]["episodes"].values()) == 2
+    assert "episode 0 (task 1) errored: InjectedError" in out2, out2[-2000:]
 
     # accounting: sent == received == accepted == archived, nothing rejected, no gaps, nothing resent
     summary = json.loads((run / "summary.json").read_text())
@@ -142,7 +141,8 @@ def test_slow_trainer_slows_the_producer_and_nothing_is_dropped(tmp_path):
 
     from common import wire
     from common.shapes import DEFAULT_SHAPE as SH
-    from producer.produce import ProducerConfig, ReliableSender
+    from producer.config import ProducerConfig
+    from producer.sender import ReliableSender
     from trainer.online import Trainer, TrainerConfig
 
     cfg = TrainerConfig(

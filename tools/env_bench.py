@@ -1,6 +1,6 @@
 """Step throughput of a LIBERO environment with and without camera rendering.
 
-MUJOCO_GL=egl python -m producer.env_bench --steps 40 --image-size 128
+MUJOCO_GL=egl python -m tools.env_bench --steps 40 --image-size 128
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ class EnvBenchConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m producer.env_bench``: steps/s of robosuite's every-step rendering vs on-demand."""
-    bench = parse_config(EnvBenchConfig, argv, prog="python -m producer.env_bench")
+    """``python -m tools.env_bench``: steps/s of robosuite's every-step rendering vs on-demand."""
+    bench = parse_config(EnvBenchConfig, argv, prog="python -m tools.env_bench")
     setup_logging("env-bench")
     ensure_libero()  # picks the GL backend (EGL, or OSMesa as the fallback)
     rng = np.random.default_rng(bench.seed)

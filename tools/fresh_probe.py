@@ -1,6 +1,6 @@
 """Draw fresh initial states and report how they compare to the benchmark states (no episodes run).
 
-    python -m producer.fresh_probe --tasks 0-9 --init-states fresh:0-4 --out runs/fresh_probe.json
+    python -m tools.fresh_probe --tasks 0-9 --init-states fresh:0-4 --out runs/fresh_probe.json
 
 Per task: placements drawn per fresh start (redraws of overlapping placements), the distance of each
 start to its nearest benchmark initial state (largest object-coordinate difference, the leak check's
@@ -44,7 +44,7 @@ class FreshProbeConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(FreshProbeConfig, argv, prog="python -m producer.fresh_probe")
+    cfg = parse_config(FreshProbeConfig, argv, prog="python -m tools.fresh_probe")
     setup_logging("fresh-probe")
     results = {}
     for task in cfg.task_ids:
