@@ -2,7 +2,7 @@
 
 What LIBERO's benchmark reports as ``task.language`` (:func:`producer.env.list_tasks`), as data, so that a
 consumer of streamed episodes (``trainer.pack_onpolicy``) names the task of an episode from its (suite,
-task id) without LIBERO installed and without importing the producer. ``tests/test_libero_tasks.py``
+task id) without LIBERO installed and without importing the producer. ``tests/common/test_libero_tasks.py``
 checks the table against LIBERO where it is installed.
 """
 

@@ -12,7 +12,7 @@ simulation instant as robosuite samples them: robosuite 1.4 samples every observ
 included, after the first physics substep of a control step) but gates their sensors: a camera is
 rendered only on steps whose observation the caller asks for (``step(action, observe=False)`` skips
 rendering, e.g. inside an open-loop action chunk). The images are pixel-identical to robosuite's
-camera observations (tested in ``tests/test_libero_env.py``; speeds in ``docs/bench/libero.md``).
+camera observations (tested in ``tests/producer/test_libero_env.py``; speeds in ``docs/bench/libero.md``).
 
     with LiberoEnv(EnvConfig(suite="libero_spatial", task_id=0, init_state=0)) as env:
         obs = env.reset()                               # settles, then returns the first observation

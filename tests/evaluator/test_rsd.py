@@ -1,7 +1,7 @@
 """RSD engine: strict decoding reproduces the baseline; relaxed with tau = 1 is strict; pass counts; gating.
 
 The policy is the timing twin at a tiny size (a real Llama decoder with a static KV cache, random
-weights; checked against transformers' LlamaModel in tests/test_twin.py). Random weights are fine
+weights; checked against transformers' LlamaModel in tests/common/test_twin.py). Random weights are fine
 here: every claim tested is an identity between two decoding procedures of the same model.
 """
 

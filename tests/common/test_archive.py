@@ -27,7 +27,7 @@ from common.shapes import DEFAULT_SHAPE
 from trainer.pairs import load_split
 
 SH = DEFAULT_SHAPE
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def episode(i: int, n: int, split: str = "train", d: int = 16, status: str = "success") -> EpisodeRecord:
@@ -103,7 +103,7 @@ WRITER = textwrap.dedent(
     """
     import sys, time
     sys.path.insert(0, {repo!r})
-    from tests.test_archive import episode
+    from tests.common.test_archive import episode
     from common.archive import ArchiveWriter
     from common.shapes import DEFAULT_SHAPE
     w = ArchiveWriter({path!r}, DEFAULT_SHAPE)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("evaluator", "common/vla")
 MAX_FILE_LINES, MAX_FUNCTION_LINES = 460, 85  # "about" 450 and 80
 #: heavy optional dependencies that may be imported inside a function (what imports them, and why)

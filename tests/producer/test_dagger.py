@@ -10,7 +10,7 @@ import pytest
 
 from common.init_states import check_demo_files
 from producer import dagger
-from tests.test_embedded_vla import _write_demos
+from tests.common.test_embedded_vla import _write_demos
 
 
 def test_dagger_config_validation(tmp_path):

@@ -92,7 +92,7 @@ def test_pack_onpolicy_keeps_frames_codes_and_keys(tmp_path, policy):
 
 
 def test_fit_draft_relabels_observations_and_validates_on_held_out_initial_states(tmp_path, policy):
-    from tests.test_eval import _write_demos
+    from tests.evaluator.test_eval import _write_demos
     from trainer.fit_draft import main
 
     _write_demos(tmp_path / "d.hdf5", (4, 3, 5))
@@ -121,7 +121,7 @@ def test_train_vla_onpolicy_term(tmp_path, policy):
     on-policy figures (readout agreement, same codes as streamed, action change) are reported."""
     from common.demos import read_demos
     from common.packed import pack
-    from tests.test_eval import _write_demos
+    from tests.evaluator.test_eval import _write_demos
     from trainer.pack_onpolicy import main as pack_main
     from trainer.train_vla import main
 

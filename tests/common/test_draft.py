@@ -333,7 +333,7 @@ def test_fit_draft_fits_both_forwards_on_the_same_pairs_and_split(tmp_path) -> N
     """The comparison command: one cache of the policy's pairs, the same seed, so the same held-out set."""
     import json
 
-    from tests.test_eval import _write_demos
+    from tests.evaluator.test_eval import _write_demos
     from trainer.fit_draft import main
 
     _write_demos(tmp_path / "d.hdf5", (4, 3, 5))

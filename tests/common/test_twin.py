@@ -166,7 +166,7 @@ def test_skinny_triton_products_equal_linear():
 
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    code = "from tests.test_twin import skinny_checks; skinny_checks()"
+    code = "from tests.common.test_twin import skinny_checks; skinny_checks()"
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "skinny ok" in res.stdout

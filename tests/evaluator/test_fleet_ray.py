@@ -14,8 +14,8 @@ ray = pytest.importorskip("ray")
 from common.ray_cluster import connect  # noqa: E402
 from evaluator.fleet import run_protocol  # noqa: E402
 from evaluator.protocol import outcomes  # noqa: E402
+from tests.evaluator.test_fleet import arms  # noqa: E402
 from tests.fleet_fakes import expected_success, make_fake_env, make_trap_env  # noqa: E402
-from tests.test_fleet import arms  # noqa: E402
 
 
 @pytest.fixture(scope="module")

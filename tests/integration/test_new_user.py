@@ -26,9 +26,9 @@ from common.draft import coarse_targets
 from common.shapes import DEFAULT_SHAPE as SH
 from producer.produce import ProducerConfig
 from producer.sender import ReliableSender
+from tests.common.test_archive import episode
+from tests.integration.test_cli_help import COMMANDS
 from tests.stream_helpers import REPO, env, finish, kill_all, producer_args, producer_summary, spawn, wait_for
-from tests.test_archive import episode
-from tests.test_cli_help import COMMANDS
 from trainer.online import BindError, Trainer, TrainerConfig
 
 D = 16

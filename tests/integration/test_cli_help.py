@@ -127,7 +127,7 @@ def test_every_console_script_names_a_main():
 
     import tomllib
 
-    scripts = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"][
+    scripts = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["project"][
         "scripts"
     ]
     assert len(scripts) >= 20

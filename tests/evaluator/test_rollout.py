@@ -1,6 +1,6 @@
 """One closed-loop episode (chunk execution, rendering only at query steps) and the make eval-vla CLI.
 
-Worker processes, crashes and resuming: tests/test_fleet.py."""
+Worker processes, crashes and resuming: tests/evaluator/test_fleet.py."""
 
 from __future__ import annotations
 

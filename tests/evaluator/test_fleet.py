@@ -17,7 +17,7 @@ from evaluator.protocol import ArmSpec, Protocol, ProtocolMismatch, ResultsLog, 
 from evaluator.protocol_report import load_results
 from tests.fleet_fakes import BUILDER, FakeEnv, expected_success, make_fake_env, make_trap_env
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def arms(slow_gain: float = 0.5) -> list[ArmSpec]:
@@ -155,7 +155,7 @@ def test_policy_that_cannot_be_built_stops_the_run(tmp_path: Path) -> None:
 CTRL_C_SCRIPT = """
 import sys
 from evaluator.fleet import run_protocol
-from tests.test_fleet import arms, slow_env
+from tests.evaluator.test_fleet import arms, slow_env
 res = run_protocol(arms(), tasks=range(10), init_states=range(3), workers=2, max_steps=4,
                    results_path=sys.argv[1], env_factory=slow_env, progress=False)
 print("INTERRUPTED", res.interrupted, res.episodes_run, flush=True)

@@ -1,0 +1,1 @@
+"""Tests of common/ (laid out like the packages)."""

@@ -1,0 +1,1 @@
+"""Tests of evaluator/ (laid out like the packages)."""

@@ -1,0 +1,1 @@
+"""End-to-end tests across processes (producer + trainer + evaluator) and the command lines."""

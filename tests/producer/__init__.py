@@ -1,0 +1,1 @@
+"""Tests of producer/ (laid out like the packages)."""

@@ -1,0 +1,1 @@
+"""Tests of trainer/ (laid out like the packages)."""
