@@ -84,8 +84,11 @@ class TrapEnv(FakeEnv):
             raise RuntimeError(f"simulated simulator crash at {key}")
         if self.cfg.get("exit_on") == key:
             marker = Path(self.cfg["marker_dir"]) / f"exit-{key[0]}-{key[1]}"
-            if not marker.exists():
-                marker.write_text("1")
+            try:  # atomic: of two workers reaching this episode at once (two arms), exactly one dies
+                os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                pass
+            else:
                 os._exit(3)
         return super().reset(init_state)
 
