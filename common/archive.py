@@ -66,7 +66,7 @@ def check_archive(path: str | Path) -> None:
 
     def read(f: h5py.File) -> dict[str, Any] | None:
         data = f.get("data")
-        return {k: _attr(v) for k, v in data.attrs.items()} if isinstance(data, h5py.Group) else None
+        return {k: attr_value(v) for k, v in data.attrs.items()} if isinstance(data, h5py.Group) else None
 
     try:
         attrs = _read_retrying(path, read)
@@ -182,9 +182,9 @@ class ArchiveWriter:
                     self.removed_partial,
                 )
             # a kill between `complete` and the mask update: put such episodes into their split's mask
-            masked = {_attr(x) for split in SPLITS for x in f["mask"][split][()]}
+            masked = {attr_value(x) for split in SPLITS for x in f["mask"][split][()]}
             for name in sorted(set(f["data"]) - masked, key=lambda n: int(n.split("_")[1])):
-                mask = f["mask"][_attr(f["data"][name].attrs["split"])]
+                mask = f["mask"][attr_value(f["data"][name].attrs["split"])]
                 mask.resize((mask.shape[0] + 1,))
                 mask[-1] = name
             # recount from the groups themselves (the counters are written last)
@@ -340,7 +340,8 @@ class ArchiveEpisode:
         return self.steps % int(cfg.get("replan", 8)) == 0
 
 
-def _attr(value: Any) -> Any:
+def attr_value(value: Any) -> Any:
+    """An HDF5 attribute as a plain Python value (bytes decoded, numpy scalars unwrapped)."""
     if isinstance(value, bytes):
         return value.decode()
     if isinstance(value, np.generic):
@@ -387,7 +388,7 @@ def iter_episodes(
         names = [n for n in f["data"] if f["data"][n].attrs.get("complete", False)]
         names.sort(key=lambda n: int(n.split("_")[1]))
         if split is not None:
-            keep = {_attr(x) for x in f["mask"][split][()]}
+            keep = {attr_value(x) for x in f["mask"][split][()]}
             names = [n for n in names if n in keep]
         return names
 
@@ -395,7 +396,7 @@ def iter_episodes(
         g = f["data"][name]
         return ArchiveEpisode(
             name=name,
-            attrs={k: _attr(v) for k, v in g.attrs.items()},
+            attrs={k: attr_value(v) for k, v in g.attrs.items()},
             hidden=g["hidden"][()].astype(np.float32),
             codes=g["codes"][()],
             actions=g["actions"][()],
@@ -410,7 +411,7 @@ def iter_episodes(
 
 def archive_meta(path: str | Path) -> dict[str, Any]:
     check_archive(path)
-    return _read_retrying(Path(path), lambda f: {k: _attr(v) for k, v in f["data"].attrs.items()})
+    return _read_retrying(Path(path), lambda f: {k: attr_value(v) for k, v in f["data"].attrs.items()})
 
 
 def summarize(path: str | Path) -> dict[str, Any]:
@@ -435,7 +436,7 @@ def episode_attrs(path: str | Path) -> list[dict[str, Any]]:
     with open_archive(path) as f:
         for name, g in f["data"].items():
             if g.attrs.get("complete", False):
-                out.append({"name": name, **{k: _attr(v) for k, v in g.attrs.items()}})
+                out.append({"name": name, **{k: attr_value(v) for k, v in g.attrs.items()}})
     out.sort(key=lambda a: int(a["name"].split("_")[1]))
     return out
 

@@ -18,6 +18,7 @@ from typing import Any, TextIO
 import h5py
 import numpy as np
 
+from common.archive import attr_value
 from common.cli import new_parser
 
 
@@ -25,18 +26,10 @@ def _sorted_demos(names: list[str]) -> list[str]:
     return sorted(names, key=lambda n: int(n.split("_")[-1]) if n.split("_")[-1].isdigit() else n)
 
 
-def _attr(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
 def _print_first_demo(data: Any, demos: list[str], p: Any) -> None:
     """The structure of the first demo and per-dimension statistics of every demo's actions."""
     first = data[demos[0]]
-    p(f"structure of {demos[0]} (attrs: { ({k: _attr(v) for k, v in first.attrs.items()}) }):")
+    p(f"structure of {demos[0]} (attrs: { ({k: attr_value(v) for k, v in first.attrs.items()}) }):")
 
     def show(name: str, obj: Any) -> None:
         if isinstance(obj, h5py.Dataset):
@@ -71,9 +64,9 @@ def summarize(path: Path, out: TextIO = sys.stdout, verbose: bool = False) -> di
         per_task: dict[Any, dict[str, Any]] = {}
         for d in demos:
             a = data[d].attrs
-            key = _attr(a.get("task_id", "?"))
+            key = attr_value(a.get("task_id", "?"))
             entry = per_task.setdefault(
-                key, {"demos": 0, "samples": 0, "instruction": _attr(a.get("instruction", ""))}
+                key, {"demos": 0, "samples": 0, "instruction": attr_value(a.get("instruction", ""))}
             )
             entry["demos"] += 1
             entry["samples"] += int(a.get("num_samples", 0))
@@ -81,7 +74,9 @@ def summarize(path: Path, out: TextIO = sys.stdout, verbose: bool = False) -> di
         p = lambda *s: print(*s, file=out)  # noqa: E731
         p(f"file: {path} ({path.stat().st_size / 2**20:.1f} MiB)")
         p(f"total demos: {len(demos)}")
-        p(f"total samples: {int(lengths.sum())} (data attr total: {_attr(data.attrs.get('total', 'n/a'))})")
+        p(
+            f"total samples: {int(lengths.sum())} (data attr total: {attr_value(data.attrs.get('total', 'n/a'))})"
+        )
         if len(lengths):
             p(
                 f"episode length: mean {lengths.mean():.1f}, std {lengths.std():.1f}, "
@@ -89,7 +84,7 @@ def summarize(path: Path, out: TextIO = sys.stdout, verbose: bool = False) -> di
             )
         for key in ("source", "schema_version", "num_failures", "repository_version", "date"):
             if key in data.attrs:
-                p(f"{key}: {_attr(data.attrs[key])}")
+                p(f"{key}: {attr_value(data.attrs[key])}")
         p("")
         p("demos per task:")
         for task, entry in sorted(per_task.items(), key=lambda kv: str(kv[0]).zfill(4)):
@@ -103,7 +98,7 @@ def summarize(path: Path, out: TextIO = sys.stdout, verbose: bool = False) -> di
                 masks[k] = len(f["mask"][k])
         p(f"filter keys: {masks if masks else 'none'}")
         if "env_args" in data.attrs:
-            env_args = json.loads(_attr(data.attrs["env_args"]))
+            env_args = json.loads(attr_value(data.attrs["env_args"]))
             p("env args:")
             p(json.dumps(env_args, indent=2, sort_keys=True))
         p("")
@@ -112,7 +107,7 @@ def summarize(path: Path, out: TextIO = sys.stdout, verbose: bool = False) -> di
         if verbose:
             p("")
             for d in demos:
-                a = {k: _attr(v) for k, v in data[d].attrs.items()}
+                a = {k: attr_value(v) for k, v in data[d].attrs.items()}
                 p(f"  {d}: {a}")
     return {
         "num_demos": len(demos),

@@ -54,16 +54,6 @@ class FakeEnv:
         pass
 
 
-@pytest.fixture(scope="module")
-def draft_ckpt(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = RFSQDraftModelWithProjection(input_dim=64, hidden_dim=64, num_coarse_layers=3)
-    path = tmp_path_factory.mktemp("draft") / "draft.pt"
-    return save_checkpoint(
-        path, model, None, epoch=0, val_accuracy=0.0, config={"note": "untrained test draft"}
-    )
-
-
 def make_cfg(draft: Path, out: Path, **kw) -> ev.EvalConfig:
     base = dict(
         closed_loop=False,

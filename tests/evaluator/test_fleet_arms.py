@@ -8,22 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from common.draft import RFSQDraftModelWithProjection, save_checkpoint
 from common.policy import Observation
 from evaluator.fleet import run_protocol
 from evaluator.fleet_arms import build_act
 from evaluator.protocol import ArmSpec
 from tests.fleet_fakes import make_fake_env
-
-
-@pytest.fixture(scope="module")
-def draft_ckpt(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = RFSQDraftModelWithProjection(input_dim=64, hidden_dim=64, num_coarse_layers=3)
-    path = tmp_path_factory.mktemp("draft") / "draft.pt"
-    return save_checkpoint(
-        path, model, None, epoch=0, val_accuracy=0.0, config={"note": "untrained test draft"}
-    )
 
 
 def obs(seed: int) -> Observation:
