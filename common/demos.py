@@ -38,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -183,15 +184,66 @@ def demo_names(group: Any) -> list[str]:
     return sorted(group.keys(), key=lambda n: int(n.split("_")[-1]) if n.split("_")[-1].isdigit() else n)
 
 
+def _demo_count(path: Path) -> int:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        if "data" not in f:
+            raise ValueError(f"{path}: no 'data' group (expected the robomimic/LIBERO layout)")
+        return len(demo_names(f["data"]))
+
+
+def _read_file(job: tuple[Path, int, int, int]) -> dict[str, list]:
+    """One file's frames (``read_demos``); ``first`` is the global index of its first demo."""
+    import h5py
+
+    path, image_size, frame_stride, first = job
+    out: dict[str, list] = {k: [] for k in (
+        "images", "proprio", "episode", "steps", "actions", "action_episode", "instructions", "tasks",
+        "names", "labels")}
+    with h5py.File(path, "r") as f:
+        for name in tqdm(demo_names(f["data"]), desc=f"read {path.name}", unit="demo", leave=False):
+            g = f["data"][name]
+            e = first + len(out["names"])
+            a = np.asarray(g["actions"], dtype=np.float32)  # [n, A]
+            n = a.shape[0]
+            keep = np.arange(e % frame_stride, n, frame_stride)  # [n']
+            obs = g["obs"]
+            av = downsample_images(np.asarray(obs["agentview_rgb"])[keep], image_size)  # [n', S, S, 3]
+            wr = downsample_images(np.asarray(obs["eye_in_hand_rgb"])[keep], image_size)  # [n', S, S, 3]
+            pr = np.concatenate([np.asarray(obs["ee_states"]), np.asarray(obs["gripper_states"])], axis=1)
+            if pr.shape != (n, 8):
+                raise ValueError(f"{path}: data/{name} proprio has shape {pr.shape}, expected ({n}, 8)")
+            out["images"].append(torch.stack([av, wr], dim=1).numpy())  # [n', 2, S, S, 3]
+            out["proprio"].append(pr[keep].astype(np.float32))
+            out["episode"].append(np.full(len(keep), e, dtype=np.int64))
+            out["steps"].append(keep.astype(np.int64))
+            out["actions"].append(a)
+            out["action_episode"].append(np.full(n, e, dtype=np.int64))
+            instr = g.attrs["instruction"]
+            out["instructions"].append(instr.decode() if isinstance(instr, bytes) else str(instr))
+            out["tasks"].append(int(g.attrs.get("task_id", -1)))
+            out["names"].append(f"{path.name}:{name}")
+            out["labels"].append(
+                np.asarray(g["expert_chunks"], dtype=np.float32)[keep] if "expert_chunks" in g else None
+            )
+    return out
+
+
 def read_demos(
-    paths: list[Path], image_size: int, frame_stride: int = 1, allow_benchmark_states: bool = False
+    paths: list[Path],
+    image_size: int,
+    frame_stride: int = 1,
+    allow_benchmark_states: bool = False,
+    workers: int | None = None,
 ) -> dict[str, Any]:
     """Read HDF5 demos into frame arrays (images downsampled with the run-time function).
 
     Every ``frame_stride``-th step is kept as a training frame (offset alternating per episode);
     the actions of every step are kept, so chunk targets are exact. Files whose episodes start from a
     benchmark initial state or do not record their starts are refused (``common.init_states``) unless
-    ``allow_benchmark_states``.
+    ``allow_benchmark_states``. Files are read by ``workers`` processes (default: one per file, at most
+    half the CPUs; the result does not depend on it).
 
     returns images [N, 2, S, S, 3] uint8, proprio [N, 8] f32, episode [N] i64, step [N] i64 (frame
     index inside its episode), actions [M, A] f32 (all steps), action_episode [M] i64,
@@ -203,37 +255,31 @@ def read_demos(
     import h5py  # heavy optional dependency: packed data is read without it
 
     report = check_demo_files(list(paths), allow_benchmark_states)
+    starts = np.cumsum([0] + [_demo_count(p) for p in paths])[:-1]  # global index of each file's 1st demo
+    jobs = [(Path(p), image_size, frame_stride, int(s)) for p, s in zip(paths, starts)]
+    if workers is None:
+        workers = min(len(jobs), max(1, (os.cpu_count() or 1) // 2))
+    if workers > 1:
+        import multiprocessing as mp
+
+        # spawn, not fork: a forked child of a process whose torch thread pool has started can hang
+        with mp.get_context("spawn").Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            parts = list(tqdm(pool.imap(_read_file, jobs), total=len(jobs), desc="read demo files", unit="file"))
+    else:
+        parts = [_read_file(job) for job in jobs]
     images, proprio, episode, steps, actions, action_episode = [], [], [], [], [], []
     instructions, tasks, names, labels = [], [], [], []
-    for path in paths:
-        with h5py.File(path, "r") as f:
-            if "data" not in f:
-                raise ValueError(f"{path}: no 'data' group (expected the robomimic/LIBERO layout)")
-            for name in tqdm(demo_names(f["data"]), desc=f"read {Path(path).name}", unit="demo"):
-                g = f["data"][name]
-                e = len(names)
-                a = np.asarray(g["actions"], dtype=np.float32)  # [n, A]
-                n = a.shape[0]
-                keep = np.arange(e % frame_stride, n, frame_stride)  # [n']
-                obs = g["obs"]
-                av = downsample_images(np.asarray(obs["agentview_rgb"])[keep], image_size)  # [n', S, S, 3]
-                wr = downsample_images(np.asarray(obs["eye_in_hand_rgb"])[keep], image_size)  # [n', S, S, 3]
-                pr = np.concatenate([np.asarray(obs["ee_states"]), np.asarray(obs["gripper_states"])], axis=1)
-                if pr.shape != (n, 8):
-                    raise ValueError(f"{path}: data/{name} proprio has shape {pr.shape}, expected ({n}, 8)")
-                images.append(torch.stack([av, wr], dim=1).numpy())  # [n', 2, S, S, 3]
-                proprio.append(pr[keep].astype(np.float32))
-                episode.append(np.full(len(keep), e, dtype=np.int64))
-                steps.append(keep.astype(np.int64))
-                actions.append(a)
-                action_episode.append(np.full(n, e, dtype=np.int64))
-                instr = g.attrs["instruction"]
-                instructions.append(instr.decode() if isinstance(instr, bytes) else str(instr))
-                tasks.append(int(g.attrs.get("task_id", -1)))
-                names.append(f"{Path(path).name}:{name}")
-                labels.append(
-                    np.asarray(g["expert_chunks"], dtype=np.float32)[keep] if "expert_chunks" in g else None
-                )
+    for part in parts:
+        images += part["images"]
+        proprio += part["proprio"]
+        episode += part["episode"]
+        steps += part["steps"]
+        actions += part["actions"]
+        action_episode += part["action_episode"]
+        instructions += part["instructions"]
+        tasks += part["tasks"]
+        names += part["names"]
+        labels += part["labels"]
     if not names:
         raise ValueError(f"no demonstrations in {paths}")
     extra: dict[str, Any] = {
