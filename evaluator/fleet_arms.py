@@ -107,8 +107,34 @@ class RSDAct:
         return extra
 
 
+class FirstActions:
+    """An act callable that hands the episode only the first ``k`` actions of every chunk, so the policy
+    is queried again (re-plans) after ``k`` steps instead of after the whole chunk."""
+
+    def __init__(self, act: Any, k: int) -> None:
+        self.act, self.k = act, k
+        self.backbone_id = getattr(act, "backbone_id", "")
+
+    def __call__(self, obs: Observation) -> np.ndarray:
+        out = self.act(obs)
+        return np.asarray(getattr(out, "actions", out))[: self.k]
+
+    def episode_extra(self) -> dict[str, Any]:
+        return self.act.episode_extra() if hasattr(self.act, "episode_extra") else {}
+
+
 def build_act(spec: ArmSpec) -> Any:
-    """Build the arm's act callable (in a worker process)."""
+    """Build the arm's act callable (in a worker process); ``params["execute"]`` = k re-plans every k
+    actions (default: the whole chunk runs open-loop)."""
+    k = spec.params.get("execute")
+    if k is None:
+        return _build_act(spec)
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"arm {spec.name}: params['execute'] must be an int >= 1, got {k!r}")
+    return FirstActions(_build_act(spec), k)
+
+
+def _build_act(spec: ArmSpec) -> Any:
     if spec.decoding not in DECODINGS:
         raise ValueError(f"arm {spec.name}: decoding must be one of {DECODINGS}, got {spec.decoding!r}")
     if spec.decoding == "policy":

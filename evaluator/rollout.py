@@ -65,6 +65,10 @@ class RolloutConfig:
     max_steps: int | None = field(
         default=None, metadata={"help": "policy steps per episode (none: suite limit, the standard)"}
     )
+    execute: int | None = field(
+        default=None,
+        metadata={"help": "actions executed per policy query before it re-plans (none: the whole chunk)"},
+    )
     retries: int = field(default=1, metadata={"help": "re-runs of an errored (crashed) episode"})
     margin: float = field(default=DEFAULT_MARGIN, metadata={"help": "non-inferiority margin (fraction)"})
     torch_threads: int = field(default=1, metadata={"help": "torch threads per worker"})
@@ -85,6 +89,8 @@ class RolloutConfig:
             raise ValueError("workers and torch_threads must be >= 1, retries >= 0")
         if not 0 < self.margin < 1:
             raise ValueError(f"margin must be a fraction in (0, 1), got {self.margin}")
+        if self.execute is not None and self.execute < 1:
+            raise ValueError(f"execute must be >= 1 (actions per query), got {self.execute}")
         if self.results is None:
             self.results = self.out.with_suffix(".jsonl")
 
@@ -98,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         codec=str(cfg.codec_dir) if cfg.codec_dir else None,
         random_weights=cfg.random_weights,
         seed=cfg.seed,
+        params={} if cfg.execute is None else {"execute": cfg.execute},
     )
     try:
         result = run_protocol(

@@ -8,7 +8,10 @@
 #
 # Every stage writes under $RUN and is skipped when its output exists, so a stopped run resumes.
 # Knobs (environment): PY, RUN, WORKERS, TASKS, DEMO_INITS, DEMO_MIN, DAGGER_INITS, DAGGER_MIN, DAGGER_EVERY,
-# STEPS0, MIN0, TRAIN_EXTRA, STEPS1, MIN1, DEVICE, SIZE_A, SIZE_B, EVAL_ARGS. The defaults are the recorded run's.
+# STEPS0, MIN0, TRAIN_EXTRA, TRAIN_THREADS, STEPS1, MIN1, R1_INIT (init: fine-tune the picked round-0
+# weights; scratch: train anew on all data), EXECUTE (actions per policy query in DAgger and the
+# evaluation; empty: the whole chunk), DEVICE, SIZE_A, SIZE_B, EVAL_ARGS. The defaults are the recorded
+# run's (docs/bench/policy.md), which also set DEMO_MIN=6 MIN0=3.5 DAGGER_MIN=3 MIN1=2.5.
 set -euo pipefail
 PY=${PY:-python3}
 RUN=${RUN:-runs/policy}
@@ -29,6 +32,9 @@ DEVICE=${DEVICE:-cuda}
 SIZE_A=${SIZE_A:-}
 SIZE_B=${SIZE_B:---hidden-size 320 --intermediate-size 960 --num-hidden-layers 6 --num-attention-heads 5 --vision-hidden-sizes 48 96 192}
 EVAL_ARGS=${EVAL_ARGS:-}
+TRAIN_THREADS=${TRAIN_THREADS:-2}
+R1_INIT=${R1_INIT:-init}
+EXECUTE=${EXECUTE:-}
 TRAIN_COMMON="--batch-size 256 --lr 5e-4 --warmup 200 --eval-interval 500 --free-running-samples 1024 --consistency-weight 4 --shift 4"
 
 mkdir -p "$RUN"
@@ -55,7 +61,7 @@ train() {  # name gpu init-from steps minutes size-args data...
     if [ -f "$RUN/$name/model.safetensors" ]; then return; fi
     log "train $name ($steps steps, at most $minutes min)"
     env $(gpu "$g") $PY -m trainer.train_vla --demos "$@" --codec-dir "$RUN/codec" --out-dir "$RUN/$name" \
-        --device "$DEVICE" --steps "$steps" --max-minutes "$minutes" $TRAIN_COMMON ${TRAIN_EXTRA:-} $init $size \
+        --device "$DEVICE" --threads "$TRAIN_THREADS" --steps "$steps" --max-minutes "$minutes" $TRAIN_COMMON ${TRAIN_EXTRA:-} $init $size \
         > "$RUN/$name.log" 2>&1
 }
 train vla_a0 0 "" "$STEPS0" "$MIN0" "$SIZE_A" $DEMOS & pa=$!
@@ -66,7 +72,7 @@ dagger() {  # name weights
     if [ -f "$RUN/$1.hdf5" ]; then return; fi
     log "dagger $1 with $2 ($HALF workers, at most $DAGGER_MIN min)"
     $PY -m producer.dagger --weights-dir "$RUN/$2" --codec-dir "$RUN/codec" --round 1 --tasks "$TASKS" --init-states "$DAGGER_INITS" \
-        --label-every "$DAGGER_EVERY" --workers "$HALF" --max-minutes "$DAGGER_MIN" --out "$RUN/$1.hdf5" \
+        --label-every "$DAGGER_EVERY" ${EXECUTE:+--replan $EXECUTE} --workers "$HALF" --max-minutes "$DAGGER_MIN" --out "$RUN/$1.hdf5" \
         > "$RUN/$1.log" 2>&1
 }
 dagger dagger_a1 vla_a0 & pa=$!
@@ -87,7 +93,8 @@ print(pick)
 EOF
 )
 log "picked size $PICK (validation on fresh starts: $(cat "$RUN/pick.json" | tr -d '\n ')"
-train "vla_${PICK}1" 0 "--init-from $RUN/vla_${PICK}0" "$STEPS1" "$MIN1" "" \
+if [ "$R1_INIT" = init ]; then R1_FROM="--init-from $RUN/vla_${PICK}0"; R1_SIZE=""; else R1_FROM=""; SIZE_VAR="SIZE_${PICK^^}"; R1_SIZE="${!SIZE_VAR}"; fi
+train "vla_${PICK}1" 0 "$R1_FROM" "$STEPS1" "$MIN1" "$R1_SIZE" \
     $DEMOS "$RUN/dagger_a1.hdf5" "$RUN/dagger_b1.hdf5"
 ln -sfn "vla_${PICK}1" "$RUN/final"
 
@@ -110,6 +117,6 @@ fi
 if [ ! -f "$RUN/eval_final.json" ]; then
     log "standard protocol on $RUN/final ($WORKERS workers)"
     $PY -m evaluator.rollout --weights-dir "$RUN/final" --codec-dir "$RUN/codec" --workers "$WORKERS" \
-        --out "$RUN/eval_final.json" --no-progress $EVAL_ARGS > "$RUN/eval_final.log" 2>&1
+        --out "$RUN/eval_final.json" --no-progress ${EXECUTE:+--execute $EXECUTE} $EVAL_ARGS > "$RUN/eval_final.log" 2>&1
 fi
 log "done"

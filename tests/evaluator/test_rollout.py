@@ -67,6 +67,38 @@ def test_run_episode_failure_and_bad_chunk() -> None:
         run_episode(ScriptedEnv({}), lambda obs: np.full((4, 7), np.nan), init_state=0)
 
 
+def test_execute_k_replans_after_k_actions_of_every_chunk() -> None:
+    from evaluator.fleet_arms import FirstActions
+
+    env = ScriptedEnv({"goal": 10, "max_steps": 50})
+    seen = []
+
+    def act(obs: Observation) -> np.ndarray:
+        seen.append(obs.proprio[0])
+        return push_right()(obs)
+
+    act.backbone_id = "b"
+    wrapped = FirstActions(act, 2)
+    res = run_episode(env, wrapped, init_state=0)
+    assert res.success and res.steps == 10 and res.queries == 5  # 2 of every 4 actions, 5 queries
+    assert seen == [0.0, 2.0, 4.0, 6.0, 8.0] and wrapped.backbone_id == "b"
+    assert env.observed == [False, True] * 5
+
+
+def test_execute_is_an_arm_parameter_checked_in_the_worker() -> None:
+    from common.cli import parse_config
+    from evaluator.fleet_arms import build_act
+    from evaluator.protocol import ArmSpec
+    from evaluator.rollout import RolloutConfig
+
+    with pytest.raises(SystemExit) as exc:  # a usage error
+        parse_config(RolloutConfig, ["--execute", "0"])
+    assert exc.value.code == 2
+    assert parse_config(RolloutConfig, ["--execute", "4"]).execute == 4
+    with pytest.raises(ValueError, match="must be an int >= 1"):
+        build_act(ArmSpec(name="policy", params={"execute": 0}))
+
+
 @pytest.mark.slow
 @pytest.mark.sim
 def test_real_libero_episode_random_policy() -> None:
