@@ -106,12 +106,24 @@ class Run:
     init_check: dict[str, str]
 
 
-def lr_at(cfg: VLATrainConfig, step: int) -> float:
-    """Linear warmup to ``cfg.lr``, then cosine decay to 5% of it."""
+def lr_at(cfg: VLATrainConfig, step: int, total: int | None = None) -> float:
+    """Linear warmup to ``cfg.lr``, then cosine decay to 5% of it at step ``total`` (default
+    ``cfg.steps``; with ``--max-minutes``, the steps that fit in the time, see :func:`fitted_total`)."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
-    p = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    total = cfg.steps if total is None else total
+    p = min(1.0, (step - cfg.warmup) / max(1, total - cfg.warmup))
     return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def fitted_total(cfg: VLATrainConfig, step: int, elapsed_s: float) -> int:
+    """The schedule's length under ``--max-minutes``: the steps that fit in the time at the rate so far
+    (evaluations included), at most ``cfg.steps`` and never before the current step. A run stopped by
+    the clock then ends its cosine decay instead of being cut off at a high learning rate."""
+    if not cfg.max_minutes or step < 50:
+        return cfg.steps
+    fit = int(step * 60 * cfg.max_minutes / max(elapsed_s, 1e-9))
+    return max(step + 1, min(cfg.steps, fit))
 
 
 def make_optimizer(model: EmbeddedVLA, cfg: VLATrainConfig) -> torch.optim.Optimizer:
@@ -125,11 +137,11 @@ def make_optimizer(model: EmbeddedVLA, cfg: VLATrainConfig) -> torch.optim.Optim
     )
 
 
-def train_step(run: Run, opt: torch.optim.Optimizer, step: int) -> dict[str, torch.Tensor]:
+def train_step(run: Run, opt: torch.optim.Optimizer, step: int, total: int | None = None) -> dict[str, torch.Tensor]:
     """One optimizer step on a demonstration batch (+ an on-policy batch); returns the demo losses."""
     cfg, model = run.cfg, run.model
     for group in opt.param_groups:
-        group["lr"] = lr_at(cfg, step)
+        group["lr"] = lr_at(cfg, step, total)
     idx = run.train_idx[torch.randint(0, len(run.train_idx), (cfg.batch_size,), device=run.train_idx.device)]
     with autocast(cfg):
         r = losses(
@@ -201,7 +213,7 @@ def save(run: Run, ev: dict[str, Any]) -> None:
     )
 
 
-def curve_point(cfg: VLATrainConfig, step: int, r: dict[str, torch.Tensor]) -> dict[str, Any]:
+def curve_point(cfg: VLATrainConfig, step: int, r: dict[str, torch.Tensor], total: int | None = None) -> dict[str, Any]:
     return {
         "step": step,
         "loss": float(r["loss"].detach()),
@@ -209,7 +221,7 @@ def curve_point(cfg: VLATrainConfig, step: int, r: dict[str, torch.Tensor]) -> d
         "aux": float(r["aux"]),
         "layer_acc": r["layer_acc"].tolist(),
         "aux_acc": r["aux_acc"].tolist(),
-        "lr": lr_at(cfg, step),
+        "lr": lr_at(cfg, step, total),
     }
 
 
@@ -226,21 +238,26 @@ def fit(run: Run) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     bar = tqdm(range(cfg.steps), desc="bc", unit="step", dynamic_ncols=True)
     smooth = {"loss": 0.0, "main": 0.0, "aux": 0.0}
     t_train = time.time()
+    total = cfg.steps
     for step in bar:
-        if cfg.max_minutes and time.time() - t_train > 60 * cfg.max_minutes and step % cfg.eval_interval:
-            log.warning("--max-minutes %.1f reached at step %d: stopping early", cfg.max_minutes, step)
-            ev = held_out(run, model, with_onpolicy=False)
-            ev["step"] = step
-            evals.append(ev)
-            if select_score(ev, cfg.select) < best:
-                save(run, ev)
+        if cfg.max_minutes and step % 50 == 0:
+            total = fitted_total(cfg, step, time.time() - t_train)
+        if step >= total or (cfg.max_minutes and time.time() - t_train > 60 * cfg.max_minutes):
+            log.warning("--max-minutes %.1f: stopping at step %d (schedule fitted to %d steps)", cfg.max_minutes,
+                        step, total)  # fmt: skip
+            if not evals or evals[-1]["step"] != step:
+                ev = held_out(run, model, with_onpolicy=False)
+                ev["step"] = step
+                evals.append(ev)
+                if select_score(ev, cfg.select) < best:
+                    save(run, ev)
             break
-        r = train_step(run, opt, step)
+        r = train_step(run, opt, step, total)
         for key in smooth:
             v = float(r[key].detach())
             smooth[key] = 0.98 * smooth[key] + 0.02 * v if step else v
         if step % 25 == 0 or step == cfg.steps - 1:
-            curve.append(curve_point(cfg, step, r))
+            curve.append(curve_point(cfg, step, r, total))
             acc = curve[-1]["layer_acc"]
             bar.set_postfix(loss=f"{smooth['loss']:.3f}", acc0=f"{acc[0]:.3f}", acc2=f"{acc[2]:.3f}")
         if (step + 1) % cfg.eval_interval == 0 or step == cfg.steps - 1:

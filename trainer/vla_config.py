@@ -83,7 +83,9 @@ class VLATrainConfig:
         },
     )
     max_minutes: float = field(
-        default=0.0, metadata={"help": "stop training after this wall time (0: no limit)"}
+        default=0.0,
+        metadata={"help": "wall-time budget (0: none): the cosine schedule is fitted to the steps that fit in "
+                  "it, then training stops"},
     )
     save_dtype: str = field(
         default="float16", metadata={"help": "dtype of the saved weights", "choices": ["float16", "float32"]}

@@ -310,3 +310,21 @@ def test_consistency_term_is_cross_entropy_from_aux_to_decoder() -> None:
     p = out["aux_logits"].softmax(-1)
     expected = -(p * out["logits"][:, :k].log_softmax(-1)).sum(-1).mean()
     assert torch.allclose(r1["cons"], expected, atol=1e-5)
+
+
+def test_max_minutes_fits_the_cosine_schedule_to_the_time(tmp_path):
+    from common.cli import parse_config
+    from trainer.train_vla import fitted_total, lr_at
+    from trainer.vla_config import VLATrainConfig
+
+    packed = str(tmp_path / "x.npz")
+    (tmp_path / "x.npz").touch()
+    cfg = parse_config(VLATrainConfig, ["--packed", packed, "--steps", "8000", "--warmup", "200", "--lr", "1e-3", "--max-minutes", "2"])
+    assert fitted_total(cfg, 10, 1.0) == 8000  # too early to tell
+    assert fitted_total(cfg, 1000, 60.0) == 2000  # 1000 steps a minute, 2 minutes
+    assert fitted_total(cfg, 1000, 1.0) == 8000  # never past --steps
+    assert fitted_total(cfg, 1000, 1000.0) == 1001  # over time: ends now
+    assert lr_at(cfg, 1999, 2000) == pytest.approx(0.05e-3, rel=1e-3)  # decayed by the fitted end
+    assert lr_at(cfg, 1999) > 0.5e-3  # the unfitted schedule would still be high there
+    free = parse_config(VLATrainConfig, ["--packed", packed, "--steps", "8000"])
+    assert fitted_total(free, 1000, 60.0) == 8000
