@@ -9,7 +9,8 @@
 # Every stage writes under $RUN and is skipped when its output exists, so a stopped run resumes.
 # Knobs (environment): PY, RUN, WORKERS, TASKS, DEMO_INITS, DEMO_MIN, DAGGER_INITS, DAGGER_MIN, DAGGER_EVERY,
 # STEPS0, MIN0, TRAIN_EXTRA, TRAIN_THREADS, STEPS1, MIN1, R1_INIT (init: fine-tune the picked round-0
-# weights; scratch: train anew on all data), EXECUTE (actions per policy query in DAgger and the
+# weights; scratch: train anew on all data), VAL_INITS, VAL_MIN (fresh starts that choose between
+# round 0 and round 1; empty: round 1), EXECUTE (actions per policy query in DAgger and the
 # evaluation; empty: the whole chunk), DEVICE, SIZE_A, SIZE_B, EVAL_ARGS. The defaults are the recorded
 # run's (docs/bench/policy.md), which also set DEMO_MIN=6 MIN0=3.5 DAGGER_MIN=3 MIN1=2.5.
 set -euo pipefail
@@ -35,6 +36,8 @@ EVAL_ARGS=${EVAL_ARGS:-}
 TRAIN_THREADS=${TRAIN_THREADS:-2}
 R1_INIT=${R1_INIT:-init}
 EXECUTE=${EXECUTE:-}
+VAL_INITS=${VAL_INITS:-}
+VAL_MIN=${VAL_MIN:-3}
 TRAIN_COMMON="--batch-size 256 --lr 5e-4 --warmup 200 --eval-interval 500 --free-running-samples 1024 --consistency-weight 4 --shift 4"
 
 mkdir -p "$RUN"
@@ -96,7 +99,35 @@ log "picked size $PICK (validation on fresh starts: $(cat "$RUN/pick.json" | tr 
 if [ "$R1_INIT" = init ]; then R1_FROM="--init-from $RUN/vla_${PICK}0"; R1_SIZE=""; else R1_FROM=""; SIZE_VAR="SIZE_${PICK^^}"; R1_SIZE="${!SIZE_VAR}"; fi
 train "vla_${PICK}1" 0 "$R1_FROM" "$STEPS1" "$MIN1" "$R1_SIZE" \
     $DEMOS "$RUN/dagger_a1.hdf5" "$RUN/dagger_b1.hdf5"
-ln -sfn "vla_${PICK}1" "$RUN/final"
+
+# Round 0 or round 1? Both roll out from the same new fresh starts (VAL_INITS; the recorder labels only
+# the first state, so this is a plain closed-loop run), compared on the episodes both finished. Round 1
+# unless it is worse. VAL_INITS empty: round 1 without a check (the recorded run).
+if [ -n "$VAL_INITS" ] && [ ! -f "$RUN/final_pick.json" ]; then
+    validate() {  # name weights
+        $PY -m producer.dagger --weights-dir "$RUN/$2" --codec-dir "$RUN/codec" --round 0 --tasks "$TASKS" \
+            --init-states "$VAL_INITS" --label-every 100000 ${EXECUTE:+--replan $EXECUTE} --workers "$HALF" \
+            --max-minutes "$VAL_MIN" --out "$RUN/$1.hdf5" > "$RUN/$1.log" 2>&1
+    }
+    log "validation of rounds 0 and 1 on $VAL_INITS"
+    validate val_r0 "vla_${PICK}0" & pa=$!
+    validate val_r1 "vla_${PICK}1" & pb=$!
+    wait $pa; wait $pb
+    $PY - "$RUN" "$PICK" <<'EOF'
+import json, sys
+run, pick = sys.argv[1], sys.argv[2]
+eps = {r: {(e["task_id"], e["init_state"]): e["success"] for e in json.load(open(f"{run}/val_{r}.json"))["episodes"]}
+       for r in ("r0", "r1")}
+common = sorted(set(eps["r0"]) & set(eps["r1"]))
+k = {r: sum(eps[r][c] for c in common) for r in eps}
+final = f"vla_{pick}0" if k["r0"] > k["r1"] else f"vla_{pick}1"
+json.dump({"paired_episodes": len(common), "successes": k, "final": final}, open(f"{run}/final_pick.json", "w"), indent=1)
+print(f"validation on {len(common)} paired fresh episodes: round 0 {k['r0']}, round 1 {k['r1']} -> {final}")
+EOF
+fi
+FINAL=$( [ -f "$RUN/final_pick.json" ] && $PY -c "import json,sys; print(json.load(open(sys.argv[1]))['final'])" "$RUN/final_pick.json" || echo "vla_${PICK}1")
+ln -sfn "$FINAL" "$RUN/final"
+log "final weights: $FINAL"
 
 # The training data's record: every demonstration's start, and the leak check against the 50 benchmark
 # initial states of every task (the same check the readers ran; here kept as a file).
