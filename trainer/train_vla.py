@@ -137,7 +137,9 @@ def make_optimizer(model: EmbeddedVLA, cfg: VLATrainConfig) -> torch.optim.Optim
     )
 
 
-def train_step(run: Run, opt: torch.optim.Optimizer, step: int, total: int | None = None) -> dict[str, torch.Tensor]:
+def train_step(
+    run: Run, opt: torch.optim.Optimizer, step: int, total: int | None = None
+) -> dict[str, torch.Tensor]:
     """One optimizer step on a demonstration batch (+ an on-policy batch); returns the demo losses."""
     cfg, model = run.cfg, run.model
     for group in opt.param_groups:
@@ -213,7 +215,9 @@ def save(run: Run, ev: dict[str, Any]) -> None:
     )
 
 
-def curve_point(cfg: VLATrainConfig, step: int, r: dict[str, torch.Tensor], total: int | None = None) -> dict[str, Any]:
+def curve_point(
+    cfg: VLATrainConfig, step: int, r: dict[str, torch.Tensor], total: int | None = None
+) -> dict[str, Any]:
     return {
         "step": step,
         "loss": float(r["loss"].detach()),

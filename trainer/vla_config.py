@@ -84,8 +84,10 @@ class VLATrainConfig:
     )
     max_minutes: float = field(
         default=0.0,
-        metadata={"help": "wall-time budget (0: none): the cosine schedule is fitted to the steps that fit in "
-                  "it, then training stops"},
+        metadata={
+            "help": "wall-time budget (0: none): the cosine schedule is fitted to the steps that fit in "
+            "it, then training stops"
+        },
     )
     save_dtype: str = field(
         default="float16", metadata={"help": "dtype of the saved weights", "choices": ["float16", "float32"]}

@@ -13,7 +13,9 @@ def _fresh_file(path, first: int, episodes: int, side: int = 16) -> None:
     rng = np.random.default_rng(first)
     with h5py.File(path, "w") as f:
         for e in range(episodes):
-            steps = 5 + e  # episodes of different lengths: the frame stride offsets depend on the global index
+            steps = (
+                5 + e
+            )  # episodes of different lengths: the frame stride offsets depend on the global index
             g = f.create_group(f"data/demo_{e}")
             g.attrs["instruction"] = "pick up the black bowl"
             g.attrs["task_id"] = 3
@@ -41,7 +43,10 @@ def test_parallel_read_equals_serial_read(tmp_path):
         assert np.array_equal(a, b, equal_nan=a.dtype.kind == "f"), key
     # 9 episodes in file order; the stride offset alternates with the global episode index
     assert list(serial["episode_names"][:4]) == [
-        "shard-0.hdf5:demo_0", "shard-0.hdf5:demo_1", "shard-0.hdf5:demo_2", "shard-1.hdf5:demo_0"
+        "shard-0.hdf5:demo_0",
+        "shard-0.hdf5:demo_1",
+        "shard-0.hdf5:demo_2",
+        "shard-1.hdf5:demo_0",
     ]
     first_steps = [int(serial["step"][serial["episode"] == e][0]) for e in range(9)]
     assert first_steps == [0, 1] * 4 + [0]

@@ -319,7 +319,10 @@ def test_max_minutes_fits_the_cosine_schedule_to_the_time(tmp_path):
 
     packed = str(tmp_path / "x.npz")
     (tmp_path / "x.npz").touch()
-    cfg = parse_config(VLATrainConfig, ["--packed", packed, "--steps", "8000", "--warmup", "200", "--lr", "1e-3", "--max-minutes", "2"])
+    cfg = parse_config(
+        VLATrainConfig,
+        ["--packed", packed, "--steps", "8000", "--warmup", "200", "--lr", "1e-3", "--max-minutes", "2"],
+    )
     assert fitted_total(cfg, 10, 1.0) == 8000  # too early to tell
     assert fitted_total(cfg, 1000, 60.0) == 2000  # 1000 steps a minute, 2 minutes
     assert fitted_total(cfg, 1000, 1.0) == 8000  # never past --steps
