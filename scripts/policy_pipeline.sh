@@ -10,7 +10,7 @@
 # Knobs (environment): PY, RUN, WORKERS, TASKS, DEMO_INITS, DEMO_MIN, DAGGER_INITS, DAGGER_MIN, DAGGER_EVERY,
 # STEPS0, MIN0, TRAIN_EXTRA, TRAIN_THREADS, STEPS1, MIN1, R1_INIT (init: fine-tune the picked round-0
 # weights; scratch: train anew on all data), VAL_INITS, VAL_MIN (fresh starts that choose between
-# round 0 and round 1; empty: round 1), EXECUTE (actions per policy query in DAgger and the
+# round 0 and round 1; empty: round 1), EVAL_ROUND0 (non-empty: the protocol on round 0 too), EXECUTE (actions per policy query in DAgger and the
 # evaluation; empty: the whole chunk), DEVICE, SIZE_A, SIZE_B, EVAL_ARGS. The defaults are the recorded
 # run's (docs/bench/policy.md), which also set DEMO_MIN=6 MIN0=3.5 DAGGER_MIN=3 MIN1=2.5.
 set -euo pipefail
@@ -149,5 +149,12 @@ if [ ! -f "$RUN/eval_final.json" ]; then
     log "standard protocol on $RUN/final ($WORKERS workers)"
     $PY -m evaluator.rollout --weights-dir "$RUN/final" --codec-dir "$RUN/codec" --workers "$WORKERS" \
         --out "$RUN/eval_final.json" --no-progress ${EXECUTE:+--execute $EXECUTE} $EVAL_ARGS > "$RUN/eval_final.log" 2>&1
+fi
+# Optional, reported and never used to choose: the same protocol on the round-0 weights (does a policy
+# trained on fresh starts do as well on the benchmark states as on fresh ones?).
+if [ -n "${EVAL_ROUND0:-}" ] && [ ! -f "$RUN/eval_round0.json" ]; then
+    log "standard protocol on $RUN/vla_${PICK}0 (report only)"
+    $PY -m evaluator.rollout --weights-dir "$RUN/vla_${PICK}0" --codec-dir "$RUN/codec" --workers "$WORKERS" \
+        --out "$RUN/eval_round0.json" --no-progress ${EXECUTE:+--execute $EXECUTE} $EVAL_ARGS > "$RUN/eval_round0.log" 2>&1
 fi
 log "done"
