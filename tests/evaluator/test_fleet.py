@@ -164,7 +164,9 @@ print("INTERRUPTED", res.interrupted, res.episodes_run, flush=True)
 
 class SlowEnv(FakeEnv):
     def reset(self, init_state=None):
-        time.sleep(1.0)  # 60 episodes on 2 workers >= 30 s: the interrupt lands mid-run even on a loaded machine
+        time.sleep(
+            1.0
+        )  # 60 episodes on 2 workers >= 30 s: the interrupt lands mid-run even on a loaded machine
         return super().reset(init_state)
 
 
