@@ -45,11 +45,14 @@ def arm_spec(
     allow_random: bool = False,
     decode_layers: int | None = None,
     draft_forward: str | None = None,
+    execute: int | None = None,
 ) -> ArmSpec:
     """The fleet's recipe of ``arm``: its kind as the decoding, its RSD configuration as the parameters.
 
     Only drafted arms name the draft (its fingerprint then guards their results on resume)."""
     params: dict[str, Any] = {} if decode_layers is None else {"decode_layers": decode_layers}
+    if execute is not None:  # re-plan every `execute` actions (evaluator/fleet_arms.py FirstActions)
+        params["execute"] = execute
     if arm.kind == "truncation":
         params["layers"] = arm.layers
     if arm.rsd is not None:

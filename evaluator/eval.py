@@ -119,6 +119,12 @@ class EvalConfig:
         default=None,
         metadata={"help": "layers the policy decodes sequentially, the baseline (none: the policy's config)"},
     )
+    execute: int | None = field(
+        default=None,
+        metadata={
+            "help": "closed loop: actions executed per query before every arm re-plans (none: the chunk)"
+        },
+    )
     max_steps: int | None = field(
         default=None,
         metadata={
@@ -251,7 +257,7 @@ def closed_loop_specs(cfg: EvalConfig, arms: dict[str, Arm], decode_layers: int 
     """The fleet's recipes of the closed-loop arms, baseline first (evaluator/closed_loop.py)."""
     common = dict(policy=cfg.policy, draft=cfg.draft, weights_dir=cfg.weights_dir, codec_dir=cfg.codec_dir,
                   allow_random=cfg.allow_random, decode_layers=decode_layers,
-                  draft_forward=cfg.draft_forward)  # fmt: skip
+                  draft_forward=cfg.draft_forward, execute=cfg.execute)  # fmt: skip
     return [closed_loop.arm_spec(arms[name], **common) for name in closed_loop.ordered(cfg.closed_loop_arms)]
 
 

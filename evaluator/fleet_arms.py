@@ -36,7 +36,7 @@ from evaluator.rsd import AcceptanceConfig, RSDConfig, RSDEngine, load_draft
 
 DECODINGS = ("policy", "baseline", "truncation", "strict", "relaxed", "substitution")
 RSD_PARAMS = ("tau", "epsilon", "max_proposals", "confidence_threshold", "confidence_kind")
-OTHER_PARAMS = ("layers", "decode_layers", "draft_forward")
+OTHER_PARAMS = ("layers", "decode_layers", "draft_forward", "execute")
 _MODE = {"strict": "strict", "relaxed": "relaxed", "substitution": "substitute"}
 
 

@@ -396,6 +396,12 @@ def test_closed_loop_worker_recipe_rebuilds_every_kind_of_arm(draft_ckpt):
         act = build_act(spec)
         ref = arm.decode(RSDEngine(policy, proposer if arm.drafted else None, arm.rsd), [obs])
         np.testing.assert_array_equal(act(obs), ref.actions[0].float().numpy(), err_msg=name)
+    # --execute K: every arm hands the episode the first K actions of the same chunk
+    cfg = make_cfg(draft_ckpt, Path("unused"), closed_loop_arms=["relaxed", "baseline"], execute=3)
+    for spec in ev.closed_loop_specs(cfg, arms, 4):
+        assert spec.params["execute"] == 3
+        full = build_act(replace(spec, params={k: v for k, v in spec.params.items() if k != "execute"}))
+        np.testing.assert_array_equal(build_act(spec)(obs), full(obs)[:3], err_msg=spec.name)
 
 
 def test_closed_loop_runs_paired_resumable_and_reported_in_the_fleet(draft_ckpt, tmp_path):
