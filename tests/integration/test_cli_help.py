@@ -15,6 +15,7 @@ COMMANDS = [
     "producer.demos",
     "producer.dagger",
     "tools.fresh_probe",
+    "tools.libero_bundle",
     "producer.dataset_info",
     "producer.produce",
     "trainer.train_codec",
