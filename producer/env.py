@@ -154,6 +154,7 @@ class LiberoEnv:
         self.init_source: str | None = None  # label of the current episode's start (after reset)
         self.initial_state: np.ndarray | None = None  # [S] its MuJoCo state after placement, before settling
         self.fresh_attempts = 0  # placements drawn for the last fresh start
+        self.start_object_pos: dict[str, np.ndarray] = {}  # object -> [3] position at the episode's start
         self._reference: tuple[np.ndarray, np.ndarray] | None = None  # how benchmark state 0 settles
 
     # ---------------------------------------------------------------- episode
@@ -184,6 +185,8 @@ class LiberoEnv:
         self._fresh_images = True
         self._steps = 0
         self._done = False
+        # where every object rests at the start (after settling): a take-over expert's reference heights
+        self.start_object_pos = {name: self.object_pos(name) for name in self._env.env.obj_body_id}
         return self.observe()
 
     def _start(self, seed: int, joint_noise: float, state: np.ndarray | None) -> None:

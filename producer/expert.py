@@ -42,6 +42,7 @@ PLACE_DZ = 0.045  # bowl height above the plate origin when releasing (grip site
 POS_GAIN = 15.0  # proportional gain: action = clip(gain * error, -1, 1)
 ROT_SCALE = 0.5  # rad per unit rotation action (robosuite OSC_POSE)
 TOL = 0.01  # phase tolerance (m)
+DESCEND_XY = 0.025  # a take-over descends (rather than going back up to approach) within this of the grasp xy
 PHASE_TIMEOUT = 50  # steps
 CLOSE_STEPS = 10
 # A blocked phase (other than the descent, which must keep pressing down to the grasp height)
@@ -125,16 +126,22 @@ class ScriptedExpert:
             key=lambda yaw: np.linalg.norm((_rotz(yaw) @ _DOWN)[:, 1] - current_y),
         )
         self.rot_goal = _rotz(best) @ _DOWN
-        self.carry_z = max(bowl[2], self.env.object_pos(self.target)[2]) + LIFT_DZ
+        # The carry height comes from where the bowl rested at the episode's start, so that an expert taking
+        # over with the bowl already lifted carries at the height the running expert does (the bowl's
+        # height now would put it LIFT_DZ above itself, and the take-over would keep lifting).
+        rest = getattr(self.env, "start_object_pos", {}).get(self.obj, bowl)
+        self.carry_z = max(rest[2], self.env.object_pos(self.target)[2]) + LIFT_DZ
         self.carry_xy = self.grasp_xy.copy()
 
     def replan(self) -> str:
         """Take over mid-episode: re-read the scene and pick the phase that fits it; returns its name.
 
         Goal reached -> release. Bowl grasped -> lower if it is over the plate, carry if it is up at the
-        carry height, else lift (straight up from here). Bowl not grasped -> close if the fingers are around
-        the rim (open or still closing), descend if they are open above it, else approach (straight up first if the gripper is
-        low, away from the rim, so that it does not sweep through the scene).
+        carry height (from where the bowl rested at the start), else lift (straight up from here). Bowl not
+        grasped -> close if the fingers are around the rim (open or still closing), descend if they are open
+        above it (within ``DESCEND_XY`` in xy, as the running expert is while descending), else approach
+        (straight up first if the gripper is low, away from the rim, so that it does not sweep through the
+        scene). On the running expert's own states the take-over acts as it does (tests/producer/test_expert.py).
         """
         self.reset()  # geometry (grasp point, yaw, carry height) from the current poses
         env = self.env
@@ -152,8 +159,12 @@ class ScriptedExpert:
                 name = "carry" if eef[2] > self.carry_z - TOL else "lift"
         elif fingers > FINGERS_EMPTY and above_grasp and abs(eef[2] - self.grasp_z) < 1.5 * TOL:
             name = "close"  # open, or closing around the rim
-        elif open_fingers and above_grasp and self.grasp_z < eef[2] < self.grasp_z + ABOVE + TOL:
-            name = "descend"
+        elif (
+            open_fingers
+            and np.linalg.norm(eef[:2] - self.grasp_xy) < DESCEND_XY
+            and self.grasp_z - TOL < eef[2] < self.grasp_z + ABOVE + TOL
+        ):
+            name = "descend"  # the running expert descends while it still closes the last cm or two in xy
         else:
             name = "approach"
             if eef[2] < self.grasp_z + ABOVE - 2 * TOL and not above_grasp:
