@@ -16,6 +16,7 @@ COMMANDS = [
     "producer.dagger",
     "tools.fresh_probe",
     "tools.libero_bundle",
+    "tools.takeover_check",
     "producer.dataset_info",
     "producer.produce",
     "trainer.train_codec",
