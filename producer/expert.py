@@ -159,9 +159,16 @@ class ScriptedExpert:
                 name = "carry" if eef[2] > self.carry_z - TOL else "lift"
         elif fingers > FINGERS_EMPTY and above_grasp and abs(eef[2] - self.grasp_z) < 1.5 * TOL:
             name = "close"  # open, or closing around the rim
-        elif open_fingers and self.grasp_z - TOL < eef[2] and (
-            (above_grasp and eef[2] < self.grasp_z + ABOVE + TOL)  # the approach point reached
-            or (np.linalg.norm(eef[:2] - self.grasp_xy) < DESCEND_XY and eef[2] < self.grasp_z + ABOVE - TOL)
+        elif (
+            open_fingers
+            and self.grasp_z - TOL < eef[2]
+            and (
+                (above_grasp and eef[2] < self.grasp_z + ABOVE + TOL)  # the approach point reached
+                or (
+                    np.linalg.norm(eef[:2] - self.grasp_xy) < DESCEND_XY
+                    and eef[2] < self.grasp_z + ABOVE - TOL
+                )
+            )
         ):
             name = "descend"  # on the way down the running expert still closes the last cm or two in xy
         else:

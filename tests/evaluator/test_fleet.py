@@ -182,6 +182,8 @@ def test_ctrl_c_ends_cleanly_and_keeps_finished_episodes(tmp_path: Path) -> None
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        # as from a terminal: SIGINT at its default even if this process ignores it (a background job does)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.time() + 120
     while time.time() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 4):
