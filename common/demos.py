@@ -193,26 +193,17 @@ def _demo_count(path: Path) -> int:
         return len(demo_names(f["data"]))
 
 
+# the per-demo columns of ``_read_file``
+_COLUMNS = ("images", "proprio", "episode", "steps", "actions", "action_episode", "instructions", "tasks", "names",
+            "labels")  # fmt: skip
+
+
 def _read_file(job: tuple[Path, int, int, int]) -> dict[str, list]:
     """One file's frames (``read_demos``); ``first`` is the global index of its first demo."""
     import h5py
 
     path, image_size, frame_stride, first = job
-    out: dict[str, list] = {
-        k: []
-        for k in (
-            "images",
-            "proprio",
-            "episode",
-            "steps",
-            "actions",
-            "action_episode",
-            "instructions",
-            "tasks",
-            "names",
-            "labels",
-        )
-    }
+    out: dict[str, list] = {k: [] for k in _COLUMNS}
     with h5py.File(path, "r") as f:
         for name in tqdm(demo_names(f["data"]), desc=f"read {path.name}", unit="demo", leave=False):
             g = f["data"][name]
@@ -280,19 +271,10 @@ def read_demos(
             )
     else:
         parts = [_read_file(job) for job in jobs]
-    images, proprio, episode, steps, actions, action_episode = [], [], [], [], [], []
-    instructions, tasks, names, labels = [], [], [], []
-    for part in parts:
-        images += part["images"]
-        proprio += part["proprio"]
-        episode += part["episode"]
-        steps += part["steps"]
-        actions += part["actions"]
-        action_episode += part["action_episode"]
-        instructions += part["instructions"]
-        tasks += part["tasks"]
-        names += part["names"]
-        labels += part["labels"]
+    col = {k: [x for part in parts for x in part[k]] for k in _COLUMNS}  # the files' columns, in file order
+    images, proprio, episode, steps = col["images"], col["proprio"], col["episode"], col["steps"]
+    actions, action_episode, instructions = col["actions"], col["action_episode"], col["instructions"]
+    tasks, names, labels = col["tasks"], col["names"], col["labels"]
     if not names:
         raise ValueError(f"no demonstrations in {paths}")
     extra: dict[str, Any] = {

