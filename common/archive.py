@@ -5,7 +5,7 @@
                                        trainer_config (JSON)
     data/demo_N/                attrs: num_samples, suite, task_id, instruction-free task key, success,
                                        status, producer_id, producer_session, episode_id, first_seq,
-                                       last_seq, split, complete
+                                       last_seq, split, crc32 (of hidden, codes, actions), complete
         hidden   [n, D]         float16 or float32 (as received)
         codes    [n, T, H, L]   uint8
         actions  [n, T, A]      float32
@@ -15,11 +15,22 @@
         obs/agentview, obs/wrist [n, h, w, 3] uint8, obs/proprio [n, P] float32   (optional)
     mask/train, mask/valid      names of episodes ("demo_N") per split
 
-Crash safety: the file is opened, one whole episode is written, ``complete`` is set last, and the file
-is closed again. Between episodes the file is closed, so a reader (or a ``kill -9`` of the writer)
-always finds a consistent file holding every episode written before. A group without ``complete``
-(a kill inside the few milliseconds of a write) is removed when the archive is reopened.
-Readers use :func:`open_archive` (no file locking, so they can read while the trainer writes).
+Crash safety: every change (one whole episode, with ``complete`` set last; provenance; a repair) is
+one transaction through a rollback journal (:mod:`common.journal`): HDF5 writes through
+:class:`~common.journal.JournaledFile`, which copies each page it overwrites into ``<archive>-journal``
+first; the journal is deleted when the change is complete and on disk. A writer killed inside a change
+leaves the journal, and the next :class:`ArchiveWriter` (or ``python -m common.archive repair PATH``)
+puts the pages back: the file is exactly what it was before that change. ``tools/archive_killtest.py``
+kills a writer at random moments and checks that no reported episode is lost or altered. Without the
+journal (archives of earlier versions, measured with the same tool) a kill left, in about one write in
+a hundred, metadata that no longer opened or listed; :func:`repair_archive` still handles what such a
+kill left: a group without ``complete`` (removed), a file shorter or longer than the end its superblock
+records (extended with zeros / the end moved out), damaged metadata (every readable complete episode
+copied into a new file, the original kept as ``.damaged-*``). Masks are derived data: rebuilt from every
+episode's ``split`` attribute on each reopen, as fixed-length strings (no global heap).
+
+Readers use :func:`open_archive` (no file locking, so they can read while the trainer writes) and
+retry while a writer is mid-episode (:func:`_read_retrying`); a reader never modifies the file.
 Nothing here uses pickle, and nothing taken from a message becomes a path.
 
 The writer (:class:`ArchiveWriter`, used by ``make train``) and the readers (:func:`iter_episodes`,
@@ -31,8 +42,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
+import zlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +54,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from common.journal import JournaledFile, journal_path, rollback
 from common.schedule import episode_schedule
 from common.shapes import RFSQShape
 
@@ -47,10 +62,29 @@ log = logging.getLogger(__name__)
 
 ARCHIVE_SCHEMA_VERSION = 1
 SPLITS = ("train", "valid")
+MASK_DTYPE = "S32"  # fixed-length names: no global heap, which a killed writer can leave damaged
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 
 class ArchiveError(RuntimeError):
     """A file is not an archive this code can use (not HDF5, another layout, another schema or shape)."""
+
+
+@contextmanager
+def _transaction(path: Path) -> Iterator[h5py.File]:
+    """``path`` open for writing through a rollback journal; committed when the block ends cleanly."""
+    jf = JournaledFile(path)
+    try:
+        f = h5py.File(jf, "r+")
+        try:
+            yield f
+        finally:
+            f.close()
+    except BaseException:
+        jf.close()
+        rollback(path)
+        raise
+    jf.commit()
 
 
 def check_archive(path: str | Path) -> None:
@@ -131,7 +165,8 @@ class ArchiveWriter:
         if self.path.exists():
             self._recover()
         else:
-            with self._open("w") as f:
+            tmp = self.path.with_name(self.path.name + ".new")
+            with h5py.File(tmp, "w", locking=False) as f:  # made aside, renamed into place whole
                 data = f.create_group("data")
                 data.attrs["schema_version"] = ARCHIVE_SCHEMA_VERSION
                 data.attrs["total"] = 0
@@ -146,60 +181,31 @@ class ArchiveWriter:
                 data.attrs["created_at"] = time.time()
                 mask = f.create_group("mask")
                 for split in SPLITS:
-                    mask.create_dataset(split, shape=(0,), maxshape=(None,), dtype=h5py.string_dtype())
-        with self._open("r") as f:
+                    mask.create_dataset(split, shape=(0,), maxshape=(None,), dtype=MASK_DTYPE)
+            os.replace(tmp, self.path)
+        with open_archive(self.path) as f:
             self.meta = dict(f["data"].attrs)
             self.num_episodes = int(self.meta["num_episodes"])
             self.total = int(self.meta["total"])
 
-    def _open(self, mode: str) -> h5py.File:
-        return h5py.File(self.path, mode, locking=False)
+    @contextmanager
+    def _open(self) -> Iterator[h5py.File]:
+        """The archive open for one atomic change (:mod:`common.journal`): the change is kept only if
+        the block ends without an exception; a kill or an exception inside it leaves the file as before."""
+        with _transaction(self.path) as f:
+            yield f
 
     def _recover(self) -> None:
-        """Reopen an existing archive: check it, drop partially written episode groups."""
-        try:
-            f = self._open("a")
-        except OSError as exc:
-            raise ArchiveError(
-                f"archive {self.path} exists but cannot be opened ({exc}); move it away"
-            ) from exc
-        with f:
-            if "data" not in f or f["data"].attrs.get("schema_version") != ARCHIVE_SCHEMA_VERSION:
-                raise ArchiveError(
-                    f"{self.path} is not an RSD archive of schema {ARCHIVE_SCHEMA_VERSION}; move it away"
-                )
-            have = json.loads(f["data"].attrs["shape"])
-            if have != self.shape.to_dict():
-                raise ArchiveError(f"{self.path} holds shape {have}, trainer expects {self.shape.to_dict()}")
-            for name in list(f["data"]):
-                if not f["data"][name].attrs.get("complete", False):
-                    del f["data"][name]
-                    self.removed_partial.append(name)
-            if self.removed_partial:
-                log.warning(
-                    "removed %d partially written episode(s): %s",
-                    len(self.removed_partial),
-                    self.removed_partial,
-                )
-            # a kill between `complete` and the mask update: put such episodes into their split's mask
-            masked = {attr_value(x) for split in SPLITS for x in f["mask"][split][()]}
-            for name in sorted(set(f["data"]) - masked, key=lambda n: int(n.split("_")[1])):
-                mask = f["mask"][attr_value(f["data"][name].attrs["split"])]
-                mask.resize((mask.shape[0] + 1,))
-                mask[-1] = name
-            # recount from the groups themselves (the counters are written last)
-            groups = [g for g in f["data"].values()]
-            f["data"].attrs["num_episodes"] = max(
-                [int(n.split("_")[1]) + 1 for n in f["data"]] + [int(f["data"].attrs["num_episodes"])]
-            )
-            f["data"].attrs["total"] = sum(int(g.attrs["num_samples"]) for g in groups)
+        """Reopen an existing archive: check it, repair what a killed writer left (see the module doc)."""
+        self.repair = repair_archive(self.path, self.shape)
+        self.removed_partial = self.repair["removed_partial"]
 
     # ------------------------------------------------------------------ provenance
     def set_provenance(
         self, *, backbone_id: str, hidden_dim: int, codec_sha256: str, producer_id: str, producer_config: str
     ) -> str | None:
         """Record who feeds this archive. Returns an error text if it contradicts what is recorded."""
-        with self._open("a") as f:
+        with self._open() as f:
             a = f["data"].attrs
             if a["backbone_id"] and (a["backbone_id"] != backbone_id or int(a["hidden_dim"]) != hidden_dim):
                 return (
@@ -228,7 +234,7 @@ class ArchiveWriter:
 
     def set_attr(self, name: str, value: str) -> None:
         """Set one ``data`` attribute (e.g. a JSON report that grows with the archive)."""
-        with self._open("a") as f:
+        with self._open() as f:
             f["data"].attrs[name] = value
             self.meta[name] = value
 
@@ -239,12 +245,18 @@ class ArchiveWriter:
             raise ValueError(f"split {ep.split!r} not in {SPLITS}")
         name = f"demo_{self.num_episodes}"
         n = ep.num_samples
-        with self._open("a") as f:
+        crc = 0
+        with self._open() as f:
             g = f["data"].create_group(name)
             if n:
-                g.create_dataset("hidden", data=np.stack(ep.hidden))  # [n, D]
-                g.create_dataset("codes", data=np.stack(ep.codes).astype(np.uint8))  # [n, T, H, L]
-                g.create_dataset("actions", data=np.stack(ep.actions).astype(np.float32))  # [n, T, A]
+                arrays = (
+                    np.stack(ep.hidden),  # [n, D]
+                    np.stack(ep.codes).astype(np.uint8),  # [n, T, H, L]
+                    np.stack(ep.actions).astype(np.float32),  # [n, T, A]
+                )
+                for key, arr in zip(("hidden", "codes", "actions"), arrays):
+                    g.create_dataset(key, data=arr)
+                crc = _crc(arrays)
             else:
                 s = self.shape
                 g.create_dataset(
@@ -274,10 +286,11 @@ class ArchiveWriter:
             a["first_seq"] = min(ep.seqs) if ep.seqs else ep.end_seq
             a["last_seq"] = ep.last_seq
             a["split"] = ep.split
+            a["crc32"] = crc  # of hidden, codes, actions: a repair checks the newest episodes' data
             a["complete"] = True  # last: a group without it is a partial write
             mask = f["mask"][ep.split]
             mask.resize((mask.shape[0] + 1,))
-            mask[-1] = name
+            mask[-1] = name.encode()
             self.num_episodes += 1
             self.total += n
             f["data"].attrs["num_episodes"] = self.num_episodes
@@ -349,34 +362,257 @@ def attr_value(value: Any) -> Any:
     return value
 
 
-_READ_ATTEMPTS = 60
+_CHECK_NEWEST = 4  # episodes whose data a repair checks against their checksum
+_READ_PATIENCE_S = 10.0  # unreadable and unchanged this long: damaged, not mid-write
+_READ_MAX_S = 120.0
+
+
+def _file_state(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
 
 
 def _read_retrying(path: Path, read: Any) -> Any:
     """Run ``read(open file)``, retrying while a concurrent writer has the file mid-episode.
 
     The writer appends one whole episode per open/close; a reader that opens the file during those
-    milliseconds can see half-updated HDF5 metadata (OSError, KeyError, RuntimeError or ValueError from h5py). Such a read is
-    retried on a fresh open; a missing file is reported at once.
+    milliseconds can see half-updated HDF5 metadata (OSError, KeyError, RuntimeError or ValueError from
+    h5py). Such a read is retried on a fresh open for as long as the file keeps changing (a writer
+    throttled by a slow disk can take seconds over one episode), and given up once it has stayed
+    unreadable and unchanged for ``_READ_PATIENCE_S``: then the file is damaged, and the error says how
+    to repair it. A missing file is reported at once.
     """
     if not Path(path).is_file():
         raise FileNotFoundError(f"no archive at {path}")
-    for attempt in range(_READ_ATTEMPTS):
+    start = last_change = time.monotonic()
+    state = _file_state(path)
+    while True:
         try:
             with open_archive(path) as f:
                 return read(f)
         except (OSError, KeyError, RuntimeError, ValueError) as exc:  # h5py's mapping of HDF5 errors
-            if attempt == _READ_ATTEMPTS - 1:
-                waited = _READ_ATTEMPTS * 0.05
-                raise OSError(f"{path}: unreadable (retried for {waited:.0f} s): {exc}") from exc
+            now = time.monotonic()
+            new = _file_state(path)
+            if new != state:
+                state, last_change = new, now
+            if now - last_change > _READ_PATIENCE_S or now - start > _READ_MAX_S:
+                cause = (
+                    "its writer died inside a write (its journal is still there)"
+                    if journal_path(path).exists()
+                    else "if its writer was killed inside a write"
+                )
+                raise OSError(
+                    f"{path}: unreadable for {now - start:.0f} s ({now - last_change:.0f} s without a change): "
+                    f"{exc}. {cause}: `python -m common.archive repair {path}` (or reopening it with "
+                    "`make train`) repairs it"
+                ) from exc
             time.sleep(0.05)
 
 
+def _index(name: str) -> int:
+    return int(name.split("_")[1])
+
+
+def _superblock_eof(path: Path) -> tuple[int, int, int, int, int] | None:
+    """(superblock version, address width, base address, end-of-file address, byte offset of that
+    address) from the HDF5 superblock at offset 0; None for anything else (another format, a user
+    block, an unknown superblock version)."""
+    with open(path, "rb") as fh:
+        head = fh.read(64)
+    if len(head) < 64 or head[:8] != _HDF5_SIGNATURE:
+        return None
+    version = head[8]
+    if version in (0, 1):  # sizes at 13/14; base, free-space, EOF addresses after 24 (+4 in v1) bytes
+        size = head[13]
+        at = 24 + (4 if version == 1 else 0)
+    elif version in (2, 3):  # sizes at 9/10; base, superblock extension, EOF addresses after 12 bytes
+        size = head[9]
+        at = 12
+    else:
+        return None
+    if size not in (2, 4, 8):
+        return None
+    base = int.from_bytes(head[at : at + size], "little")
+    eof_at = at + 2 * size
+    return version, size, base, int.from_bytes(head[eof_at : eof_at + size], "little"), eof_at
+
+
+def _match_superblock_eof(path: Path) -> int:
+    """Make the file and its superblock agree on where the file ends. Returns the bytes added (> 0: the
+    file was extended to the recorded end) or the bytes the recorded end moved (< 0: it was moved out
+    to the file's real end). A writer killed inside a write leaves either: a superblock that records
+    more than was written (extended with zeros, as its close would have), or metadata and data written
+    past the end the superblock records (the end is moved out, as ``h5clear --increment`` does). The
+    second needs a superblock without a checksum (versions 0 and 1, what ``h5py`` writes by default)."""
+    sb = _superblock_eof(path)
+    if sb is None:
+        return 0
+    version, width, base, eof, eof_at = sb
+    size = path.stat().st_size
+    recorded = base + eof
+    if size < recorded <= size + (1 << 30):
+        os.truncate(path, recorded)  # zero-fills the tail
+        return recorded - size
+    if recorded < size and version in (0, 1):
+        with open(path, "r+b") as fh:
+            fh.seek(eof_at)
+            fh.write((size - base).to_bytes(width, "little"))
+        return recorded - size
+    return 0
+
+
+def _check_layout(f: h5py.File, path: Path, shape: RFSQShape | None) -> None:
+    if "data" not in f or f["data"].attrs.get("schema_version") != ARCHIVE_SCHEMA_VERSION:
+        raise ArchiveError(f"{path} is not an RSD archive of schema {ARCHIVE_SCHEMA_VERSION}; move it away")
+    if shape is not None:
+        have = json.loads(f["data"].attrs["shape"])
+        if have != shape.to_dict():
+            raise ArchiveError(f"{path} holds shape {have}, trainer expects {shape.to_dict()}")
+
+
+def _rebuild_index(f: h5py.File) -> None:
+    """Masks and counters from the episode groups themselves (the source of truth)."""
+    data = f["data"]
+    groups = {name: data[name] for name in data}
+    names = sorted(groups, key=_index)
+    mask = f.require_group("mask")
+    for split in SPLITS:
+        if split in mask:
+            del mask[split]
+        keep = [n for n in names if attr_value(groups[n].attrs["split"]) == split]
+        mask.create_dataset(split, data=np.array(keep, dtype=MASK_DTYPE), maxshape=(None,), chunks=(256,))
+    data.attrs["num_episodes"] = max([_index(n) + 1 for n in names] + [int(data.attrs["num_episodes"])])
+    data.attrs["total"] = sum(int(g.attrs["num_samples"]) for g in groups.values())
+
+
+def _crc(arrays: tuple[np.ndarray, ...]) -> int:
+    crc = 0
+    for arr in arrays:
+        crc = zlib.crc32(np.ascontiguousarray(arr).tobytes(), crc)
+    return crc
+
+
+def _data_intact(g: h5py.Group) -> bool:
+    """The episode's arrays match the checksum written with them (episodes written before the checksum
+    existed, and empty ones, count as intact)."""
+    if "crc32" not in g.attrs or int(g.attrs["num_samples"]) == 0:
+        return True
+    return _crc(tuple(g[k][()] for k in ("hidden", "codes", "actions"))) == int(g.attrs["crc32"])
+
+
+def _read_all(g: h5py.Group) -> None:
+    """Read every dataset of an episode group (raises if any part of it is damaged)."""
+    for item in g.values():
+        if isinstance(item, h5py.Group):
+            _read_all(item)
+        else:
+            item[()]
+
+
+def repair_archive(path: str | Path, shape: RFSQShape | None = None) -> dict[str, Any]:
+    """Repair what a writer killed inside a write left (module doc); a no-op on a sound archive.
+
+    Returns what was done: ``rolled_back`` (None, or the pages an unfinished write's journal put back),
+    ``extended_by`` (see :func:`_match_superblock_eof`),
+    ``removed_partial`` (groups without ``complete``, and, after a killed write, any of the newest
+    episodes whose data does not match its checksum), ``salvaged`` (None, or the kept/lost episode
+    counts and the path the damaged original was moved to). Raises :class:`ArchiveError` for a file
+    that is not an archive (or not of ``shape``), or that cannot be opened at all.
+    """
+    path = Path(path)
+    report: dict[str, Any] = {"rolled_back": None, "extended_by": 0, "removed_partial": [], "salvaged": None}
+    if not path.is_file():
+        raise ArchiveError(f"no archive at {path}")
+    report["rolled_back"] = rollback(path)  # a write that never committed: undone, page by page
+    if report["rolled_back"] is not None:
+        log.warning("%s: undid a write that never finished (%d pages restored)", path, report["rolled_back"])
+    report["extended_by"] = _match_superblock_eof(path)  # damage left by versions without the journal
+    if report["extended_by"] > 0:
+        log.warning("%s: extended by %d bytes to the end its superblock records", path, report["extended_by"])
+    elif report["extended_by"] < 0:
+        log.warning(
+            "%s: superblock's end moved out by %d bytes to the file's end", path, -report["extended_by"]
+        )
+    try:
+        h5py.File(path, "r", locking=False).close()
+    except OSError as exc:
+        raise ArchiveError(f"archive {path} exists but cannot be opened ({exc}); move it away") from exc
+    try:
+        with _transaction(path) as f:
+            _check_layout(f, path, shape)
+            for name in list(f["data"]):
+                if not f["data"][name].attrs.get("complete", False):
+                    del f["data"][name]
+                    report["removed_partial"].append(name)
+            if report["extended_by"] or report["removed_partial"]:  # a killed write: check the newest data
+                for name in sorted(f["data"], key=_index)[-_CHECK_NEWEST:]:
+                    if not _data_intact(f["data"][name]):
+                        del f["data"][name]
+                        report["removed_partial"].append(name)
+            _rebuild_index(f)
+    except ArchiveError:
+        raise
+    except Exception as exc:  # damaged HDF5 metadata: copy out what is readable
+        report["salvaged"] = _salvage(path, exc)
+    if report["removed_partial"]:
+        log.warning(
+            "removed %d partially written episode(s): %s",
+            len(report["removed_partial"]),
+            report["removed_partial"],
+        )
+    return report
+
+
+def _salvage(path: Path, cause: Exception) -> dict[str, Any]:
+    tmp = path.with_name(path.name + ".salvage")
+    kept: list[str] = []
+    lost: list[str] = []
+    try:
+        with h5py.File(path, "r", locking=False) as src, h5py.File(tmp, "w") as dst:
+            sdata = src["data"]
+            ddata = dst.create_group("data")
+            for key, value in sdata.attrs.items():
+                ddata.attrs[key] = value
+            for name in sorted(sdata, key=_index):
+                try:
+                    g = sdata[name]
+                    if not g.attrs.get("complete", False):
+                        continue
+                    _read_all(g)
+                    if not _data_intact(g):
+                        raise ValueError("checksum mismatch")
+                    src.copy(g, ddata, name=name)
+                    kept.append(name)
+                except Exception:  # one damaged episode: lost, the others kept
+                    lost.append(name)
+                    if name in ddata:
+                        del ddata[name]
+            _rebuild_index(dst)
+    except Exception as exc:
+        tmp.unlink(missing_ok=True)
+        raise ArchiveError(
+            f"archive {path} is damaged ({cause}) and cannot be salvaged ({exc}); move it away"
+        ) from exc
+    backup = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.replace(path, backup)
+    os.replace(tmp, path)
+    log.warning(
+        "%s was damaged (%s): salvaged %d complete episode(s), lost %d; the original is kept as %s",
+        path,
+        cause,
+        len(kept),
+        len(lost),
+        backup,
+    )
+    return {"kept": len(kept), "lost": lost, "damaged_copy": str(backup), "cause": str(cause)}
+
+
 def iter_episodes(
-    path: str | Path, split: str | None = None, with_obs: bool = False
+    path: str | Path, split: str | None = None, with_obs: bool = False, names: list[str] | None = None
 ) -> Iterator[ArchiveEpisode]:
     """Complete episodes of an archive, in write order, optionally only one split (``with_obs``: also
-    the streamed observations of episodes that have them, producer ``--send-obs``).
+    the streamed observations of episodes that have them, producer ``--send-obs``; ``names``: only these
+    episodes, those of them that are complete).
 
     Safe to call while the trainer is writing the file (see :func:`_read_retrying`).
     """
@@ -384,13 +620,15 @@ def iter_episodes(
     if split is not None and split not in SPLITS:
         raise ValueError(f"split {split!r} not in {SPLITS}")
 
+    wanted = None if names is None else set(names)
+
     def list_names(f: h5py.File) -> list[str]:
-        names = [n for n in f["data"] if f["data"][n].attrs.get("complete", False)]
-        names.sort(key=lambda n: int(n.split("_")[1]))
-        if split is not None:
-            keep = {attr_value(x) for x in f["mask"][split][()]}
-            names = [n for n in names if n in keep]
-        return names
+        out = []
+        for n in f["data"] if wanted is None else sorted(wanted & set(f["data"])):
+            a = f["data"][n].attrs
+            if a.get("complete", False) and (split is None or attr_value(a["split"]) == split):
+                out.append(n)
+        return sorted(out, key=_index)
 
     def read_episode(f: h5py.File, name: str) -> ArchiveEpisode:
         g = f["data"][name]
@@ -432,13 +670,15 @@ def summarize(path: str | Path) -> dict[str, Any]:
 
 def episode_attrs(path: str | Path) -> list[dict[str, Any]]:
     """Attributes of every complete episode (no arrays read), with ``name`` added."""
-    out = []
-    with open_archive(path) as f:
+
+    def read(f: h5py.File) -> list[dict[str, Any]]:
+        out = []
         for name, g in f["data"].items():
             if g.attrs.get("complete", False):
                 out.append({"name": name, **{k: attr_value(v) for k, v in g.attrs.items()}})
-    out.sort(key=lambda a: int(a["name"].split("_")[1]))
-    return out
+        return sorted(out, key=lambda a: _index(a["name"]))
+
+    return _read_retrying(Path(path), read)
 
 
 def archived_seqs(path: str | Path) -> dict[tuple[str, str], int]:
@@ -448,3 +688,35 @@ def archived_seqs(path: str | Path) -> dict[tuple[str, str], int]:
         key = (a["producer_id"], a["producer_session"])
         out[key] = max(out.get(key, -1), int(a["last_seq"]))
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m common.archive",
+        description="Inspect or repair an RSD archive (the HDF5 file `make train` writes).",
+    )
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    rp = sub.add_parser(
+        "repair", help="repair what a writer killed inside a write left (see common/archive.py)"
+    )
+    rp.add_argument("path")
+    sp = sub.add_parser("summary", help="episodes and samples per split, status and producer")
+    sp.add_argument("path")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        if args.cmd == "repair":
+            out = repair_archive(args.path)
+        else:
+            out = summarize(args.path)
+    except (ArchiveError, OSError) as exc:
+        print(f"error: {exc}")
+        return 2
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

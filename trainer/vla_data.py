@@ -68,6 +68,11 @@ def demo_targets(data: dict[str, Any], codec: RFSQCodec, val_every: int) -> Demo
         )
     ep_ids = np.arange(len(data["episode_names"]))
     val_eps = ep_ids[ep_ids % val_every == val_every - 1]
+    if len(val_eps) == 0:
+        raise ValueError(
+            f"{len(ep_ids)} demonstration episode(s): none is held out with --val-every {val_every} (every "
+            f"{val_every}th episode is); record more episodes or lower --val-every (at least 2)"
+        )
     val_mask = np.isin(data["episode"], val_eps)
     train_mask = ~val_mask
     log.info(

@@ -22,6 +22,7 @@ from common.archive import (
     archived_seqs,
     iter_episodes,
     open_archive,
+    repair_archive,
 )
 from common.shapes import DEFAULT_SHAPE
 from trainer.pairs import load_split
@@ -135,14 +136,134 @@ def test_readable_while_written_and_intact_after_kill9(tmp_path):
                 reads += 1
         assert reads >= 5
     finally:
-        os.kill(proc.pid, signal.SIGKILL)
+        os.kill(proc.pid, signal.SIGKILL)  # anywhere: between episodes or inside a write
         proc.wait()
+    w = ArchiveWriter(path, SH)  # reopening for appending repairs what a kill inside a write left
     eps = list(iter_episodes(path))
     assert len(eps) >= written + 1  # every episode reported as written is there
     for ep in eps:
         assert ep.hidden.shape == (5, 512) and ep.attrs["complete"]
-    w = ArchiveWriter(path, SH)  # reopens for appending
     assert w.num_episodes >= len(eps)
+    w.write_episode(episode(w.num_episodes, 2))
+    assert len(list(iter_episodes(path))) == len(eps) + 1
+
+
+def test_kill_at_random_moments_loses_no_reported_episode(tmp_path):
+    """tools.archive_killtest: a writer killed at random moments, the archive reopened after each kill;
+    every episode reported finished is there with the data it was written with."""
+    from tools.archive_killtest import main
+
+    out = tmp_path / "kill.json"
+    assert main(["--kills", "4", "--min-episodes", "2", "--dir", str(tmp_path), "--out", str(out)]) == 0
+    summary = json.loads(out.read_text())["summary"]
+    assert (
+        summary["kills"] == 4 and summary["episodes_lost"] == 0 and summary["episodes_with_wrong_data"] == 0
+    )
+    assert summary["episodes_at_end"] >= 8
+
+
+def _written(path, n):
+    w = ArchiveWriter(path, SH)
+    for i in range(n):
+        w.write_episode(episode(i, 3, d=64))
+    return [np.asarray(e.hidden) for e in iter_episodes(path)]
+
+
+def test_a_file_cut_short_keeps_every_older_episode(tmp_path):
+    """A superblock recording more than the file holds (what a kill inside the close left before the
+    journal): the file is extended, and at most the newest episode (whose bytes may be the missing ones)
+    is dropped; what the missing bytes damaged beyond that is salvaged."""
+    path = tmp_path / "a.hdf5"
+    before = _written(path, 6)
+    size = path.stat().st_size
+    os.truncate(path, size - 600)
+    with pytest.raises(OSError):
+        h5py.File(path, "r", locking=False).close()
+    rep = repair_archive(path)
+    assert rep["extended_by"] == 600
+    after = [np.asarray(e.hidden) for e in iter_episodes(path)]
+    assert len(after) >= 5
+    for a, b in zip(after, before):
+        np.testing.assert_array_equal(a, b)
+    w = ArchiveWriter(path, SH)
+    w.write_episode(episode(9, 1, d=64))
+    assert len(list(iter_episodes(path))) == len(after) + 1
+
+
+def test_data_past_the_recorded_end_is_taken_in(tmp_path):
+    """Metadata written past the end the superblock records (a kill before the superblock was updated):
+    the recorded end moves out to the file's end."""
+    path = tmp_path / "a.hdf5"
+    before = _written(path, 3)
+    with open(path, "ab") as fh:
+        fh.write(b"\0" * 4096)
+    rep = repair_archive(path)
+    assert rep["extended_by"] == -4096 and not rep["salvaged"]
+    assert len(list(iter_episodes(path))) == len(before)
+    assert repair_archive(path)["extended_by"] == 0  # now consistent
+
+
+def test_after_a_killed_write_the_newest_data_is_checked(tmp_path):
+    path = tmp_path / "a.hdf5"
+    _written(path, 3)
+    with h5py.File(path, "a") as f:
+        f["data/demo_2/hidden"][0, 0] += 1  # data not as written, `complete` set
+        f["data"].create_group("demo_3")  # and a partial group: the mark of a killed write
+    rep = repair_archive(path)
+    assert rep["removed_partial"] == ["demo_3", "demo_2"]
+    assert [e.name for e in iter_episodes(path)] == ["demo_0", "demo_1"]
+
+
+def test_damaged_metadata_is_salvaged_into_a_new_file(tmp_path, monkeypatch):
+    import common.archive as archive
+
+    path = tmp_path / "a.hdf5"
+    before = _written(path, 4)
+    real = archive._rebuild_index
+    calls = []
+
+    def damaged_once(f):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError("bad heap index (as a kill can leave the old variable-length masks)")
+        return real(f)
+
+    monkeypatch.setattr(archive, "_rebuild_index", damaged_once)
+    rep = repair_archive(path)
+    assert rep["salvaged"]["kept"] == 4 and rep["salvaged"]["lost"] == []
+    assert Path(rep["salvaged"]["damaged_copy"]).is_file()
+    after = [np.asarray(e.hidden) for e in iter_episodes(path)]
+    for a, b in zip(after, before, strict=True):
+        np.testing.assert_array_equal(a, b)
+    with h5py.File(path, "r") as f:
+        assert [x.decode() for x in f["mask/train"][()]] == [f"demo_{i}" for i in range(4)]
+
+
+def test_an_archive_with_variable_length_masks_is_converted_on_reopen(tmp_path):
+    """Archives of earlier versions keep their episodes; their masks become fixed-length strings."""
+    path = tmp_path / "a.hdf5"
+    _written(path, 2)
+    with h5py.File(path, "a") as f:
+        del f["mask/train"]
+        f["mask"].create_dataset(
+            "train", data=["demo_0", "demo_1"], dtype=h5py.string_dtype(), maxshape=(None,)
+        )
+    w = ArchiveWriter(path, SH)
+    w.write_episode(episode(2, 1, d=64))
+    with h5py.File(path, "r") as f:
+        assert f["mask/train"].dtype.kind == "S"
+        assert [x.decode() for x in f["mask/train"][()]] == ["demo_0", "demo_1", "demo_2"]
+
+
+def test_repair_command(tmp_path, capsys):
+    from common.archive import main
+
+    path = tmp_path / "a.hdf5"
+    _written(path, 2)
+    assert main(["repair", str(path)]) == 0
+    assert json.loads(capsys.readouterr().out)["salvaged"] is None
+    assert main(["repair", str(tmp_path / "missing.hdf5")]) == 2
+    assert "no archive" in capsys.readouterr().out
 
 
 def test_refuses_wrong_shape(tmp_path):

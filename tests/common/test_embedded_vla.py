@@ -331,3 +331,16 @@ def test_max_minutes_fits_the_cosine_schedule_to_the_time(tmp_path):
     assert lr_at(cfg, 1999) > 0.5e-3  # the unfitted schedule would still be high there
     free = parse_config(VLATrainConfig, ["--packed", packed, "--steps", "8000"])
     assert fitted_total(free, 1000, 60.0) == 8000
+
+
+def test_too_few_episodes_to_hold_one_out_is_a_clear_error(tmp_path) -> None:
+    """Fewer demonstration episodes than --val-every: no held-out episode, refused before training."""
+    from common.codec import save_codec
+    from trainer.train_vla import main
+
+    demos = tmp_path / "demos.hdf5"
+    _write_demos(demos, episodes=3, steps=9)
+    save_codec(RFSQCodec(), tmp_path / "codec")
+    with pytest.raises(ValueError, match="none is held out with --val-every 10"):
+        main(["--demos", str(demos), "--codec-dir", str(tmp_path / "codec"), "--image-size", "16",
+              "--out-dir", str(tmp_path / "vla"), "--steps", "1"])  # fmt: skip
