@@ -156,9 +156,16 @@ def open_archive(path: str | Path) -> h5py.File:
 class ArchiveWriter:
     """Append-only writer; one open/write/close cycle per episode."""
 
-    def __init__(self, path: str | Path, shape: RFSQShape, trainer_config: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        path: str | Path,
+        shape: RFSQShape,
+        trainer_config: dict[str, Any] | None = None,
+        journal: bool = True,
+    ):
         self.path = Path(path)
         self.shape = shape
+        self.journal = journal  # False: plain in-place HDF5 writes (the measured baseline of the journal)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.removed_partial: list[str] = []
         self.created = not self.path.exists()  # made by this writer (nothing of an earlier run in it)
@@ -192,6 +199,10 @@ class ArchiveWriter:
     def _open(self) -> Iterator[h5py.File]:
         """The archive open for one atomic change (:mod:`common.journal`): the change is kept only if
         the block ends without an exception; a kill or an exception inside it leaves the file as before."""
+        if not self.journal:
+            with h5py.File(self.path, "a", locking=False) as f:
+                yield f
+            return
         with _transaction(self.path) as f:
             yield f
 

@@ -2,16 +2,22 @@
 # The embedded VLA's training record as one command (docs/bench/policy.md): fresh-state expert
 # demonstrations -> codec -> two VLA sizes -> one DAgger round each (their fresh-state closed-loop
 # success is the validation that picks one; no benchmark state is used) -> retrain on everything ->
-# the standard protocol (10 tasks x 50 benchmark initial states) on the final weights only.
+# further DAgger rounds with the picked size (ROUNDS) -> the rounds compared on new fresh starts ->
+# the standard protocol (10 tasks x 50 benchmark initial states) on the final weights only, and the draft
+# of the final policy beside it -> optionally the paired RSD arms under the same protocol.
 #
 #     RUN=runs/policy WORKERS=60 scripts/policy_pipeline.sh        # a many-core GPU node
 #
 # Every stage writes under $RUN and is skipped when its output exists, so a stopped run resumes.
 # Knobs (environment): PY, RUN, WORKERS, TASKS, DEMO_INITS, DEMO_MIN, DAGGER_INITS, DAGGER_MIN, DAGGER_EVERY,
-# STEPS0, MIN0, TRAIN_EXTRA, TRAIN_THREADS, STEPS1, MIN1, R1_INIT (init: fine-tune the picked round-0
-# weights; scratch: train anew on all data), VAL_INITS, VAL_MIN (fresh starts that choose between
-# round 0 and round 1; empty: round 1), EVAL_ROUND0 (non-empty: the protocol on round 0 too), EXECUTE (actions per policy query in DAgger and the
-# evaluation; empty: the whole chunk), DEVICE, SIZE_A, SIZE_B, EVAL_ARGS. The defaults are the recorded
+# STEPS0, MIN0, TRAIN_EXTRA, TRAIN_THREADS, ROUNDS (DAgger rounds; round r > 1 rolls out round r-1's
+# policy on new fresh starts with all workers), STEPS1, MIN1 (each round's training), R1_INIT (init:
+# fine-tune the previous round's weights; scratch: train anew on all data), VAL_INITS, VAL_MIN (fresh starts
+# that choose between the rounds; empty: the last round), EVAL (0: stop before the standard protocol),
+# EVAL_ROUND0 (non-empty: the protocol on round 0 too), EXECUTE (actions per policy query in DAgger and the
+# evaluation; empty: the whole chunk), DEVICE, SIZE_A, SIZE_B, CODEC_ARGS, EVAL_ARGS, DRAFT (0: no draft of the
+# final policy), DRAFT_GPU, DRAFT_ARGS, ARMS (closed-loop arms of evaluator.eval under the standard protocol,
+# e.g. "baseline relaxed truncate-k2"; empty: none), ARMS_ARGS. The defaults are the recorded
 # run's (docs/bench/policy.md), which also set DEMO_MIN=6 MIN0=3.5 DAGGER_MIN=3 MIN1=2.5.
 set -euo pipefail
 PY=${PY:-python3}
@@ -35,6 +41,13 @@ SIZE_B=${SIZE_B:---hidden-size 320 --intermediate-size 960 --num-hidden-layers 6
 EVAL_ARGS=${EVAL_ARGS:-}
 TRAIN_THREADS=${TRAIN_THREADS:-2}
 R1_INIT=${R1_INIT:-init}
+ROUNDS=${ROUNDS:-1}
+EVAL=${EVAL:-1}
+DRAFT=${DRAFT:-1}
+DRAFT_GPU=${DRAFT_GPU:-2}
+DRAFT_ARGS=${DRAFT_ARGS:---batch-size 512 --epochs 20 --extract-batch 512}
+ARMS=${ARMS:-}
+ARMS_ARGS=${ARMS_ARGS:-}
 EXECUTE=${EXECUTE:-}
 VAL_INITS=${VAL_INITS:-}
 VAL_MIN=${VAL_MIN:-3}
@@ -42,6 +55,7 @@ TRAIN_COMMON="--batch-size 256 --lr 5e-4 --warmup 200 --eval-interval 500 --free
 
 mkdir -p "$RUN"
 log() { echo "$(date -u +%H:%M:%S) pipeline: $*" | tee -a "$RUN/pipeline.log"; }
+trap 'log "stopped: a stage failed (line $LINENO, exit $?); its log is under $RUN"' ERR
 gpu() { if [ "$DEVICE" = cuda ]; then echo "CUDA_VISIBLE_DEVICES=$1"; fi; }
 
 if [ ! -f "$RUN/demos.done" ]; then
@@ -56,7 +70,7 @@ log "demos: $(echo $DEMOS | wc -w) files"
 
 if [ ! -f "$RUN/codec/codec.safetensors" ]; then
     log "codec"
-    $PY -m trainer.train_codec --demos $DEMOS --out-dir "$RUN/codec" --threads 8 > "$RUN/codec.log" 2>&1
+    $PY -m trainer.train_codec --demos $DEMOS --out-dir "$RUN/codec" --threads 8 ${CODEC_ARGS:-} > "$RUN/codec.log" 2>&1
 fi
 
 train() {  # name gpu init-from steps minutes size-args data...
@@ -71,15 +85,22 @@ train vla_a0 0 "" "$STEPS0" "$MIN0" "$SIZE_A" $DEMOS & pa=$!
 train vla_b0 1 "" "$STEPS0" "$MIN0" "$SIZE_B" $DEMOS & pb=$!
 wait $pa; wait $pb
 
-dagger() {  # name weights
+# Closed-loop rollouts of a policy (producer.dagger): with expert labels on every LABEL_EVERY-th state (a DAgger
+# round), or on the first state only (LABEL_EVERY 100000: a plain closed-loop run, the validation).
+rollouts() {  # name weights round init-states label-every minutes workers
     if [ -f "$RUN/$1.hdf5" ]; then return; fi
-    log "dagger $1 with $2 ($HALF workers, at most $DAGGER_MIN min)"
-    $PY -m producer.dagger --weights-dir "$RUN/$2" --codec-dir "$RUN/codec" --round 1 --tasks "$TASKS" --init-states "$DAGGER_INITS" \
-        --label-every "$DAGGER_EVERY" ${EXECUTE:+--replan $EXECUTE} --workers "$HALF" --max-minutes "$DAGGER_MIN" --out "$RUN/$1.hdf5" \
+    log "rollouts $1 with $2 (round $3, $4, label every $5, $7 workers, at most $6 min)"
+    $PY -m producer.dagger --weights-dir "$RUN/$2" --codec-dir "$RUN/codec" --round "$3" --tasks "$TASKS" --init-states "$4" \
+        --label-every "$5" ${EXECUTE:+--replan $EXECUTE} --workers "$7" --max-minutes "$6" --out "$RUN/$1.hdf5" \
         > "$RUN/$1.log" 2>&1
 }
-dagger dagger_a1 vla_a0 & pa=$!
-dagger dagger_b1 vla_b0 & pb=$!
+# Round r's DAgger starts: DAGGER_INITS moved on by (r - 1) times its length, so no start repeats across rounds.
+dagger_inits() {
+    local lo hi n; lo=${DAGGER_INITS#fresh:}; hi=${lo#*-}; lo=${lo%-*}; n=$(( hi - lo + 1 ))
+    echo "fresh:$(( lo + ($1 - 1) * n ))-$(( hi + ($1 - 1) * n ))"
+}
+rollouts dagger_a1 vla_a0 1 "$(dagger_inits 1)" "$DAGGER_EVERY" "$DAGGER_MIN" "$HALF" & pa=$!
+rollouts dagger_b1 vla_b0 1 "$(dagger_inits 1)" "$DAGGER_EVERY" "$DAGGER_MIN" "$HALF" & pb=$!
 wait $pa; wait $pb
 
 # Validation: the policies' own success on the fresh DAgger starts (never a benchmark state).
@@ -96,43 +117,61 @@ print(pick)
 EOF
 )
 log "picked size $PICK (validation on fresh starts: $(cat "$RUN/pick.json" | tr -d '\n ')"
-if [ "$R1_INIT" = init ]; then R1_FROM="--init-from $RUN/vla_${PICK}0"; R1_SIZE=""; else R1_FROM=""; SIZE_VAR="SIZE_${PICK^^}"; R1_SIZE="${!SIZE_VAR}"; fi
-train "vla_${PICK}1" 0 "$R1_FROM" "$STEPS1" "$MIN1" "$R1_SIZE" \
-    $DEMOS "$RUN/dagger_a1.hdf5" "$RUN/dagger_b1.hdf5"
+SIZE_VAR="SIZE_${PICK^^}"
+DAGGER_FILES="$RUN/dagger_a1.hdf5 $RUN/dagger_b1.hdf5"
+for r in $(seq 1 "$ROUNDS"); do
+    if [ "$r" -gt 1 ]; then
+        rollouts "dagger_$r" "vla_${PICK}$(( r - 1 ))" "$r" "$(dagger_inits "$r")" "$DAGGER_EVERY" "$DAGGER_MIN" "$WORKERS"
+        DAGGER_FILES="$DAGGER_FILES $RUN/dagger_$r.hdf5"
+    fi
+    if [ "$R1_INIT" = init ]; then FROM="--init-from $RUN/vla_${PICK}$(( r - 1 ))"; SIZE=""; else FROM=""; SIZE="${!SIZE_VAR}"; fi
+    train "vla_${PICK}$r" 0 "$FROM" "$STEPS1" "$MIN1" "$SIZE" $DEMOS $DAGGER_FILES
+done
 
-# Round 0 or round 1? Both roll out from the same new fresh starts (VAL_INITS; the recorder labels only
-# the first state, so this is a plain closed-loop run), compared on the episodes both finished. Round 1
-# unless it is worse. VAL_INITS empty: round 1 without a check (the recorded run).
+# Which round? Every round's policy rolls out from the same new fresh starts (VAL_INITS; the recorder labels
+# only the first state, so this is a plain closed-loop run); the most successes on the episodes all of them
+# finished wins, a tie goes to the later round. VAL_INITS empty: the last round, unchecked.
 if [ -n "$VAL_INITS" ] && [ ! -f "$RUN/final_pick.json" ]; then
-    validate() {  # name weights
-        $PY -m producer.dagger --weights-dir "$RUN/$2" --codec-dir "$RUN/codec" --round 0 --tasks "$TASKS" \
-            --init-states "$VAL_INITS" --label-every 100000 ${EXECUTE:+--replan $EXECUTE} --workers "$HALF" \
-            --max-minutes "$VAL_MIN" --out "$RUN/$1.hdf5" > "$RUN/$1.log" 2>&1
-    }
-    log "validation of rounds 0 and 1 on $VAL_INITS"
-    validate val_r0 "vla_${PICK}0" & pa=$!
-    validate val_r1 "vla_${PICK}1" & pb=$!
-    wait $pa; wait $pb
-    $PY - "$RUN" "$PICK" <<'EOF'
+    log "validation of rounds 0..$ROUNDS on $VAL_INITS"
+    share=$(( WORKERS / (ROUNDS + 1) > 0 ? WORKERS / (ROUNDS + 1) : 1 ))
+    pids=""
+    for r in $(seq 0 "$ROUNDS"); do
+        rollouts "val_r$r" "vla_${PICK}$r" 0 "$VAL_INITS" 100000 "$VAL_MIN" "$share" & pids="$pids $!"
+    done
+    for p in $pids; do wait "$p"; done
+    $PY - "$RUN" "$PICK" "$ROUNDS" <<'EOF'
 import json, sys
-run, pick = sys.argv[1], sys.argv[2]
-eps = {r: {(e["task_id"], e["init_state"]): e["success"] for e in json.load(open(f"{run}/val_{r}.json"))["episodes"]}
-       for r in ("r0", "r1")}
-common = sorted(set(eps["r0"]) & set(eps["r1"]))
+run, pick, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
+eps = {r: {(e["task_id"], e["init_state"]): e["success"] for e in json.load(open(f"{run}/val_r{r}.json"))["episodes"]}
+       for r in range(rounds + 1)}
+common = sorted(set.intersection(*(set(e) for e in eps.values())))
 k = {r: sum(eps[r][c] for c in common) for r in eps}
-final = f"vla_{pick}0" if k["r0"] > k["r1"] else f"vla_{pick}1"
-json.dump({"paired_episodes": len(common), "successes": k, "final": final}, open(f"{run}/final_pick.json", "w"), indent=1)
-print(f"validation on {len(common)} paired fresh episodes: round 0 {k['r0']}, round 1 {k['r1']} -> {final}")
+best = max(eps, key=lambda r: (k[r], r))
+final = f"vla_{pick}{best}"
+json.dump({"paired_episodes": len(common), "successes": {f"round {r}": k[r] for r in k}, "final": final},
+          open(f"{run}/final_pick.json", "w"), indent=1)
+print(f"validation on {len(common)} paired fresh episodes: {k} -> {final}")
 EOF
 fi
-FINAL=$( [ -f "$RUN/final_pick.json" ] && $PY -c "import json,sys; print(json.load(open(sys.argv[1]))['final'])" "$RUN/final_pick.json" || echo "vla_${PICK}1")
+FINAL=$( [ -f "$RUN/final_pick.json" ] && $PY -c "import json,sys; print(json.load(open(sys.argv[1]))['final'])" "$RUN/final_pick.json" || echo "vla_${PICK}${ROUNDS}")
 ln -sfn "$FINAL" "$RUN/final"
 log "final weights: $FINAL"
+
+# The draft of the final policy (for RSD, issue 17): fitted on the policy's own hidden states and codes
+# over every training frame (demonstrations and DAgger states; no benchmark state), beside the protocol.
+draft() {
+    if [ "$DRAFT" != 1 ] || [ -f "$RUN/draft.pt" ]; then return; fi
+    log "draft of $FINAL"
+    env $(gpu "$DRAFT_GPU") $PY -m trainer.fit_draft --demos $DEMOS $DAGGER_FILES --weights-dir "$RUN/final" \
+        --codec-dir "$RUN/codec" --device "$DEVICE" --threads 4 --slim --out "$RUN/draft.pt" $DRAFT_ARGS \
+        > "$RUN/draft.log" 2>&1
+}
+draft & pdraft=$!
 
 # The training data's record: every demonstration's start, and the leak check against the 50 benchmark
 # initial states of every task (the same check the readers ran; here kept as a file).
 if [ ! -f "$RUN/training_data.json" ]; then
-    $PY - "$RUN" $DEMOS "$RUN/dagger_a1.hdf5" "$RUN/dagger_b1.hdf5" <<'EOF'
+    $PY - "$RUN" $DEMOS $DAGGER_FILES <<'EOF'
 import json, sys
 from pathlib import Path
 from common.init_states import check_demo_files
@@ -145,16 +184,25 @@ print(f"training data: {len(report['sources'])} episodes, leak check {report['ch
 EOF
 fi
 
-if [ ! -f "$RUN/eval_final.json" ]; then
+if [ "$EVAL" = 1 ] && [ ! -f "$RUN/eval_final.json" ]; then
     log "standard protocol on $RUN/final ($WORKERS workers)"
     $PY -m evaluator.rollout --weights-dir "$RUN/final" --codec-dir "$RUN/codec" --workers "$WORKERS" \
         --out "$RUN/eval_final.json" --no-progress ${EXECUTE:+--execute $EXECUTE} $EVAL_ARGS > "$RUN/eval_final.log" 2>&1
 fi
 # Optional, reported and never used to choose: the same protocol on the round-0 weights (does a policy
 # trained on fresh starts do as well on the benchmark states as on fresh ones?).
-if [ -n "${EVAL_ROUND0:-}" ] && [ ! -f "$RUN/eval_round0.json" ]; then
+if [ "$EVAL" = 1 ] && [ -n "${EVAL_ROUND0:-}" ] && [ ! -f "$RUN/eval_round0.json" ]; then
     log "standard protocol on $RUN/vla_${PICK}0 (report only)"
     $PY -m evaluator.rollout --weights-dir "$RUN/vla_${PICK}0" --codec-dir "$RUN/codec" --workers "$WORKERS" \
         --out "$RUN/eval_round0.json" --no-progress ${EXECUTE:+--execute $EXECUTE} $EVAL_ARGS > "$RUN/eval_round0.log" 2>&1
+fi
+wait $pdraft
+# Paired closed-loop arms of RSD under the standard protocol (issue 17): ARMS, for example
+# "baseline relaxed truncate-k2" (about 6.5 minutes per 500-episode arm on 60 workers).
+if [ -n "$ARMS" ] && [ ! -f "$RUN/arms/eval.json" ]; then
+    log "closed-loop arms: $ARMS ($WORKERS workers)"
+    $PY -m evaluator.eval --draft "$RUN/draft.pt" --weights-dir "$RUN/final" --codec-dir "$RUN/codec" \
+        --closed-loop-arms $ARMS --workers "$WORKERS" --out-dir "$RUN/arms" ${EXECUTE:+--execute $EXECUTE} $ARMS_ARGS \
+        > "$RUN/arms.log" 2>&1
 fi
 log "done"

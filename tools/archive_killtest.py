@@ -38,7 +38,7 @@ WRITER = textwrap.dedent(
     sys.path.insert(0, {repo!r})
     from common.archive import ArchiveWriter, EpisodeRecord
     from common.shapes import DEFAULT_SHAPE as SH
-    w = ArchiveWriter({path!r}, SH)
+    w = ArchiveWriter({path!r}, SH, journal={journal})
     i = w.num_episodes
     while True:
         rng = np.random.default_rng(i)  # an episode's data is a function of its index: checked later
@@ -68,13 +68,15 @@ def _as_written(ep) -> bool:
     return bool(np.array_equal(ep.hidden[0].astype(np.float16), want[0]))
 
 
-def one_kill(path: Path, dim: int, rng: random.Random, min_episodes: int, reported: set[int]) -> dict:
+def one_kill(
+    path: Path, dim: int, rng: random.Random, min_episodes: int, reported: set[int], journal: bool = True
+) -> dict:
     """Start a writer on ``path``, kill it at a random moment, reopen, check. Returns what happened;
     ``reported`` (every episode any writer reported finished) grows by this writer's."""
     from common.archive import episode_attrs, iter_episodes, repair_archive
 
     proc = subprocess.Popen(
-        [sys.executable, "-c", WRITER.format(repo=str(REPO), path=str(path), dim=dim)],
+        [sys.executable, "-c", WRITER.format(repo=str(REPO), path=str(path), dim=dim, journal=journal)],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -135,6 +137,11 @@ def main(argv: list[str] | None = None) -> int:
         "--min-episodes", type=int, default=3, help="episodes a writer finishes before its kill, at least"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--no-journal",
+        action="store_true",
+        help="write without the rollback journal (the baseline it is measured against)",
+    )
     p.add_argument("--out", type=Path, default=None, help="write the rows and the tally here (JSON)")
     p.add_argument(
         "--dir", type=Path, default=None, help="where the archive lives (default: a temporary folder)"
@@ -148,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     reported: set[int] = set()
     for _ in tqdm(range(args.kills), desc="kill -9 the writer", unit="kill"):
-        row = one_kill(path, args.dim, rng, args.min_episodes, reported)
+        row = one_kill(path, args.dim, rng, args.min_episodes, reported, journal=not args.no_journal)
         rows.append(row)
         if row["repair"] == "failed":
             break  # nothing later can write to this file
@@ -156,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     lost = len(rows[-1].get("lost", [])) if rows else 0  # cumulative: every reported episode, checked
     wrong = sum(len(r.get("wrong_data", [])) for r in rows)
     summary = {
+        "journal": not args.no_journal,
         "kills": len(rows),
         "outcomes": dict(tally),
         "episodes_lost": lost,
