@@ -374,7 +374,8 @@ def attr_value(value: Any) -> Any:
 
 
 _CHECK_NEWEST = 4  # episodes whose data a repair checks against their checksum
-_READ_PATIENCE_S = 10.0  # unreadable and unchanged this long: damaged, not mid-write
+_READ_PATIENCE_S = 10.0  # unreadable and unchanged this long, a journal present: its writer died
+_READ_PATIENCE_IDLE_S = 2.0  # unreadable, no journal (no writer inside a change): damaged
 _READ_MAX_S = 120.0
 
 
@@ -390,8 +391,9 @@ def _read_retrying(path: Path, read: Any) -> Any:
     milliseconds can see half-updated HDF5 metadata (OSError, KeyError, RuntimeError or ValueError from
     h5py). Such a read is retried on a fresh open for as long as the file keeps changing (a writer
     throttled by a slow disk can take seconds over one episode), and given up once it has stayed
-    unreadable and unchanged for ``_READ_PATIENCE_S``: then the file is damaged, and the error says how
-    to repair it. A missing file is reported at once.
+    unreadable and unchanged for ``_READ_PATIENCE_S`` while a writer's journal exists (the writer died
+    inside a change), or for ``_READ_PATIENCE_IDLE_S`` without one (nobody is writing: the file is
+    damaged); the error says how to repair it. A missing file is reported at once.
     """
     if not Path(path).is_file():
         raise FileNotFoundError(f"no archive at {path}")
@@ -406,11 +408,13 @@ def _read_retrying(path: Path, read: Any) -> Any:
             new = _file_state(path)
             if new != state:
                 state, last_change = new, now
-            if now - last_change > _READ_PATIENCE_S or now - start > _READ_MAX_S:
+            # a writer inside a change holds a journal: without one nobody is writing, so do not wait long
+            patience = _READ_PATIENCE_S if journal_path(path).exists() else _READ_PATIENCE_IDLE_S
+            if now - last_change > patience or now - start > _READ_MAX_S:
                 cause = (
-                    "its writer died inside a write (its journal is still there)"
+                    "Its writer died inside a write (its journal is still there)"
                     if journal_path(path).exists()
-                    else "if its writer was killed inside a write"
+                    else "If its writer was killed inside a write"
                 )
                 raise OSError(
                     f"{path}: unreadable for {now - start:.0f} s ({now - last_change:.0f} s without a change): "

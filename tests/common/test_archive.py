@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from common.archive import (
+    ArchiveError,
     ArchiveWriter,
     EpisodeRecord,
     archive_meta,
@@ -24,6 +25,7 @@ from common.archive import (
     open_archive,
     repair_archive,
 )
+from common.journal import journal_path
 from common.shapes import DEFAULT_SHAPE
 from trainer.pairs import load_split
 
@@ -283,3 +285,18 @@ def test_episode_schedule_names_task_and_initial_state():
     got = [episode_schedule(cfg, e) for e in range(8)]
     assert got == [(3, 5), (3, 6), (7, 5), (7, 6), (3, 7), (3, 8), (7, 7), (7, 8)]
     assert episode_schedule({**cfg, "first_init_state": 48}, 4) == (3, 0)  # wraps at the suite's 50
+
+
+def test_a_damaged_archive_fails_fast_when_nobody_writes_and_names_the_repair(tmp_path):
+    path = tmp_path / "a.hdf5"
+    _written(path, 3)
+    os.truncate(path, path.stat().st_size - 600)
+    t0 = time.monotonic()
+    with pytest.raises((OSError, ArchiveError), match="common.archive repair"):
+        list(iter_episodes(path))
+    assert time.monotonic() - t0 < 6  # no journal: no writer inside a change, nothing to wait for
+    journal_path(path).write_bytes(b"")  # a writer's journal: the reader waits for it (10 s unchanged)
+    t0 = time.monotonic()
+    with pytest.raises((OSError, ArchiveError), match="died inside a write"):
+        list(iter_episodes(path))
+    assert time.monotonic() - t0 >= 9
