@@ -101,14 +101,16 @@ def test_on_demand_rendering_equals_robosuite_camera_obs():
     seen = {}
     for every in (False, True):
         cfg = EnvConfig(task_id=2, init_state=1, image_size=SIZE, render_every_step=every)
+        frames = []
         with LiberoEnv(cfg) as e:
-            frames = [e.reset()]
-            for a, o in zip(actions, observe):
-                obs, *_ = e.step(a, observe=o)
-                if o:
-                    frames.append(obs)
+            for start in (1, 3):  # a second hard reset: its new camera sensors are gated from the start
+                frames.append(e.reset(start))
+                for a, o in zip(actions, observe):
+                    obs, *_ = e.step(a, observe=o)
+                    if o:
+                        frames.append(obs)
         seen[every] = frames
-    assert len(seen[False]) == len(seen[True]) == 4
+    assert len(seen[False]) == len(seen[True]) == 8
     for lazy, full in zip(seen[False], seen[True]):
         np.testing.assert_array_equal(lazy.agentview, full.agentview)
         np.testing.assert_array_equal(lazy.wrist, full.wrist)
@@ -142,3 +144,24 @@ def test_reset_is_reproducible(env):
     np.testing.assert_array_equal(a.agentview, b.agentview)
     np.testing.assert_array_equal(a.wrist, b.wrist)
     np.testing.assert_array_equal(a.proprio, b.proprio)
+
+
+def test_a_kept_render_context_renders_what_a_fresh_one_does():
+    """The render context kept across hard resets (reuse_render_context) gives the images of a context
+    built anew for every episode, over benchmark and fresh starts."""
+    rng = np.random.default_rng(1)
+    actions = rng.uniform(-1, 1, size=(3, 7))
+    seen = {}
+    for reuse in (True, False):
+        frames = []
+        with LiberoEnv(EnvConfig(task_id=4, image_size=SIZE, reuse_render_context=reuse)) as e:
+            for start in (1, "fresh:7", 3):
+                frames.append(e.reset(start))
+                for a in actions:
+                    obs, *_ = e.step(a)
+                    frames.append(obs)
+            assert e.render_context_reuses >= (2 if reuse else 0) and (reuse or e.render_context_reuses == 0)
+        seen[reuse] = frames
+    for kept, fresh in zip(seen[True], seen[False], strict=True):
+        np.testing.assert_array_equal(kept.agentview, fresh.agentview)
+        np.testing.assert_array_equal(kept.wrist, fresh.wrist)
