@@ -343,6 +343,7 @@ class LiberoEnv:
             if old is not None and key is not None and key == new_key:
                 import mujoco
 
+                old.gl_ctx.make_current()  # another env's context may be current (a new one made itself so)
                 old.sim, old.model, old.data = robo.sim, robo.sim.model, robo.sim.data
                 old.scn = mujoco.MjvScene(robo.sim.model._model, maxgeom=1000)
                 robo.sim.add_render_context(old)
@@ -388,7 +389,10 @@ class LiberoEnv:
         blank = np.zeros((size, size, 3), dtype=np.uint8)
 
         def gated(obs_cache: dict, _real=real) -> np.ndarray:
-            return _real(obs_cache) if self._want_images else blank
+            if not self._want_images:
+                return blank
+            self._make_current()
+            return _real(obs_cache)
 
         gated.__modality__ = getattr(real, "__modality__", "image")  # type: ignore[attr-defined]
         gated._rsd_gated = True  # type: ignore[attr-defined]
@@ -431,7 +435,15 @@ class LiberoEnv:
         if self._fresh_images and key in self._raw:
             return self._raw[key]
         size = self.cfg.image_size
+        self._make_current()
         return self._env.sim.render(camera_name=camera, width=size, height=size, depth=False)
+
+    def _make_current(self) -> None:
+        """Make this env's OpenGL context current: robosuite renders into whichever is, and another
+        LiberoEnv in the same process may have made its own current since."""
+        ctx = getattr(self._env.env.sim, "_render_context_offscreen", None)
+        if ctx is not None:
+            ctx.gl_ctx.make_current()
 
     def proprio(self) -> np.ndarray:
         """[8] float32: eef position (3), eef axis-angle (3), gripper finger qpos (2)."""

@@ -165,3 +165,18 @@ def test_a_kept_render_context_renders_what_a_fresh_one_does():
     for kept, fresh in zip(seen[True], seen[False], strict=True):
         np.testing.assert_array_equal(kept.agentview, fresh.agentview)
         np.testing.assert_array_equal(kept.wrist, fresh.wrist)
+
+
+def test_an_env_renders_its_own_scene_after_another_came_and_went():
+    """A second env in the same process makes its OpenGL context current and frees it on close; the first
+    env's next episodes (with its kept render context) still render its own scene, as when alone."""
+    action = np.array([0.3, 0, 0, 0, 0, 0, -1])
+    with LiberoEnv(EnvConfig(task_id=3, image_size=SIZE)) as a:
+        first = [a.reset(2), a.step(action)[0]]
+        with LiberoEnv(EnvConfig(task_id=6, image_size=SIZE)) as b:
+            b.reset(1)
+            b.step(action)
+        again = [a.reset(2), a.step(action)[0]]
+    for x, y in zip(again, first, strict=True):
+        np.testing.assert_array_equal(x.agentview, y.agentview)
+        np.testing.assert_array_equal(x.wrist, y.wrist)
