@@ -73,7 +73,8 @@ def one_kill(
 ) -> dict:
     """Start a writer on ``path``, kill it at a random moment, reopen, check. Returns what happened;
     ``reported`` (every episode any writer reported finished) grows by this writer's."""
-    from common.archive import episode_attrs, iter_episodes, repair_archive
+    from common.archive import episode_attrs, iter_episodes
+    from common.archive_repair import repair_archive
 
     proc = subprocess.Popen(
         [sys.executable, "-c", WRITER.format(repo=str(REPO), path=str(path), dim=dim, journal=journal)],

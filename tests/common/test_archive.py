@@ -23,8 +23,8 @@ from common.archive import (
     archived_seqs,
     iter_episodes,
     open_archive,
-    repair_archive,
 )
+from common.archive_repair import repair_archive
 from common.journal import journal_path
 from common.shapes import DEFAULT_SHAPE
 from trainer.pairs import load_split
@@ -217,11 +217,11 @@ def test_after_a_killed_write_the_newest_data_is_checked(tmp_path):
 
 
 def test_damaged_metadata_is_salvaged_into_a_new_file(tmp_path, monkeypatch):
-    import common.archive as archive
+    import common.archive_repair as archive_repair
 
     path = tmp_path / "a.hdf5"
     before = _written(path, 4)
-    real = archive._rebuild_index
+    real = archive_repair._rebuild_index
     calls = []
 
     def damaged_once(f):
@@ -230,7 +230,7 @@ def test_damaged_metadata_is_salvaged_into_a_new_file(tmp_path, monkeypatch):
             raise OSError("bad heap index (as a kill can leave the old variable-length masks)")
         return real(f)
 
-    monkeypatch.setattr(archive, "_rebuild_index", damaged_once)
+    monkeypatch.setattr(archive_repair, "_rebuild_index", damaged_once)
     rep = repair_archive(path)
     assert rep["salvaged"]["kept"] == 4 and rep["salvaged"]["lost"] == []
     assert Path(rep["salvaged"]["damaged_copy"]).is_file()
