@@ -44,6 +44,7 @@ from producer.fresh_start import (
     settle_motion,
 )
 from producer.libero_setup import ensure_libero
+from producer.render_context import RenderContextKeeper
 from producer.sim_state import restart_sampling_clocks, restore_sim, snapshot_sim
 from producer.suites import MAX_STEPS, SUITES, list_tasks, task_init_states
 
@@ -126,21 +127,6 @@ def upright(img: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(img[::-1, ::-1])
 
 
-def render_assets_key(model: Any) -> tuple:
-    """What an offscreen render context uploads of a MuJoCo model: equal keys, interchangeable contexts."""
-    import zlib
-
-    parts: list[Any] = [model.vis.global_.offwidth, model.vis.global_.offheight, model.vis.quality.offsamples,
-                        model.vis.quality.shadowsize]  # fmt: skip
-    for name in ("mesh_vert", "mesh_face", "mesh_normal", "mesh_texcoord", "tex_data", "tex_height", "tex_width",
-                 "hfield_data", "skin_vert"):  # fmt: skip
-        arr = getattr(model, name, None)
-        if arr is not None:
-            data = np.ascontiguousarray(arr)
-            parts.append((name, data.shape, zlib.crc32(data.tobytes())))
-    return tuple(parts)
-
-
 class LiberoEnv:
     """One LIBERO task, stepped with 7-d delta end-effector actions (OSC_POSE, 20 Hz)."""
 
@@ -167,16 +153,9 @@ class LiberoEnv:
             use_camera_obs=True,
         )
         log.debug("built %s task %d in %.1fs", cfg.suite, cfg.task_id, time.perf_counter() - t0)
-        self._render_key: tuple | None = None  # assets of the render context kept across hard resets
-        self._kept_context: Any = None  # the last sim's render context, between its sim and the next
-        self.render_context_reuses = 0
         robo = self._env.env
-        if (
-            cfg.reuse_render_context
-            and hasattr(robo, "_destroy_sim")
-            and hasattr(robo.sim, "add_render_context")
-        ):
-            self._keep_render_context()  # robosuite 1.4's hooks; another robosuite builds a context per reset
+        keep = cfg.reuse_render_context and RenderContextKeeper.supported(robo)
+        self._contexts = RenderContextKeeper(robo) if keep else None
         self._raw: dict[str, Any] = {}
         self._want_images = True  # gate of the camera sensors (always open if render_every_step)
         self._fresh_images = False  # whether self._raw holds images of the current observation
@@ -317,43 +296,10 @@ class LiberoEnv:
         idx = [robo.sim.model.get_joint_qpos_addr(obj.joints[-1])[0] for obj in robo.objects_dict.values()]
         return np.array([i + k for i in idx for k in range(3)], dtype=np.int64)
 
-    def _keep_render_context(self) -> None:
-        """Hand the render context of the last sim to the next one that a hard reset builds.
-
-        robosuite builds a new MjSim on every hard reset and then a new offscreen render context for it,
-        which uploads every mesh and texture of the scene again (307k faces, 189 MB of textures in
-        libero_spatial: about 1.2 s with a CPU renderer). The uploaded assets depend only on the model's
-        meshes, textures, height fields and skins, which a task's hard resets rebuild unchanged (only
-        placements differ), so the context is rebound to the new sim (a new MjvScene for the new model) if
-        those assets match, and rebuilt otherwise. ``tests/producer/test_libero_env.py`` checks that the
-        images equal those of a fresh context."""
-        robo = self._env.env
-        destroy, initialize = robo._destroy_sim, robo._initialize_sim
-
-        def destroy_keeping_context() -> None:
-            if robo.sim is not None:
-                self._kept_context = robo.sim._render_context_offscreen
-            destroy()
-
-        def initialize_keeping_context(*args: Any, **kwargs: Any) -> None:
-            old, self._kept_context = self._kept_context, None
-            key = self._render_key
-            initialize(*args, **kwargs)
-            new_key = render_assets_key(robo.sim.model._model)
-            if old is not None and key is not None and key == new_key:
-                import mujoco
-
-                old.gl_ctx.make_current()  # another env's context may be current (a new one made itself so)
-                old.sim, old.model, old.data = robo.sim, robo.sim.model, robo.sim.data
-                old.scn = mujoco.MjvScene(robo.sim.model._model, maxgeom=1000)
-                robo.sim.add_render_context(old)
-                self.render_context_reuses += 1
-            self._render_key = new_key
-
-        robo._destroy_sim = destroy_keeping_context
-        robo._initialize_sim = initialize_keeping_context
-        if robo.sim is not None:
-            self._render_key = render_assets_key(robo.sim.model._model)
+    @property
+    def render_context_reuses(self) -> int:
+        """Hard resets that kept the render context (producer/render_context.py)."""
+        return self._contexts.reuses if self._contexts is not None else 0
 
     def _gate_camera_sensors(self) -> None:
         """Wrap robosuite's camera sensors so they render only while ``self._want_images`` is set.
@@ -535,7 +481,8 @@ class LiberoEnv:
         if not self._closed:
             self._closed = True
             self._env.close()
-            self._kept_context = None  # close() destroyed the sim: its render context goes with it
+            if self._contexts is not None:
+                self._contexts.release()  # close() destroyed the sim: its render context goes with it
 
     def __enter__(self) -> LiberoEnv:
         return self

@@ -1,0 +1,72 @@
+"""Keep robosuite's offscreen render context across the hard reset of every episode.
+
+robosuite builds a new MjSim on every hard reset and then a new offscreen render context for it, which
+uploads every mesh and texture of the scene again (307k faces, 189 MB of textures in libero_spatial:
+about 1.2 s with a CPU renderer). The uploaded assets depend only on the model's meshes, textures, height
+fields and skins, which a task's hard resets rebuild unchanged (only placements differ), so the context
+of the last sim is rebound to the next one (a new MjvScene for the new model) if those assets match, and
+rebuilt otherwise. ``tests/producer/test_libero_env.py`` checks that the images equal those of a fresh
+context (docs/bench/fleet.md, "The reset").
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+import numpy as np
+
+
+def render_assets_key(model: Any) -> tuple:
+    """What an offscreen render context uploads of a MuJoCo model: equal keys, interchangeable contexts."""
+    parts: list[Any] = [model.vis.global_.offwidth, model.vis.global_.offheight, model.vis.quality.offsamples,
+                        model.vis.quality.shadowsize]  # fmt: skip
+    for name in ("mesh_vert", "mesh_face", "mesh_normal", "mesh_texcoord", "tex_data", "tex_height", "tex_width",
+                 "hfield_data", "skin_vert"):  # fmt: skip
+        arr = getattr(model, name, None)
+        if arr is not None:
+            data = np.ascontiguousarray(arr)
+            parts.append((name, data.shape, zlib.crc32(data.tobytes())))
+    return tuple(parts)
+
+
+class RenderContextKeeper:
+    """Hooks a robosuite env's sim destruction and creation so its render context outlives the sim."""
+
+    def __init__(self, robo: Any) -> None:
+        self.robo = robo
+        self.key: tuple | None = render_assets_key(robo.sim.model._model) if robo.sim is not None else None
+        self.kept: Any = None  # the last sim's render context, between its sim and the next
+        self.reuses = 0
+        self._destroy, self._initialize = robo._destroy_sim, robo._initialize_sim
+        robo._destroy_sim = self._destroy_keeping_context
+        robo._initialize_sim = self._initialize_keeping_context
+
+    @staticmethod
+    def supported(robo: Any) -> bool:
+        """robosuite 1.4's hooks are there (another robosuite builds a context per reset, untouched)."""
+        return hasattr(robo, "_destroy_sim") and hasattr(robo.sim, "add_render_context")
+
+    def release(self) -> None:
+        """Drop a kept context (the env is closed: it goes with its sim)."""
+        self.kept = None
+
+    def _destroy_keeping_context(self) -> None:
+        if self.robo.sim is not None:
+            self.kept = self.robo.sim._render_context_offscreen
+        self._destroy()
+
+    def _initialize_keeping_context(self, *args: Any, **kwargs: Any) -> None:
+        robo = self.robo
+        old, self.kept = self.kept, None
+        self._initialize(*args, **kwargs)
+        new_key = render_assets_key(robo.sim.model._model)
+        if old is not None and self.key is not None and self.key == new_key:
+            import mujoco
+
+            old.gl_ctx.make_current()  # another env's context may be current (a new one made itself so)
+            old.sim, old.model, old.data = robo.sim, robo.sim.model, robo.sim.data
+            old.scn = mujoco.MjvScene(robo.sim.model._model, maxgeom=1000)
+            robo.sim.add_render_context(old)
+            self.reuses += 1
+        self.key = new_key
