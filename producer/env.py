@@ -44,7 +44,7 @@ from producer.fresh_start import (
     settle_motion,
 )
 from producer.libero_setup import ensure_libero
-from producer.render_context import RenderContextKeeper
+from producer.render_context import RenderContextKeeper, gate_camera_sensors, make_current
 from producer.sim_state import restart_sampling_clocks, restore_sim, snapshot_sim
 from producer.suites import MAX_STEPS, SUITES, list_tasks, task_init_states
 
@@ -302,47 +302,11 @@ class LiberoEnv:
         return self._contexts.reuses if self._contexts is not None else 0
 
     def _gate_camera_sensors(self) -> None:
-        """Wrap robosuite's camera sensors so they render only while ``self._want_images`` is set.
-
-        The observables keep their sampling clock, so an image is taken at exactly the instant
-        robosuite would take it. A gated-off sample returns a shared blank image and is never shown.
-        A hard reset makes new sensors (``_setup_observables``): that method is wrapped too, so the new
-        ones are gated before the reset's own observation renders them (images a reset discards: the
-        episode's first observation is that of the last settle step). Saves about 1 s per episode.
-        """
-        if self.cfg.render_every_step:
-            return
-        robo = self._env.env
-        for cam in self.cfg.cameras:
-            self._gate(robo._observables[f"{cam}_image"])
-        if not getattr(robo._setup_observables, "_rsd_gated", False):
-            setup = robo._setup_observables
-
-            def gated_setup() -> dict[str, Any]:
-                observables = setup()
-                for cam in self.cfg.cameras:
-                    self._gate(observables[f"{cam}_image"])
-                return observables
-
-            gated_setup._rsd_gated = True  # type: ignore[attr-defined]
-            robo._setup_observables = gated_setup
-
-    def _gate(self, observable: Any) -> None:
-        real = observable._sensor
-        if getattr(real, "_rsd_gated", False):
-            return
-        size = self.cfg.image_size
-        blank = np.zeros((size, size, 3), dtype=np.uint8)
-
-        def gated(obs_cache: dict, _real=real) -> np.ndarray:
-            if not self._want_images:
-                return blank
-            self._make_current()
-            return _real(obs_cache)
-
-        gated.__modality__ = getattr(real, "__modality__", "image")  # type: ignore[attr-defined]
-        gated._rsd_gated = True  # type: ignore[attr-defined]
-        observable._sensor = gated
+        """Camera sensors render only while ``self._want_images`` is set (producer/render_context.py)."""
+        if not self.cfg.render_every_step:
+            gate_camera_sensors(
+                self._env.env, self.cfg.cameras, self.cfg.image_size, lambda: self._want_images
+            )
 
     def snapshot(self) -> dict[str, Any]:
         """Everything a step depends on, to try actions from here and :meth:`restore` after (a DAgger
@@ -381,15 +345,8 @@ class LiberoEnv:
         if self._fresh_images and key in self._raw:
             return self._raw[key]
         size = self.cfg.image_size
-        self._make_current()
+        make_current(self._env.env)
         return self._env.sim.render(camera_name=camera, width=size, height=size, depth=False)
-
-    def _make_current(self) -> None:
-        """Make this env's OpenGL context current: robosuite renders into whichever is, and another
-        LiberoEnv in the same process may have made its own current since."""
-        ctx = getattr(self._env.env.sim, "_render_context_offscreen", None)
-        if ctx is not None:
-            ctx.gl_ctx.make_current()
 
     def proprio(self) -> np.ndarray:
         """[8] float32: eef position (3), eef axis-angle (3), gripper finger qpos (2)."""

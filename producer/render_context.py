@@ -1,4 +1,13 @@
-"""Keep robosuite's offscreen render context across the hard reset of every episode.
+"""Rendering of LiberoEnv's cameras: the camera gate, and the render context kept across hard resets.
+
+Camera gate (:func:`gate_camera_sensors`): robosuite's camera sensors are wrapped so they render only
+while the env wants images. The observables keep their sampling clock, so an image is taken at exactly
+the instant robosuite would take it; a gated-off sample returns a shared blank image and is never shown.
+A hard reset makes new sensors (``_setup_observables``): that method is wrapped too, so the new ones are
+gated before the reset's own observation renders them (images a reset discards: the episode's first
+observation is that of the last settle step; about 1 s per episode saved).
+
+Render context (:class:`RenderContextKeeper`):
 
 robosuite builds a new MjSim on every hard reset and then a new offscreen render context for it, which
 uploads every mesh and texture of the scene again (307k faces, 189 MB of textures in libero_spatial:
@@ -12,6 +21,7 @@ context (docs/bench/fleet.md, "The reset").
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -70,3 +80,45 @@ class RenderContextKeeper:
             robo.sim.add_render_context(old)
             self.reuses += 1
         self.key = new_key
+
+
+def make_current(robo: Any) -> None:
+    """Make the env's OpenGL context current: robosuite renders into whichever is, and another env in the
+    same process may have made its own current since."""
+    ctx = getattr(robo.sim, "_render_context_offscreen", None)
+    if ctx is not None:
+        ctx.gl_ctx.make_current()
+
+
+def gate_camera_sensors(robo: Any, cameras: tuple[str, ...], size: int, want: Callable[[], bool]) -> None:
+    """Gate the camera sensors of ``robo`` (and those its hard resets make) on ``want()``."""
+
+    def gate(observable: Any) -> None:
+        real = observable._sensor
+        if getattr(real, "_rsd_gated", False):
+            return
+        blank = np.zeros((size, size, 3), dtype=np.uint8)
+
+        def gated(obs_cache: dict, _real: Any = real) -> np.ndarray:
+            if not want():
+                return blank
+            make_current(robo)
+            return _real(obs_cache)
+
+        gated.__modality__ = getattr(real, "__modality__", "image")  # type: ignore[attr-defined]
+        gated._rsd_gated = True  # type: ignore[attr-defined]
+        observable._sensor = gated
+
+    for cam in cameras:
+        gate(robo._observables[f"{cam}_image"])
+    if not getattr(robo._setup_observables, "_rsd_gated", False):
+        setup = robo._setup_observables
+
+        def gated_setup() -> dict[str, Any]:
+            observables = setup()
+            for cam in cameras:
+                gate(observables[f"{cam}_image"])
+            return observables
+
+        gated_setup._rsd_gated = True  # type: ignore[attr-defined]
+        robo._setup_observables = gated_setup
