@@ -38,7 +38,6 @@ import json
 import logging
 import os
 import time
-import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -48,36 +47,22 @@ from typing import Any
 import h5py
 import numpy as np
 
-from common.journal import JournaledFile, journal_path, rollback
+from common.archive_format import (  # noqa: F401 (re-exported: the archive's public names)
+    ARCHIVE_SCHEMA_VERSION,
+    MASK_DTYPE,
+    SPLITS,
+    ArchiveError,
+    _crc,
+    _index,
+    _transaction,
+    attr_value,
+)
+from common.archive_repair import repair_archive
+from common.journal import journal_path
 from common.schedule import episode_schedule
 from common.shapes import RFSQShape
 
 log = logging.getLogger(__name__)
-
-ARCHIVE_SCHEMA_VERSION = 1
-SPLITS = ("train", "valid")
-MASK_DTYPE = "S32"  # fixed-length names: no global heap, which a killed writer can leave damaged
-
-
-class ArchiveError(RuntimeError):
-    """A file is not an archive this code can use (not HDF5, another layout, another schema or shape)."""
-
-
-@contextmanager
-def _transaction(path: Path) -> Iterator[h5py.File]:
-    """``path`` open for writing through a rollback journal; committed when the block ends cleanly."""
-    jf = JournaledFile(path)
-    try:
-        f = h5py.File(jf, "r+")
-        try:
-            yield f
-        finally:
-            f.close()
-    except BaseException:
-        jf.close()
-        rollback(path)
-        raise
-    jf.commit()
 
 
 def check_archive(path: str | Path) -> None:
@@ -201,8 +186,6 @@ class ArchiveWriter:
 
     def _recover(self) -> None:
         """Reopen an existing archive: check it, repair what a killed writer left (common/archive_repair.py)."""
-        from common.archive_repair import repair_archive  # it builds on this module
-
         self.repair = repair_archive(self.path, self.shape)
         self.removed_partial = self.repair["removed_partial"]
 
@@ -359,15 +342,6 @@ class ArchiveEpisode:
         return self.steps % int(cfg.get("replan", 8)) == 0
 
 
-def attr_value(value: Any) -> Any:
-    """An HDF5 attribute as a plain Python value (bytes decoded, numpy scalars unwrapped)."""
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
 _READ_PATIENCE_S = 10.0  # unreadable and unchanged this long, a journal present: its writer died
 _READ_PATIENCE_IDLE_S = 2.0  # unreadable, no journal (no writer inside a change): damaged
 _READ_MAX_S = 120.0
@@ -417,17 +391,6 @@ def _read_retrying(path: Path, read: Any) -> Any:
                     "`make train`) repairs it"
                 ) from exc
             time.sleep(0.05)
-
-
-def _index(name: str) -> int:
-    return int(name.split("_")[1])
-
-
-def _crc(arrays: tuple[np.ndarray, ...]) -> int:
-    crc = 0
-    for arr in arrays:
-        crc = zlib.crc32(np.ascontiguousarray(arr).tobytes(), crc)
-    return crc
 
 
 def iter_episodes(
@@ -529,8 +492,6 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("path")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    from common.archive_repair import repair_archive  # it builds on this module
-
     try:
         if args.cmd == "repair":
             out = repair_archive(args.path)

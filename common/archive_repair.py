@@ -24,7 +24,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from common.archive import (
+from common.archive_format import (
     ARCHIVE_SCHEMA_VERSION,
     MASK_DTYPE,
     SPLITS,
