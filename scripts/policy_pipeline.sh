@@ -10,9 +10,10 @@
 #
 # Every stage writes under $RUN and is skipped when its output exists, so a stopped run resumes.
 # Knobs (environment): PY, RUN, WORKERS, TASKS, DEMO_INITS, DEMO_MIN, DAGGER_INITS, DAGGER_MIN, DAGGER_EVERY,
-# STEPS0, MIN0, TRAIN_EXTRA, TRAIN_THREADS, ROUNDS (DAgger rounds; round r > 1 rolls out round r-1's
-# policy on new fresh starts with all workers), STEPS1, MIN1 (each round's training), R1_INIT (init:
-# fine-tune the previous round's weights; scratch: train anew on all data), VAL_INITS, VAL_MIN (fresh starts
+# STEPS0, MIN0, TRAIN_EXTRA, TRAIN_THREADS, ROUNDS (DAgger rounds; 0: none, round 0 is final and the first
+# rollouts only pick the size; round r > 1 rolls out round r-1's policy on new fresh starts with all
+# workers), STEPS1, MIN1 (each round's training), R1_INIT (init: fine-tune the previous round's
+# weights; scratch: train anew on all data), VAL_INITS, VAL_MIN (fresh starts
 # that choose between the rounds; empty: the last round), EVAL (0: stop before the standard protocol),
 # EVAL_ROUND0 (non-empty: the protocol on round 0 too), EXECUTE (actions per policy query in DAgger and the
 # evaluation; empty: the whole chunk), DEVICE, SIZE_A, SIZE_B, CODEC_ARGS, EVAL_ARGS, DRAFT (0: no draft of the
@@ -156,6 +157,9 @@ fi
 FINAL=$( [ -f "$RUN/final_pick.json" ] && $PY -c "import json,sys; print(json.load(open(sys.argv[1]))['final'])" "$RUN/final_pick.json" || echo "vla_${PICK}${ROUNDS}")
 ln -sfn "$FINAL" "$RUN/final"
 log "final weights: $FINAL"
+# The decoded depth (the informative layers, common/layer_info.py) is recorded in the final weights' config
+# before anything evaluates them, so the protocol and the arms run the decoding that ships.
+$PY -m common.layer_info --weights-dir "$RUN/final" --codec-dir "$RUN/codec" --write | tail -1 | tee -a "$RUN/pipeline.log"
 
 # The draft of the final policy (for RSD, issue 17): fitted on the policy's own hidden states and codes
 # over every training frame (demonstrations and DAgger states; no benchmark state), beside the protocol.
