@@ -16,15 +16,37 @@ fields and skins, which a task's hard resets rebuild unchanged (only placements 
 of the last sim is rebound to the next one (a new MjvScene for the new model) if those assets match, and
 rebuilt otherwise. ``tests/producer/test_libero_env.py`` checks that the images equal those of a fresh
 context (docs/bench/fleet.md, "The reset").
+
+LLVM twice (:func:`load_triton_before_egl`): Mesa's EGL renders on the CPU through its own LLVM, and
+triton's extension carries another; loading triton's after an EGL context exists crashes the process
+(a MuJoCo EGL render followed by ``import triton`` segfaults). torch imports triton lazily when it is
+installed (``torch._dynamo``, which transformers' model classes pull in), so a process that builds an
+env before its policy crashed; this module loads triton first, on import.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import zlib
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+
+
+def load_triton_before_egl() -> bool:
+    """Load triton's LLVM before any EGL context exists (see the module docstring); True if loaded."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    try:
+        importlib.import_module("triton")
+    except Exception:  # a broken optional install: torch then does without it, and so do we
+        return False
+    return True
+
+
+load_triton_before_egl()
 
 
 def render_assets_key(model: Any) -> tuple:
