@@ -36,23 +36,19 @@ def _protocol(spec: str) -> dict[str, Any]:
     """``FILE`` or ``FILE=NOTE``: an evaluator.rollout report, or an evaluator.eval one (its closed loop)."""
     path, _, note = spec.partition("=")
     ev = _load(Path(path))
-    block = ev if "arms" in ev else ev.get("closed_loop") or {}
-    if "arms" not in block:
+    if "closed_loop" in ev:  # evaluator.eval: the fleet's result sits under closed_loop.protocol
+        fleet = (ev["closed_loop"] or {}).get("protocol") or {}
+        meta = ev.get("meta", {})
+        head = {k: meta[k] for k in ("date", "machine", "decode_layers") if k in meta}
+    else:  # evaluator.rollout
+        fleet, head = ev, {k: ev[k] for k in ("date", "machine", "command") if k in ev}
+    if "arms" not in fleet:
         raise ValueError(
             f"{path}: neither an evaluator.rollout report nor an evaluator.eval one with a closed loop"
         )
-    keep = (
-        "date",
-        "machine",
-        "command",
-        "protocol",
-        "complete",
-        "finished_episodes",
-        "errored_attempts",
-        "wall_s",
-    )
-    out = {k: ev[k] for k in keep if k in ev}
-    out.update(file=Path(path).name, note=note, arms=block["arms"])
+    keep = ("protocol", "complete", "finished_episodes", "errored_attempts", "wall_s", "comparisons")
+    out = head | {k: fleet[k] for k in keep if k in fleet}
+    out.update(file=Path(path).name, note=note, arms=fleet["arms"])
     return out
 
 

@@ -89,13 +89,21 @@ def test_policy_record_reads_a_pipeline_run(tmp_path, record):
         "arms": {"policy": {"successes": 1, "backbone": ["x"]}},
     }
     (run / "eval.json").write_text(json.dumps(report))
+    paired = {"meta": {"decode_layers": 3}, "arms": {"open-loop": {}},
+              "closed_loop": {"protocol": {"arms": {"baseline": {"successes": 2}, "relaxed": {"successes": 1}}}}}  # fmt: skip
+    (run / "paired.json").write_text(json.dumps(paired))
     out = tmp_path / "record.json"
-    policy_record.main(["--run", str(run), "--protocol", f"{run / 'eval.json'}=a note", "--out", str(out)])
+    policy_record.main(["--run", str(run), "--protocol", f"{run / 'eval.json'}=a note", str(run / "paired.json"),
+                        "--out", str(out)])  # fmt: skip
     got = json.loads(out.read_text())
     assert got["final_weights"] == "vla_b0" and got["fresh_only"]
     assert got["trained_on_starts"] == record["trained_on_starts"]  # the DAgger file did not train vla_b0
     assert got["rounds"]["val_r0"]["overall"] == [3, 5]
     assert got["protocol"][0]["note"] == "a note" and got["protocol"][0]["arms"]["policy"]["successes"] == 1
+    assert got["protocol"][1]["decode_layers"] == 3 and set(got["protocol"][1]["arms"]) == {
+        "baseline",
+        "relaxed",
+    }
     (run / "training_data.json").unlink()
     with pytest.raises(SystemExit):
         policy_record.main(["--run", str(run), "--out", str(out)])
