@@ -224,19 +224,33 @@ class LocalBackend:
         self._spawn(wid)
 
     def _stop(self, wid: int, graceful: bool) -> None:
-        p, conn = self.procs[wid], self.conns[wid]
-        if graceful and p.is_alive():
-            with contextlib.suppress(OSError):
-                conn.send(None)
-            p.join(timeout=10)
-        if p.is_alive():
-            p.terminate()
-            p.join(timeout=10)
-        if p.is_alive():
-            p.kill()
-            p.join(timeout=5)
-        conn.close()
+        self._stop_all([wid], graceful)
+
+    def _stop_all(self, wids: list[int], graceful: bool, grace_s: float = 10.0) -> None:
+        """Stop workers together: every one is asked to finish first, then all share one deadline per
+        phase (ask, terminate, kill). Stopping them one at a time let a fleet of workers that are slow to
+        exit (a renderer's teardown) keep the report waiting for minutes after the last episode."""
+        procs = [self.procs[w] for w in wids]
+        phases: list[tuple[Callable[[Any], None] | None, float]] = [(lambda p: p.terminate(), 10.0),
+                                                                     (lambda p: p.kill(), 5.0)]  # fmt: skip
+        if graceful:
+            for w in wids:
+                if self.procs[w].is_alive():
+                    with contextlib.suppress(OSError):
+                        self.conns[w].send(None)
+            phases.insert(0, (None, grace_s))
+        for signal_fn, wait_s in phases:
+            alive = [p for p in procs if p.is_alive()]
+            if not alive:
+                break
+            if signal_fn is not None:
+                for p in alive:
+                    signal_fn(p)
+            deadline = time.monotonic() + wait_s
+            for p in alive:
+                p.join(timeout=max(0.0, deadline - time.monotonic()))
+        for w in wids:
+            self.conns[w].close()
 
     def close(self) -> None:
-        for wid in list(self.procs):
-            self._stop(wid, graceful=True)
+        self._stop_all(list(self.procs), graceful=True)

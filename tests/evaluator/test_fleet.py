@@ -214,3 +214,51 @@ def test_real_libero_paired_arms_in_worker_processes(tmp_path: Path) -> None:
         "random" in s["arms"]["random"]["backbone"][0] and "random" not in s["arms"]["policy"]["backbone"][0]
     )
     assert all(r["steps"] == 16 or r["status"] == "success" for r in res.records)
+
+
+class _HungWorker:
+    """A worker process that ignores the stop message and exits only when terminated."""
+
+    def __init__(self) -> None:
+        self.alive, self.join_timeouts, self.terminated, self.killed = True, [], False, False
+
+    def is_alive(self) -> bool:
+        return self.alive
+
+    def join(self, timeout: float | None = None) -> None:
+        self.join_timeouts.append(timeout)
+        if self.alive and timeout:
+            time.sleep(timeout)
+
+    def terminate(self) -> None:
+        self.terminated, self.alive = True, False
+
+    def kill(self) -> None:
+        self.killed, self.alive = True, False
+
+
+class _Conn:
+    def __init__(self) -> None:
+        self.sent, self.closed = [], False
+
+    def send(self, msg: object) -> None:
+        self.sent.append(msg)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_closing_a_fleet_stops_its_workers_together() -> None:
+    """A fleet whose workers are slow to exit waits one grace period in all, not one per worker."""
+    from evaluator.fleet_worker import LocalBackend
+
+    backend = LocalBackend({}, {}, make_fake_env)
+    n, grace = 20, 0.2
+    for wid in range(n):
+        backend.procs[wid], backend.conns[wid] = _HungWorker(), _Conn()
+    backend._stop_all(list(range(n)), graceful=True, grace_s=grace)
+    procs, conns = list(backend.procs.values()), list(backend.conns.values())
+    assert all(c.sent == [None] and c.closed for c in conns)
+    assert all(p.terminated and not p.killed and not p.alive for p in procs)
+    waited = sum(p.join_timeouts[0] for p in procs)  # the graceful phase: one shared deadline
+    assert waited <= grace + 0.1, f"the workers were waited for one after another: {waited:.2f} s"
