@@ -10,6 +10,7 @@
 #
 # Every stage writes under $RUN and is skipped when its output exists, so a stopped run resumes.
 # Knobs (environment): PY, RUN, WORKERS, TASKS, DEMO_INITS, DEMO_MIN, DAGGER_INITS, DAGGER_MIN, DAGGER_EVERY,
+# PICK_INITS, PICK_MIN (with ROUNDS=0: the fresh starts and time cap of the rollouts that pick the size),
 # STEPS0, MIN0, TRAIN_EXTRA, TRAIN_THREADS, ROUNDS (DAgger rounds; 0: none, round 0 is final and the first
 # rollouts only pick the size; round r > 1 rolls out round r-1's policy on new fresh starts with all
 # workers), STEPS1, MIN1 (each round's training), R1_INIT (init: fine-tune the previous round's
@@ -31,6 +32,8 @@ DEMO_MIN=${DEMO_MIN:-7}
 DAGGER_INITS=${DAGGER_INITS:-fresh:2000-2099}
 DAGGER_MIN=${DAGGER_MIN:-3.5}
 DAGGER_EVERY=${DAGGER_EVERY:-2}
+PICK_INITS=${PICK_INITS:-fresh:2000-2004}
+PICK_MIN=${PICK_MIN:-4}
 STEPS0=${STEPS0:-8000}
 MIN0=${MIN0:-4}
 STEPS1=${STEPS1:-4000}
@@ -100,26 +103,39 @@ dagger_inits() {
     local lo hi n; lo=${DAGGER_INITS#fresh:}; hi=${lo#*-}; lo=${lo%-*}; n=$(( hi - lo + 1 ))
     echo "fresh:$(( lo + ($1 - 1) * n ))-$(( hi + ($1 - 1) * n ))"
 }
-rollouts dagger_a1 vla_a0 1 "$(dagger_inits 1)" "$DAGGER_EVERY" "$DAGGER_MIN" "$HALF" & pa=$!
-rollouts dagger_b1 vla_b0 1 "$(dagger_inits 1)" "$DAGGER_EVERY" "$DAGGER_MIN" "$HALF" & pb=$!
+# The size pick. ROUNDS >= 1: each size's first DAgger round (labelled rollouts on DAGGER_INITS, at most DAGGER_MIN
+# minutes). ROUNDS=0: plain rollouts of each size on the same fixed fresh starts PICK_INITS, no labels, so they
+# finish (labelling every other state made run 3's two-minute rollouts finish 5 and 3 episodes).
+if [ "$ROUNDS" -ge 1 ]; then
+    PICK_A=dagger_a1; PICK_B=dagger_b1
+    rollouts dagger_a1 vla_a0 1 "$(dagger_inits 1)" "$DAGGER_EVERY" "$DAGGER_MIN" "$HALF" & pa=$!
+    rollouts dagger_b1 vla_b0 1 "$(dagger_inits 1)" "$DAGGER_EVERY" "$DAGGER_MIN" "$HALF" & pb=$!
+    DAGGER_FILES="$RUN/dagger_a1.hdf5 $RUN/dagger_b1.hdf5"
+else
+    PICK_A=pick_a; PICK_B=pick_b
+    rollouts pick_a vla_a0 0 "$PICK_INITS" 100000 "$PICK_MIN" "$HALF" & pa=$!
+    rollouts pick_b vla_b0 0 "$PICK_INITS" 100000 "$PICK_MIN" "$HALF" & pb=$!
+    DAGGER_FILES=""
+fi
 wait $pa; wait $pb
 
-# Validation: the policies' own success on the fresh DAgger starts (never a benchmark state).
-PICK=$($PY - "$RUN" <<'EOF'
+# Validation: the sizes' success on the fresh starts both finished (never a benchmark state); a tie goes to B.
+PICK=$($PY - "$RUN" "$PICK_A" "$PICK_B" <<'EOF'
 import json, sys
-run = sys.argv[1]
-rate = {}
-for m in ("a", "b"):
-    k, n = json.load(open(f"{run}/dagger_{m}1.json"))["policy_success"]["overall"]
-    rate[m] = (k / max(n, 1), n)
-pick = max(rate, key=lambda m: rate[m][0])
-json.dump({"fresh_state_success": rate, "picked": pick}, open(f"{run}/pick.json", "w"), indent=1)
+run, files = sys.argv[1], dict(zip("ab", sys.argv[2:]))
+eps = {m: {(e["task_id"], e["init_state"]): e["success"] for e in json.load(open(f"{run}/{f}.json"))["episodes"]}
+       for m, f in files.items()}
+common = sorted(set(eps["a"]) & set(eps["b"]))
+k = {m: sum(eps[m][c] for c in common) for m in eps}
+pick = "a" if k["a"] > k["b"] else "b"
+rate = {m: (k[m] / max(len(common), 1), len(common)) for m in eps}
+json.dump({"fresh_state_success": rate, "paired_episodes": len(common), "files": files, "picked": pick},
+          open(f"{run}/pick.json", "w"), indent=1)
 print(pick)
 EOF
 )
 log "picked size $PICK (validation on fresh starts: $(cat "$RUN/pick.json" | tr -d '\n ')"
 SIZE_VAR="SIZE_${PICK^^}"
-DAGGER_FILES="$RUN/dagger_a1.hdf5 $RUN/dagger_b1.hdf5"
 for r in $(seq 1 "$ROUNDS"); do
     if [ "$r" -gt 1 ]; then
         rollouts "dagger_$r" "vla_${PICK}$(( r - 1 ))" "$r" "$(dagger_inits "$r")" "$DAGGER_EVERY" "$DAGGER_MIN" "$WORKERS"

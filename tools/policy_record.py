@@ -62,7 +62,7 @@ def build_record(run: Path, protocols: list[str]) -> dict[str, Any]:
     starts = {k: v for k, v in data["sources"].items() if k.split(":")[0] in trained_on}
     kinds = {parse_init(v)[0] for v in starts.values()}
     rounds: dict[str, Any] = {}
-    for f in sorted(run.glob("dagger_*.json")):
+    for f in sorted([*run.glob("pick_*.json"), *run.glob("dagger_*.json")]):
         rounds[f.stem] = _success(_load(f))
     for f in sorted(run.glob("val_r*.json")):
         rounds[f.stem] = _success(_load(f))

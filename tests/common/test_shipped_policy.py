@@ -83,6 +83,7 @@ def test_policy_record_reads_a_pipeline_run(tmp_path, record):
     (run / "final_pick.json").write_text(json.dumps({"final": "vla_b0"}))
     rollout = {"config": {"init_states": "fresh:3000-3004"}, "policy": "p", "policy_success": {"overall": [3, 5], "per_task": {"0": [3, 5]}}}  # fmt: skip
     (run / "val_r0.json").write_text(json.dumps(rollout))
+    (run / "pick_b.json").write_text(json.dumps(dict(rollout, config={"init_states": "fresh:2000-2004"})))
     report = {
         "date": "d",
         "protocol": {"standard": True},
@@ -99,6 +100,7 @@ def test_policy_record_reads_a_pipeline_run(tmp_path, record):
     assert got["final_weights"] == "vla_b0" and got["fresh_only"]
     assert got["trained_on_starts"] == record["trained_on_starts"]  # the DAgger file did not train vla_b0
     assert got["rounds"]["val_r0"]["overall"] == [3, 5]
+    assert got["rounds"]["pick_b"]["init_states"] == "fresh:2000-2004"  # ROUNDS=0: the size pick's rollouts
     assert got["protocol"][0]["note"] == "a note" and got["protocol"][0]["arms"]["policy"]["successes"] == 1
     assert got["protocol"][1]["decode_layers"] == 3 and set(got["protocol"][1]["arms"]) == {
         "baseline",

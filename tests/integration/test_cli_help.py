@@ -19,6 +19,7 @@ COMMANDS = [
     "tools.takeover_check",
     "tools.policy_record",
     "tools.vla_latency",
+    "tools.run_pack",
     "tools.archive_killtest",
     "tools.render_profile",
     "producer.dataset_info",
