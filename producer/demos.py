@@ -58,7 +58,7 @@ from producer.expert import (
 log = logging.getLogger(__name__)
 
 
-Job = tuple[EnvConfig, "int | str"]  # (the task's env config, initial state: index or fresh:<seed>)
+Job = tuple[EnvConfig, "int | str", float]  # (the task's env config, initial state, action noise)
 
 
 @dataclass
@@ -98,6 +98,12 @@ class DemosConfig:
         default=False,
         metadata={"help": "LEGACY DATA ONLY: record from benchmark initial states (the evaluation set)"},
     )
+    action_noise: float = field(
+        default=0.0,
+        metadata={"help": "std of a Gaussian bias on the executed translation actions, redrawn every 8 steps; the "
+                  "recorded actions stay "
+                  "the expert's, which corrects the drift and re-plans after a missed grasp (0: none)"},
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -110,6 +116,8 @@ class DemosConfig:
                 f"--init-states {self.init_states} names benchmark initial states, the evaluation set; "
                 f"record training data from fresh ones (e.g. fresh:0-49), or pass {OVERRIDE_FLAG} (legacy only)"
             )
+        if not 0.0 <= self.action_noise <= 1.0:
+            raise ValueError(f"action_noise {self.action_noise} must be in [0, 1] (actions are in [-1, 1])")
         if self.compression not in ("gzip", "lzf", "none"):
             raise ValueError(f"compression {self.compression!r}; valid: gzip, lzf, none")
         if self.max_minutes is not None and self.max_minutes <= 0:
@@ -130,7 +138,11 @@ def plan_jobs(cfg: DemosConfig) -> list[Job]:
     """Initial-state-major order: every prefix of the run covers all tasks evenly, so a run stopped
     early (SIGINT/SIGTERM, --max-minutes, a killed shard run) still leaves balanced data."""
     return [
-        (env_config(cfg.suite, t, i, image_size=cfg.image_size, seed=cfg.seed, max_steps=cfg.max_steps), i)
+        (
+            env_config(cfg.suite, t, i, image_size=cfg.image_size, seed=cfg.seed, max_steps=cfg.max_steps),
+            i,
+            cfg.action_noise,
+        )
         for i in cfg.init_ids
         for t in cfg.task_ids
     ]
@@ -159,10 +171,12 @@ def shard_complete(path: Path) -> bool:
         return False
 
 
-def record_episode(cfg: EnvConfig, init_state: int | str) -> tuple[EpisodeResult, dict[str, np.ndarray]]:
+def record_episode(
+    cfg: EnvConfig, init_state: int | str, action_noise: float = 0.0
+) -> tuple[EpisodeResult, dict[str, np.ndarray]]:
     """Run one expert episode with both cameras observed on every step; return arrays per key."""
     env = worker_env(cfg)
-    result, rec = run_episode(env, init_state, record=True)
+    result, rec = run_episode(env, init_state, record=True, action_noise=action_noise)
     assert rec is not None
     arrays = {
         "actions": np.asarray(rec["actions"], dtype=np.float32),  # [N, 7]
@@ -195,14 +209,16 @@ def episode_meta(env: Any) -> dict[str, Any]:
 def _worker(args: Job) -> tuple[EpisodeResult, dict[str, np.ndarray], dict[str, Any]]:
     from common.logs import setup_logging
 
-    cfg, init_state = args
+    cfg, init_state, noise = args
     setup_logging()
     try:
-        result, arrays = record_episode(cfg, init_state)
+        result, arrays = record_episode(cfg, init_state, action_noise=noise)
     except Exception as exc:  # a simulator error ends this episode only
         close_worker_env()  # the next episode builds a new environment
         return errored(cfg.task_id, init_state, exc)
-    return result, arrays, episode_meta(worker_env(cfg))
+    meta = episode_meta(worker_env(cfg))
+    meta["attrs"] = {"action_noise": float(noise), "expert_recoveries": int(result.recoveries)}
+    return result, arrays, meta
 
 
 def _ignore_sigint() -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +52,12 @@ STALL_MOVE = 0.002  # the grip site moved less than this over the window while w
 STALL_TOL = 0.025
 FINGERS_OPEN = 0.03  # finger qpos above which the gripper counts as open (0.0395 fully open)
 FINGERS_EMPTY = 0.006  # finger qpos below which a closed gripper holds nothing (0.004 on a bowl's rim)
+MISS_DZ = (
+    0.04  # lifting, carrying or lowering with the grip site this far above its grasp height over the bowl:
+)
+MISS_AFTER = 5  # (after this many steps of the phase) the bowl is not in hand, so the expert re-plans
+MAX_RECOVERIES = 3  # re-plans after a miss per episode
+NOISE_HOLD = 8  # steps a demonstration's action-noise bias is held (a policy chunk)
 
 
 def _rotz(theta: float) -> np.ndarray:
@@ -100,6 +107,7 @@ class ScriptedExpert:
         if env.cfg.suite not in SUPPORTED_SUITES:
             raise ValueError(f"the scripted expert supports {SUPPORTED_SUITES}, not {env.cfg.suite!r}")
         self.env = env
+        self.recoveries = 0  # re-plans after a missed grasp or a dropped bowl (kept across replan())
         self.reset()
 
     def reset(self) -> None:
@@ -201,6 +209,17 @@ class ScriptedExpert:
         bowl = self.env.object_pos(self.obj)
         plate = self.env.object_pos(self.target)
         name = self.phase_name
+        if (
+            name in ("lift", "carry", "lower")
+            and self.phase_steps >= MISS_AFTER
+            and eef[2] - bowl[2] > GRASP_DZ + MISS_DZ
+            and self.recoveries < MAX_RECOVERIES
+        ):
+            # The grasp missed or the bowl fell: the grip site rose away from it. Start again from the phase
+            # that fits the scene (an approach from above, with the gripper open), as a take-over would.
+            self.recoveries += 1
+            name = self.replan()
+            log.debug("bowl not in hand: re-planned to %s (recovery %d)", name, self.recoveries)
         gripper = 1.0 if name in ("close", "lift", "carry", "lower") else -1.0
 
         if name == "approach":
@@ -277,15 +296,34 @@ class EpisodeResult:
     success: bool
     steps: int
     seconds: float
+    recoveries: int = 0  # the expert's re-plans after a missed grasp or a dropped bowl
+
+
+def noise_rng(seed: int, task_id: int, init_state: int | str) -> np.random.Generator:
+    """The action-noise generator of one episode: fixed by (env seed, task, start), so episodes repeat."""
+    return np.random.default_rng([seed, task_id, zlib.crc32(str(init_state).encode())])
 
 
 def run_episode(
-    env: LiberoEnv, init_state: int | str, observe: bool = False, record: bool = False
+    env: LiberoEnv,
+    init_state: int | str,
+    observe: bool = False,
+    record: bool = False,
+    action_noise: float = 0.0,
 ) -> tuple[EpisodeResult, dict[str, Any] | None]:
-    """Run the expert for one episode. With ``record``, return the per-step data for a demo file."""
+    """Run the expert for one episode. With ``record``, return the per-step data for a demo file.
+
+    ``action_noise``: standard deviation of a Gaussian bias added to the translation of the actions that are
+    *executed*, drawn anew every ``NOISE_HOLD`` steps (a chunk: a policy's errors persist over its chunk,
+    white noise would average out); the recorded actions stay the expert's own. Against the expert's
+    proportional control a bias b holds the grip site about b / POS_GAIN off its path (2 cm at 0.3), so
+    the demonstrations show corrections from states near the path, and re-plans after a grasp the offset
+    made it miss (noise injection in the manner of DART)."""
     t0 = time.perf_counter()
     obs = env.reset(init_state)
     expert = ScriptedExpert(env)
+    rng = noise_rng(env.cfg.seed, env.cfg.task_id, init_state) if action_noise > 0 else None
+    bias = np.zeros(3)
     rec: dict[str, list] | None = None
     if record:
         rec = {k: [] for k in ("agentview_rgb", "eye_in_hand_rgb", "ee_states", "gripper_states",
@@ -303,7 +341,13 @@ def run_episode(
             rec["joint_states"].append(robot["joint_states"])
             rec["states"].append(env.sim_state())
             rec["actions"].append(action)
-        obs, reward, done, info = env.step(action, observe=record or observe)
+        executed = action
+        if rng is not None:
+            if env.num_steps % NOISE_HOLD == 0:
+                bias = rng.normal(0.0, action_noise, 3)
+            executed = action.copy()
+            executed[:3] = np.clip(action[:3] + bias, -1.0, 1.0)
+        obs, reward, done, info = env.step(executed, observe=record or observe)
         if rec is not None:
             rec["rewards"].append(reward)
             rec["dones"].append(done)
@@ -313,6 +357,7 @@ def run_episode(
         success=bool(info["success"]),
         steps=env.num_steps,
         seconds=time.perf_counter() - t0,
+        recoveries=expert.recoveries,
     )
     return result, rec
 

@@ -9,7 +9,8 @@
 #     RUN=runs/policy WORKERS=60 scripts/policy_pipeline.sh        # a many-core GPU node
 #
 # Every stage writes under $RUN and is skipped when its output exists, so a stopped run resumes.
-# Knobs (environment): PY, RUN, WORKERS, TASKS, DEMO_INITS, DEMO_MIN, DAGGER_INITS, DAGGER_MIN, DAGGER_EVERY,
+# Knobs (environment): PY, RUN, WORKERS, TASKS, DEMO_INITS, DEMO_MIN, DEMO_ARGS (e.g. "--action-noise 0.3"),
+# DAGGER_INITS, DAGGER_MIN, DAGGER_EVERY,
 # PICK_INITS, PICK_MIN (with ROUNDS=0: the fresh starts and time cap of the rollouts that pick the size),
 # STEPS0, MIN0, TRAIN_EXTRA, TRAIN_THREADS, ROUNDS (DAgger rounds; 0: none, round 0 is final and the first
 # rollouts only pick the size; round r > 1 rolls out round r-1's policy on new fresh starts with all
@@ -65,7 +66,7 @@ gpu() { if [ "$DEVICE" = cuda ]; then echo "CUDA_VISIBLE_DEVICES=$1"; fi; }
 if [ ! -f "$RUN/demos.done" ]; then
     log "demos: $DEMO_INITS, $WORKERS workers, at most $DEMO_MIN min"
     $PY -m producer.demos --out "$RUN/demos/spatial.hdf5" --tasks "$TASKS" --init-states "$DEMO_INITS" \
-        --workers "$WORKERS" --shard-episodes 20 --max-minutes "$DEMO_MIN" --resume 2>>"$RUN/demos.err" \
+        --workers "$WORKERS" --shard-episodes 20 --max-minutes "$DEMO_MIN" --resume ${DEMO_ARGS:-} 2>>"$RUN/demos.err" \
         | tee "$RUN/demos.log" || true
     touch "$RUN/demos.done"
 fi

@@ -51,6 +51,13 @@ class ExpertEvalConfig:
     out: Path = field(
         default=Path("runs/expert_eval.json"), metadata={"help": "where to write the JSON results"}
     )
+    action_noise: float = field(
+        default=0.0,
+        metadata={
+            "help": "std of a Gaussian bias on the executed translation actions, redrawn every 8 steps "
+            "(as producer.demos)"
+        },
+    )
 
     def __post_init__(self) -> None:
         self.task_ids, self.init_ids = validate_episode_selection(
@@ -58,12 +65,13 @@ class ExpertEvalConfig:
         )
 
 
-def _eval_worker(args: tuple[str, int, int | str, int, int | None]) -> EpisodeResult:
-    suite, task_id, init_state, seed, max_steps = args
+def _eval_worker(args: tuple[str, int, int | str, int, int | None, float]) -> EpisodeResult:
+    suite, task_id, init_state, seed, max_steps, noise = args
     setup_logging()
     cfg = env_config(suite, task_id, init_state, seed=seed, max_steps=max_steps)
-    result, _ = run_episode(worker_env(cfg), init_state)
-    log.info("task %d init %s: %s in %d steps", task_id, init_state, result.success, result.steps)
+    result, _ = run_episode(worker_env(cfg), init_state, action_noise=noise)
+    log.info("task %d init %s: %s in %d steps, %d recoveries", task_id, init_state, result.success, result.steps,
+             result.recoveries)  # fmt: skip
     return result
 
 
@@ -71,7 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(ExpertEvalConfig, argv, prog="python -m tools.expert_eval")
     setup_logging("expert-eval")
     logging.getLogger("producer.expert").setLevel(logging.WARNING)  # the progress bar says enough
-    jobs = [(cfg.suite, t, i, cfg.seed, cfg.max_steps) for t in cfg.task_ids for i in cfg.init_ids]
+    jobs = [
+        (cfg.suite, t, i, cfg.seed, cfg.max_steps, cfg.action_noise)
+        for t in cfg.task_ids
+        for i in cfg.init_ids
+    ]
     t0 = time.perf_counter()
     results: list[EpisodeResult] = []
     # One rasterizer thread per worker: the workers already fill the cores (images are identical).
@@ -92,11 +104,18 @@ def main(argv: list[str] | None = None) -> int:
         rs = [r for r in results if r.task_id == t]
         ok = sum(r.success for r in rs)
         steps = float(np.mean([r.steps for r in rs if r.success])) if ok else float("nan")
-        per_task[t] = {"success": ok, "episodes": len(rs), "rate": ok / len(rs), "mean_steps_success": steps}
+        per_task[t] = {"success": ok, "episodes": len(rs), "rate": ok / len(rs), "mean_steps_success": steps,
+                       "recoveries": sum(r.recoveries for r in rs),
+                       "recovered_successes": sum(r.success and r.recoveries > 0 for r in rs)}  # fmt: skip
         print(f"{t:>4}  {ok:>4}/{len(rs):<4}  {steps:>10.1f}  {names[t]}")
     total_ok = sum(r.success for r in results)
     rate = total_ok / len(results)
     ep_seconds = float(np.mean([r.seconds for r in results]))
+    rec = sum(r.recoveries > 0 for r in results)
+    print(
+        f"episodes with a re-plan after a miss: {rec} ({sum(r.success and r.recoveries > 0 for r in results)} "
+        "of them succeeded)"
+    )
     print(f"overall: {total_ok}/{len(results)} = {rate:.1%}  ({wall:.0f} s wall, "
           f"{ep_seconds:.1f} s per episode in a worker, {cfg.workers} workers)")  # fmt: skip
     cfg.out.parent.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ COMMANDS = [
     "tools.policy_record",
     "tools.vla_latency",
     "tools.run_pack",
+    "tools.failure_probe",
     "tools.archive_killtest",
     "tools.render_profile",
     "producer.dataset_info",

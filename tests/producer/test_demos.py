@@ -21,7 +21,8 @@ def demo_file(tmp_path_factory):
     # Two planned episodes cut at 6 steps (failures, kept so that the layout can be inspected); the
     # time limit stops the run after the first one and the file is still finalized.
     argv = ["--out", str(out), "--tasks", "3", "--init-states", "fresh:7-8", "--workers", "1",
-            "--image-size", str(SIZE), "--max-steps", "6", "--keep-failures", "--max-minutes", "0.001"]  # fmt: skip
+            "--image-size", str(SIZE), "--max-steps", "6", "--keep-failures", "--max-minutes", "0.001",
+            "--action-noise", "0.1"]  # fmt: skip
     assert demos.main(argv) == 0
     return out
 
@@ -40,6 +41,7 @@ def test_demo_file_layout(demo_file):
         demo = data["demo_0"]
         assert demo.attrs["num_samples"] == 6 and demo.attrs["task_id"] == 3
         assert demo.attrs["init_state"] == -1 and not demo.attrs["success"]
+        assert demo.attrs["action_noise"] == 0.1 and demo.attrs["expert_recoveries"] == 0
         # the initial state: its source, the MuJoCo state after placement, and where the objects sit in it
         assert demo.attrs["init_source"] == "fresh:7" and demo["init_sim_state"].shape == (92,)
         assert list(demo.attrs["init_object_qpos"][:3]) == [9, 10, 11]
@@ -128,7 +130,7 @@ def test_demos_config_validation(tmp_path):
 
 
 def test_a_crashing_episode_is_counted_and_the_run_goes_on(tmp_path, monkeypatch):
-    def broken(cfg, init_state):
+    def broken(cfg, init_state, action_noise=0.0):
         raise RuntimeError(f"simulator fell over at {init_state}")
 
     monkeypatch.setattr(demos, "record_episode", broken)
@@ -145,3 +147,11 @@ def test_a_crashing_episode_is_counted_and_the_run_goes_on(tmp_path, monkeypatch
             "init_state": "fresh:1",
             "error": "RuntimeError: simulator fell over at fresh:1",
         }
+
+
+def test_action_noise_is_checked_and_reaches_every_job(tmp_path):
+    with pytest.raises(ValueError, match="action_noise"):
+        demos.DemosConfig(out=tmp_path / "n.hdf5", action_noise=1.5)
+    cfg = demos.DemosConfig(out=tmp_path / "n.hdf5", tasks="0-1", init_states="fresh:0-2", action_noise=0.1)
+    jobs = demos.plan_jobs(cfg)
+    assert len(jobs) == 6 and {noise for _, _, noise in jobs} == {0.1}
