@@ -100,9 +100,9 @@ class DemosConfig:
     )
     action_noise: float = field(
         default=0.0,
-        metadata={"help": "std of a Gaussian bias on the executed translation actions, redrawn every 8 steps; the "
-                  "recorded actions stay "
-                  "the expert's, which corrects the drift and re-plans after a missed grasp (0: none)"},
+        metadata={"help": "std of a Gaussian bias on the executed translation actions, redrawn every 8 steps; "
+                  "the recorded actions stay the expert's, which corrects the drift and re-plans after a "
+                  "missed grasp (0: none)"},
     )  # fmt: skip
 
     def __post_init__(self) -> None:

@@ -52,10 +52,10 @@ STALL_MOVE = 0.002  # the grip site moved less than this over the window while w
 STALL_TOL = 0.025
 FINGERS_OPEN = 0.03  # finger qpos above which the gripper counts as open (0.0395 fully open)
 FINGERS_EMPTY = 0.006  # finger qpos below which a closed gripper holds nothing (0.004 on a bowl's rim)
-MISS_DZ = (
-    0.04  # lifting, carrying or lowering with the grip site this far above its grasp height over the bowl:
-)
-MISS_AFTER = 5  # (after this many steps of the phase) the bowl is not in hand, so the expert re-plans
+# Lifting, carrying or lowering, MISS_AFTER steps into the phase, with the grip site more than MISS_DZ above its
+# grasp height over the bowl: the bowl is not in hand, so the expert re-plans.
+MISS_DZ = 0.04
+MISS_AFTER = 5
 MAX_RECOVERIES = 3  # re-plans after a miss per episode
 NOISE_HOLD = 8  # steps a demonstration's action-noise bias is held (a policy chunk)
 

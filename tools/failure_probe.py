@@ -28,18 +28,10 @@ from typing import Any
 import numpy as np
 
 from common.cli import new_parser
-from common.init_states import BENCHMARK, parse_init, parse_inits
+from common.init_states import BENCHMARK, parse_init
 from common.logs import setup_logging
 
 SHEET_EVERY = 3  # a frame every 3rd policy query (24 env steps)
-
-
-def _parse_tasks(text: str) -> list[int]:
-    out: list[int] = []
-    for part in text.split(","):
-        lo, _, hi = part.partition("-")
-        out += list(range(int(lo), int(hi or lo) + 1))
-    return out
 
 
 def classify(success: bool, grasped: list[bool]) -> str:
@@ -168,16 +160,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--allow-benchmark-states", action="store_true", help="allow benchmark initial states")
     args = p.parse_args(argv)
     try:
-        tasks, inits = _parse_tasks(args.tasks), parse_inits(args.init_states)
+        from producer.expert import (
+            validate_episode_selection,
+        )  # the expert's commands parse them the same way
+
+        tasks, inits = validate_episode_selection(
+            "libero_spatial", args.tasks, args.init_states, args.workers
+        )
         kinds = {parse_init(i)[0] for i in inits}
     except ValueError as exc:
-        p.error(f"bad --tasks or --init-states: {exc}")
+        p.error(str(exc))
     if BENCHMARK in kinds and not args.allow_benchmark_states:
         p.error(
             "benchmark initial states are the evaluation set; use fresh:A-B (or --allow-benchmark-states)"
         )
-    if args.workers < 1:
-        p.error("--workers must be >= 1")
     jobs = [(t, inits, args.weights_dir, args.codec_dir, str(args.out_dir), args.max_sheets) for t in tasks]
     with mp.get_context("spawn").Pool(min(args.workers, len(jobs))) as pool:
         rows = [r for part in pool.map(_episodes, jobs) for r in part]
