@@ -20,7 +20,10 @@
 # EVAL_ROUND0 (non-empty: the protocol on round 0 too), EXECUTE (actions per policy query in DAgger and the
 # evaluation; empty: the whole chunk), DEVICE, SIZE_A, SIZE_B, CODEC_ARGS, EVAL_ARGS, DRAFT (0: no draft of the
 # final policy), DRAFT_GPU, DRAFT_ARGS, ARMS (closed-loop arms of evaluator.eval under the standard protocol,
-# e.g. "baseline relaxed truncate-k2"; empty: none), ARMS_ARGS. The defaults are the recorded
+# e.g. "baseline relaxed truncate-k2"; empty: none), ARMS_ARGS, CANDIDATES_ONLY (1: stop after round 0 with both
+# sizes ready, each with its decoded depth written and its own draft, draft_a.pt and draft_b.pt; the size pick
+# and everything after it then run where the run folder is brought back, by this script again with, e.g.,
+# DEVICE=cpu WORKERS=2: a lent node's time goes to demonstrations and training). The defaults are the recorded
 # run's (docs/bench/policy.md), which also set DEMO_MIN=6 MIN0=3.5 DAGGER_MIN=3 MIN1=2.5.
 set -euo pipefail
 PY=${PY:-python3}
@@ -70,13 +73,32 @@ if [ ! -f "$RUN/demos.done" ]; then
         | tee "$RUN/demos.log" || true
     touch "$RUN/demos.done"
 fi
-DEMOS=$(ls "$RUN"/demos/spatial-*.hdf5)
+# Resumed on another machine (CANDIDATES_ONLY above), the demonstrations are not there: the stages that
+# read them (codec, training, drafts, the data record) are done already.
+DEMOS=$(ls "$RUN"/demos/spatial-*.hdf5 2>/dev/null || true)
 log "demos: $(echo $DEMOS | wc -w) files"
 
 if [ ! -f "$RUN/codec/codec.safetensors" ]; then
     log "codec"
     $PY -m trainer.train_codec --demos $DEMOS --out-dir "$RUN/codec" --threads 8 ${CODEC_ARGS:-} > "$RUN/codec.log" 2>&1
 fi
+
+# The training data's record: every demonstration's start, and the leak check against the 50 benchmark
+# initial states of every task (the same check the readers ran; here kept as a file).
+data_record() {
+    if [ -f "$RUN/training_data.json" ]; then return; fi
+    $PY - "$RUN" $DEMOS ${DAGGER_FILES:-} <<'EOF'
+import json, sys
+from pathlib import Path
+from common.init_states import check_demo_files
+run, files = sys.argv[1], [Path(f) for f in sys.argv[2:]]
+report = check_demo_files(files)
+report["files"] = [f.name for f in files]
+json.dump(report, open(f"{run}/training_data.json", "w"), indent=1, default=str)
+print(f"training data: {len(report['sources'])} episodes, leak check {report['check']}, "
+      f"nearest fresh-to-benchmark distance {report.get('min_distance_m')}")
+EOF
+}
 
 train() {  # name gpu init-from steps minutes size-args data...
     local name=$1 g=$2 init=$3 steps=$4 minutes=$5 size=$6; shift 6
@@ -89,6 +111,24 @@ train() {  # name gpu init-from steps minutes size-args data...
 train vla_a0 0 "" "$STEPS0" "$MIN0" "$SIZE_A" $DEMOS & pa=$!
 train vla_b0 1 "" "$STEPS0" "$MIN0" "$SIZE_B" $DEMOS & pb=$!
 wait $pa; wait $pb
+
+if [ "${CANDIDATES_ONLY:-0}" = 1 ]; then
+    data_record
+    pids=""
+    for m in a b; do
+        $PY -m common.layer_info --weights-dir "$RUN/vla_${m}0" --codec-dir "$RUN/codec" --write | tail -1 | tee -a "$RUN/pipeline.log"
+        if [ "$DRAFT" = 1 ] && [ ! -f "$RUN/draft_$m.pt" ]; then
+            log "draft of vla_${m}0"
+            g=0; [ "$m" = b ] && g=1
+            env $(gpu "$g") $PY -m trainer.fit_draft --demos $DEMOS --weights-dir "$RUN/vla_${m}0" --codec-dir "$RUN/codec" \
+                --device "$DEVICE" --threads 4 --slim --out "$RUN/draft_$m.pt" $DRAFT_ARGS > "$RUN/draft_$m.log" 2>&1 & pids="$pids $!"
+        fi
+    done
+    for p in $pids; do wait "$p"; done
+    log "candidates ready: vla_a0 and vla_b0 with draft_a.pt and draft_b.pt (the pick runs where this run is resumed)"
+    log "done"
+    exit 0
+fi
 
 # Closed-loop rollouts of a policy (producer.dagger): with expert labels on every LABEL_EVERY-th state (a DAgger
 # round), or on the first state only (LABEL_EVERY 100000: a plain closed-loop run, the validation).
@@ -182,28 +222,16 @@ $PY -m common.layer_info --weights-dir "$RUN/final" --codec-dir "$RUN/codec" --w
 # over every training frame (demonstrations and DAgger states; no benchmark state), beside the protocol.
 draft() {
     if [ "$DRAFT" != 1 ] || [ -f "$RUN/draft.pt" ]; then return; fi
+    if [ -f "$RUN/draft_$PICK.pt" ] && [ "$FINAL" = "vla_${PICK}0" ]; then  # made with the candidates
+        log "draft of $FINAL: draft_$PICK.pt"; ln -sfn "draft_$PICK.pt" "$RUN/draft.pt"; return
+    fi
     log "draft of $FINAL"
     env $(gpu "$DRAFT_GPU") $PY -m trainer.fit_draft --demos $DEMOS $DAGGER_FILES --weights-dir "$RUN/final" \
         --codec-dir "$RUN/codec" --device "$DEVICE" --threads 4 --slim --out "$RUN/draft.pt" $DRAFT_ARGS \
         > "$RUN/draft.log" 2>&1
 }
 draft & pdraft=$!
-
-# The training data's record: every demonstration's start, and the leak check against the 50 benchmark
-# initial states of every task (the same check the readers ran; here kept as a file).
-if [ ! -f "$RUN/training_data.json" ]; then
-    $PY - "$RUN" $DEMOS $DAGGER_FILES <<'EOF'
-import json, sys
-from pathlib import Path
-from common.init_states import check_demo_files
-run, files = sys.argv[1], [Path(f) for f in sys.argv[2:]]
-report = check_demo_files(files)
-report["files"] = [f.name for f in files]
-json.dump(report, open(f"{run}/training_data.json", "w"), indent=1, default=str)
-print(f"training data: {len(report['sources'])} episodes, leak check {report['check']}, "
-      f"nearest fresh-to-benchmark distance {report.get('min_distance_m')}")
-EOF
-fi
+data_record
 
 if [ "$EVAL" = 1 ] && [ ! -f "$RUN/eval_final.json" ]; then
     log "standard protocol on $RUN/final ($WORKERS workers)"

@@ -71,3 +71,22 @@ def test_corrupt_or_missing_parts_are_errors(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as exc:  # a usage error, not a traceback
         main(["unpack", "--parts", str(tmp_path / "nowhere"), "--to", str(tmp_path / "back")])
     assert exc.value.code == 2
+
+
+def test_a_run_stopped_with_both_candidates_packs_both_and_their_drafts(tmp_path: Path) -> None:
+    run = make_run(tmp_path)
+    (run / "final").unlink()
+    (run / "draft.pt").rename(run / "draft_a.pt")
+    (run / "vla_a0" / "config.json").write_text('{"decode_layers": 3}')
+    log = "pipeline: draft of vla_a0\npipeline: candidates ready: vla_a0 and vla_b0\npipeline: done\n"
+    (run / "pipeline.log").write_text(log)
+    m = pack(run, tmp_path / "out", part_mb=1)
+    assert m["final"] is None and m["missing_required"] == ["draft_b.pt"]
+    assert {"vla_a0/model.safetensors", "vla_b0/model.safetensors", "draft_a.pt"} <= set(m["members"])
+    (run / "draft_b.pt").write_bytes(os.urandom(3 << 20))
+    (tmp_path / "out2").mkdir()
+    assert pack(run, tmp_path / "out2", part_mb=1)["missing_required"] == []
+    back = tmp_path / "back"
+    unpack([tmp_path / "out2"], back)
+    for rel in ("vla_a0/model.safetensors", "vla_b0/model.safetensors", "draft_a.pt", "draft_b.pt"):
+        assert (back / rel).read_bytes() == (run / rel).read_bytes(), rel

@@ -31,7 +31,13 @@ FORMAT = "rsd-run-pack/1"
 # What acting (and drafting) with the run's final policy needs, relative to the run folder.
 REQUIRED = ("final/model.safetensors", "final/config.json", "codec/codec.safetensors", "codec/codec.json")
 OPTIONAL_REQUIRED = ("draft.pt",)  # required when the run made one (the pipeline's DRAFT=1)
-SKIP_DIRS = {"demos", "__pycache__"}
+CANDIDATES = (
+    "vla_a0/model.safetensors",
+    "vla_a0/config.json",
+    "vla_b0/model.safetensors",
+    "vla_b0/config.json",
+)
+SKIP_DIRS = {"demos", "pack", "__pycache__"}
 SKIP_SUFFIXES = (".hdf5", ".partial", ".npz", ".lock")
 BIG = 1 << 20  # weights above this size are kept only for the final policy (unless --all-weights)
 
@@ -43,6 +49,7 @@ def _sha256(data: bytes) -> str:
 def select(run: Path, all_weights: bool = False) -> tuple[list[Path], list[Path]]:
     """The run's files to pack (relative paths; symbolic links kept as links) and those left out."""
     final = (run / "final").resolve() if (run / "final").exists() else None
+    all_weights = all_weights or final is None  # candidates only (the pick runs elsewhere): all of them
     keep: list[Path] = []
     left: list[Path] = []
     for path in sorted(run.rglob("*")):
@@ -62,7 +69,12 @@ def select(run: Path, all_weights: bool = False) -> tuple[list[Path], list[Path]
         big_weights = (
             path.suffix in (".safetensors", ".pt") and not path.is_symlink() and path.stat().st_size > BIG
         )
-        if big_weights and not all_weights and path.name != "draft.pt" and path.parent.resolve() != final:
+        if (
+            big_weights
+            and not all_weights
+            and not path.name.startswith("draft")
+            and path.parent.resolve() != final
+        ):
             left.append(rel)
             continue
         keep.append(rel)
@@ -70,11 +82,14 @@ def select(run: Path, all_weights: bool = False) -> tuple[list[Path], list[Path]
 
 
 def missing_required(run: Path) -> list[str]:
-    """Required files the run lacks (``draft.pt`` only when the run's pipeline log says it drafted)."""
-    need = list(REQUIRED)
-    log = run / "pipeline.log"
-    if log.is_file() and "draft of" in log.read_text(errors="replace"):
-        need += OPTIONAL_REQUIRED
+    """Required files the run lacks (``draft.pt`` only when the run's pipeline log says it drafted; both
+    candidates and their drafts when it stopped with the candidates, CANDIDATES_ONLY=1)."""
+    log = (run / "pipeline.log").read_text(errors="replace") if (run / "pipeline.log").is_file() else ""
+    if "candidates ready" in log:
+        need = [*CANDIDATES, *REQUIRED[2:]]
+        need += ["draft_a.pt", "draft_b.pt"] if "draft of" in log else []
+    else:
+        need = list(REQUIRED) + (list(OPTIONAL_REQUIRED) if "draft of" in log else [])
     return [r for r in need if not (run / r).is_file()]
 
 
