@@ -54,10 +54,11 @@ def test_shipped_vla_decodes_its_informative_layers(shipped):
     meta = json.loads((DEFAULT_EMBEDDED_DIR / "config.json").read_text())
     depth, evidence, _ = depth_from_dirs(DEFAULT_EMBEDDED_DIR, DEFAULT_CODEC_DIR)
     assert shipped.decode_layers == meta["model"]["decode_layers"] == depth == 3
-    assert (
-        meta["decode_layers_evidence"]["decode_layers"] == 3
-        and evidence["d_codec"] == evidence["d_policy"] == 3
-    )
+    # D = min(D_codec, D_policy): the shipped policy predicts the fourth layer (index 3) just above its
+    # threshold (0.199 against 0.143 + 0.05), but the codec's error with 3 layers is already within 10 %
+    # of its error with all 8
+    assert meta["decode_layers_evidence"]["decode_layers"] == 3 and evidence["d_codec"] == 3
+    assert evidence["d_policy"] >= 3 and depth == min(evidence["d_codec"], evidence["d_policy"])
     out = shipped.act([obs(0)])[0]
     assert out.codes.shape == (8, 16, 8)  # wire and archive keep the [T, H, L] shape
     assert (out.codes[..., 3:] == 3).all()  # the uninformative tail at the centre level, no pass
