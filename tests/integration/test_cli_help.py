@@ -22,6 +22,7 @@ COMMANDS = [
     "tools.run_pack",
     "tools.failure_probe",
     "tools.archive_killtest",
+    "tools.strict_check",
     "tools.render_profile",
     "producer.dataset_info",
     "producer.produce",
