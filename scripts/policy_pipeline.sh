@@ -100,6 +100,15 @@ print(f"training data: {len(report['sources'])} episodes, leak check {report['ch
 EOF
 }
 
+# The decoded depth (the informative layers, common/layer_info.py) written into a weights folder's config.
+write_depth() { $PY -m common.layer_info --weights-dir "$1" --codec-dir "$RUN/codec" --write | tail -1 | tee -a "$RUN/pipeline.log"; }
+# A draft fitted on a policy's own hidden states and codes over the given training files.
+fit_draft() {  # gpu weights-dir out log data...
+    local g=$1 weights=$2 out=$3 logf=$4; shift 4
+    env $(gpu "$g") $PY -m trainer.fit_draft --demos "$@" --weights-dir "$weights" --codec-dir "$RUN/codec" \
+        --device "$DEVICE" --threads 4 --slim --out "$out" $DRAFT_ARGS > "$logf" 2>&1
+}
+
 train() {  # name gpu init-from steps minutes size-args data...
     local name=$1 g=$2 init=$3 steps=$4 minutes=$5 size=$6; shift 6
     if [ -f "$RUN/$name/model.safetensors" ]; then return; fi
@@ -116,12 +125,11 @@ if [ "${CANDIDATES_ONLY:-0}" = 1 ]; then
     data_record
     pids=""
     for m in a b; do
-        $PY -m common.layer_info --weights-dir "$RUN/vla_${m}0" --codec-dir "$RUN/codec" --write | tail -1 | tee -a "$RUN/pipeline.log"
+        write_depth "$RUN/vla_${m}0"
         if [ "$DRAFT" = 1 ] && [ ! -f "$RUN/draft_$m.pt" ]; then
             log "draft of vla_${m}0"
             g=0; [ "$m" = b ] && g=1
-            env $(gpu "$g") $PY -m trainer.fit_draft --demos $DEMOS --weights-dir "$RUN/vla_${m}0" --codec-dir "$RUN/codec" \
-                --device "$DEVICE" --threads 4 --slim --out "$RUN/draft_$m.pt" $DRAFT_ARGS > "$RUN/draft_$m.log" 2>&1 & pids="$pids $!"
+            fit_draft "$g" "$RUN/vla_${m}0" "$RUN/draft_$m.pt" "$RUN/draft_$m.log" $DEMOS & pids="$pids $!"
         fi
     done
     for p in $pids; do wait "$p"; done
@@ -216,7 +224,7 @@ ln -sfn "$FINAL" "$RUN/final"
 log "final weights: $FINAL"
 # The decoded depth (the informative layers, common/layer_info.py) is recorded in the final weights' config
 # before anything evaluates them, so the protocol and the arms run the decoding that ships.
-$PY -m common.layer_info --weights-dir "$RUN/final" --codec-dir "$RUN/codec" --write | tail -1 | tee -a "$RUN/pipeline.log"
+write_depth "$RUN/final"
 
 # The draft of the final policy (for RSD, issue 17): fitted on the policy's own hidden states and codes
 # over every training frame (demonstrations and DAgger states; no benchmark state), beside the protocol.
@@ -226,9 +234,7 @@ draft() {
         log "draft of $FINAL: draft_$PICK.pt"; ln -sfn "draft_$PICK.pt" "$RUN/draft.pt"; return
     fi
     log "draft of $FINAL"
-    env $(gpu "$DRAFT_GPU") $PY -m trainer.fit_draft --demos $DEMOS $DAGGER_FILES --weights-dir "$RUN/final" \
-        --codec-dir "$RUN/codec" --device "$DEVICE" --threads 4 --slim --out "$RUN/draft.pt" $DRAFT_ARGS \
-        > "$RUN/draft.log" 2>&1
+    fit_draft "$DRAFT_GPU" "$RUN/final" "$RUN/draft.pt" "$RUN/draft.log" $DEMOS $DAGGER_FILES
 }
 draft & pdraft=$!
 data_record
