@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import h5py
-import numpy as np
 import torch
 
 from common.cli import new_parser
+from common.demos import read_demos
 from common.policy import Observation
 from common.vla import load_policy
 from evaluator.rsd import AcceptanceConfig, Proposal, RSDConfig, RSDEngine, load_draft
@@ -37,19 +37,17 @@ class OracleDraft:
         return Proposal(codes=self.codes, confidence=torch.ones(self.codes.shape[:2]))
 
 
-def frames(path: Path, stride: int) -> Any:
-    """(episode, step, Observation) for every ``stride``-th frame of every episode in a demo file."""
-    with h5py.File(path, "r") as f:
-        for name in sorted(f["data"].keys()):
-            g = f["data"][name]
-            o = g["obs"]
-            text = g.attrs.get("instruction", "")
-            for t in range(0, len(g["actions"]), stride):
-                proprio = np.concatenate([o["ee_states"][t], o["gripper_states"][t]]).astype(np.float32)
-                yield name, t, Observation(
-                    agentview=o["agentview_rgb"][t], wrist=o["eye_in_hand_rgb"][t], proprio=proprio,
-                    instruction=str(text),
-                )  # fmt: skip
+def frames(paths: list[Path], stride: int) -> Any:
+    """(episode, step, Observation) for every ``stride``-th frame of every episode, read by the project's
+    demonstration reader (``common.demos.read_demos``, images at the recorded size)."""
+    with h5py.File(paths[0], "r") as f:
+        size = int(next(iter(f["data"].values()))["obs"]["agentview_rgb"].shape[1])
+    d = read_demos(paths, size, frame_stride=stride, allow_benchmark_states=True, workers=1)
+    for i in range(len(d["proprio"])):
+        e = int(d["episode"][i])
+        images = d["images"][i]  # [2, S, S, 3]: agentview, wrist
+        ob = Observation(images[0], images[1], d["proprio"][i], str(d["instruction_of_episode"][e]))
+        yield str(d["episode_names"][e]), int(d["step"][i]), ob
 
 
 def check(demos: list[Path], draft: Path | None, stride: int = 1, policy: Any = None) -> dict[str, Any]:
@@ -60,19 +58,18 @@ def check(demos: list[Path], draft: Path | None, stride: int = 1, policy: Any = 
     strict = RSDEngine(policy, proposer, RSDConfig(AcceptanceConfig("strict"))) if proposer else None
     counts = {"draft": [0, 0], "oracle": [0, 0]}  # [decodes, mismatches]
     mismatches = []
-    for path in demos:
-        for name, t, ob in frames(path, stride):
-            base = base_engine.baseline([ob])
-            runs = [("draft", strict)] if strict else []
-            runs += [("oracle", RSDEngine(policy, OracleDraft(base.codes, g, k))) for g in range(k + 1)]
-            for kind, engine in runs:
-                out = engine.rsd([ob])
-                counts[kind][0] += 1
-                if not torch.equal(out.codes, base.codes):
-                    counts[kind][1] += 1
-                    dev = float((out.actions - base.actions).abs().max())
-                    mismatches.append({"file": path.name, "episode": name, "step": t, "kind": kind,
-                                       "accepted": out.stats.accepted, "max_abs_action_change": dev})  # fmt: skip
+    for name, t, ob in frames(demos, stride):
+        base = base_engine.baseline([ob])
+        runs = [("draft", strict)] if strict else []
+        runs += [("oracle", RSDEngine(policy, OracleDraft(base.codes, g, k))) for g in range(k + 1)]
+        for kind, engine in runs:
+            out = engine.rsd([ob])
+            counts[kind][0] += 1
+            if not torch.equal(out.codes, base.codes):
+                counts[kind][1] += 1
+                dev = float((out.actions - base.actions).abs().max())
+                mismatches.append({"episode": name, "step": t, "kind": kind,
+                                   "accepted": out.stats.accepted, "max_abs_action_change": dev})  # fmt: skip
     return {
         "policy": policy.backbone_id,
         "draft": str(draft) if draft else None,
@@ -88,7 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--draft", type=Path, default=None, help="draft checkpoint (none: oracle drafts only)"
     )
-    parser.add_argument("--stride", type=int, default=1, help="every N-th frame of each episode")
+    parser.add_argument(
+        "--stride",
+        type=int,
+        default=1,
+        help="every N-th frame of each episode (offset alternating per episode, as in training)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--out", type=Path, default=None, help="write the report here (JSON)")
     args = parser.parse_args(argv)

@@ -16,7 +16,8 @@ from common.policy import Observation
 from common.vla import DEFAULT_CODEC_DIR, DEFAULT_EMBEDDED_DIR, load_policy
 from evaluator.frontier import frontier
 from evaluator.lossless_bound import Timings7B, candidate_rank, hit_rates, strict_projection, tree_blocks
-from evaluator.rsd import AcceptanceConfig, DraftProposer, Proposal, RSDConfig, RSDEngine
+from evaluator.rsd import AcceptanceConfig, DraftProposer, RSDConfig, RSDEngine
+from tools.strict_check import OracleDraft
 
 
 @pytest.fixture(scope="module")
@@ -35,19 +36,6 @@ def obs(seed: int) -> Observation:
         ).astype(np.float32),
         instruction="pick up the black bowl between the plate and the ramekin and place it on the plate",
     )
-
-
-class Oracle:
-    """Drafts the baseline's own first ``good`` layers and a wrong layer after them."""
-
-    def __init__(self, codes: torch.Tensor, good: int, k: int = 3):
-        d = codes.permute(0, 3, 1, 2)[:, :k].clone()  # [B, k, T, H]
-        if good < k:
-            d[:, good] = (d[:, good] + 1) % 7
-        self.codes, self.num_layers = d, k
-
-    def propose(self, hidden):
-        return Proposal(codes=self.codes, confidence=torch.ones(self.codes.shape[:2]))
 
 
 def test_shipped_vla_decodes_its_informative_layers(shipped):
@@ -89,7 +77,7 @@ def test_strict_rsd_equals_the_baseline_on_the_shipped_vla(shipped, decode_layer
             base = RSDEngine(shipped, None).baseline(o)
             accepted = set()
             for good in range(4):
-                out = RSDEngine(shipped, Oracle(base.codes, good)).rsd(o)
+                out = RSDEngine(shipped, OracleDraft(base.codes, good, 3)).rsd(o)
                 accepted.add(out.stats.accepted)
                 assert torch.equal(out.codes, base.codes) and torch.equal(out.actions, base.actions), good
             assert accepted == set(range(min(3, decode_layers - 1) + 1))  # every j was exercised
